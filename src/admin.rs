@@ -1,0 +1,145 @@
+//! The admin API: health, readiness, metrics, route status and reload.
+//!
+//! A small hyper service routed with a plain `match` on method and path. It only reads state
+//! and sends commands (a reload); it never changes the data plane by itself. Loopback by
+//! default. When `admin.token_file` is set, mutating calls need `Authorization: Bearer
+//! <token>`, compared in constant time.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::control;
+use crate::reload::{self, ReloadError};
+use crate::server::Shared;
+use crate::status::RouteStatus;
+
+type AdminResponse = Response<Full<Bytes>>;
+
+/// Accepts admin connections until shutdown completes (the owner aborts this task).
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await {
+                debug!(%peer, error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+/// Answers one admin request.
+pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let mutating = req.method() == Method::POST;
+    if mutating && let Err(resp) = authorize(shared, &req) {
+        return resp;
+    }
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, ["readyz"]) if shared.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        (&Method::GET, ["readyz"]) => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, ["metrics"]) => {
+            control::flush_metrics(&shared.snapshot());
+            let mut r = Response::new(Full::new(Bytes::from(shared.telemetry.render())));
+            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            r
+        }
+        (&Method::GET, ["api", "v1", "routes"]) => {
+            let snap = shared.snapshot();
+            let all: Vec<RouteStatus> = snap.routes.iter().map(|r| RouteStatus::of(r)).collect();
+            json(StatusCode::OK, &all)
+        }
+        (&Method::GET, ["api", "v1", "routes", name]) => match shared.snapshot().route(name) {
+            Some(r) => json(StatusCode::OK, &RouteStatus::of(r)),
+            None => error(StatusCode::NOT_FOUND, format!("no route named {name:?}")),
+        },
+        (&Method::POST, ["api", "v1", "reload"]) => match reload::reload(shared).await {
+            Ok(summary) => json(StatusCode::OK, &summary),
+            Err(e) => reload_error(&e),
+        },
+        (&Method::POST, ["api", "v1", "routes", name, verb]) if ["promote", "abort", "pause", "resume", "retry"].contains(verb) => {
+            if shared.snapshot().route(name).is_none() {
+                return error(StatusCode::NOT_FOUND, format!("no route named {name:?}"));
+            }
+            error(StatusCode::NOT_IMPLEMENTED, format!("{verb}: rollout commands are not available in this version of veer"))
+        }
+        (_, ["healthz" | "readyz" | "metrics"]) | (_, ["api", "v1", ..]) => error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method())),
+        _ => error(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}")),
+    }
+}
+
+fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), AdminResponse> {
+    let Some(file) = shared.snapshot().config.admin.token_file.clone() else { return Ok(()) };
+    let token = match std::fs::read_to_string(&file) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) => {
+            warn!(file = %file.display(), error = %e, "cannot read admin token file; refusing mutating calls");
+            return Err(error(StatusCode::SERVICE_UNAVAILABLE, "admin token file is unreadable".into()));
+        }
+    };
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    if !token.is_empty() && bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required".into());
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+        Err(r)
+    }
+}
+
+fn reload_error(e: &ReloadError) -> AdminResponse {
+    #[derive(Serialize)]
+    struct Body {
+        error: String,
+        errors: Vec<String>,
+    }
+    let errors = match e {
+        ReloadError::Config(c) if !c.diagnostics().is_empty() => c.diagnostics().iter().map(|d| d.to_string()).collect(),
+        other => vec![other.to_string()],
+    };
+    json(StatusCode::BAD_REQUEST, &Body { error: "configuration rejected; the running configuration is unchanged".into(), errors })
+}
+
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> AdminResponse {
+    let body = serde_json::to_vec_pretty(value).expect("status types serialize");
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: String) -> AdminResponse {
+    json(status, &serde_json::json!({ "error": message }))
+}

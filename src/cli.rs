@@ -1,0 +1,304 @@
+//! The command line: `veer run`, `check`, `status` and the rollout verbs.
+//!
+//! Exit codes: 0 ok, 1 refused or failed (message on stderr), 2 usage error (clap's own).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Config, RouteConfig, Strategy};
+use crate::server::{Proxy, run_until_signalled};
+use crate::status::{RouteStatus, VersionStatus};
+use crate::telemetry::{LogFormat, init_logging};
+
+/// veer: a progressive-delivery proxy.
+#[derive(Debug, Parser)]
+#[command(name = "veer", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How admin-talking commands reach the admin API.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// Admin API base URL.
+    #[arg(long, env = "VEER_ADMIN", default_value = "http://127.0.0.1:9901")]
+    admin: String,
+    /// File holding the admin bearer token.
+    #[arg(long, env = "VEER_TOKEN")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file.
+        #[arg(short, long, env = "VEER_CONFIG", default_value = "veer.toml")]
+        config: PathBuf,
+        /// Log line format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Validate a config file and summarise its routes and plans.
+    Check {
+        /// Config file.
+        file: PathBuf,
+    },
+    /// Show routes: phase, weights and per-version window figures.
+    Status {
+        /// Only this route.
+        route: Option<String>,
+        /// Redraw every second.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Jump the candidate to 100% and finish the rollout.
+    Promote(RolloutVerb),
+    /// Roll the candidate back to 0% now.
+    Abort(RolloutVerb),
+    /// Hold the rollout at its current step.
+    Pause(RolloutVerb),
+    /// Continue a paused rollout.
+    Resume(RolloutVerb),
+    /// Restart a rolled-back rollout from its first step.
+    Retry(RolloutVerb),
+    /// Print the route's rollout report in Markdown.
+    Report {
+        /// Route name.
+        route: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Run a config's plan and judge against synthetic traffic.
+    Simulate {
+        /// Config file.
+        file: PathBuf,
+        /// Other options, accepted for forward compatibility.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<String>,
+    },
+    /// A self-contained show on loopback.
+    Demo {
+        /// Other options, accepted for forward compatibility.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RolloutVerb {
+    /// Route name.
+    route: String,
+    /// Why (recorded in the journal).
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, log_format } => run(&config, log_format),
+        Command::Check { file } => check(&file),
+        Command::Status { route, watch, json, admin } => status(route.as_deref(), watch, json, &admin),
+        Command::Promote(_) | Command::Abort(_) | Command::Pause(_) | Command::Resume(_) | Command::Retry(_) => {
+            not_yet("rollout commands (promote, abort, pause, resume, retry) arrive with the rollout controller")
+        }
+        Command::Report { .. } => not_yet("rollout reports arrive with the rollout controller"),
+        Command::Simulate { .. } => not_yet("simulation arrives with the rollout judge"),
+        Command::Demo { .. } => not_yet("the demo arrives with the rollout controller"),
+    }
+}
+
+fn not_yet(what: &str) -> ExitCode {
+    eprintln!("veer: not implemented yet: {what}");
+    ExitCode::from(1)
+}
+
+fn run(path: &Path, log_format: LogFormat) -> ExitCode {
+    init_logging(log_format);
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.server.workers > 0 {
+        rt.worker_threads(config.server.workers);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("veer: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async {
+        match Proxy::start_with(config).await {
+            Ok(proxy) => {
+                run_until_signalled(proxy).await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("veer: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            print!("{}", summary(&c));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The one-screen summary `veer check` prints.
+pub fn summary(c: &Config) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{}: OK, {} route(s)", c.source.display(), c.routes.len());
+    let tls = c.server.tls.as_ref().map(|t| format!(", https {}", t.listen)).unwrap_or_default();
+    let _ = writeln!(s, "  listen {}{tls}; admin {}; state {}", c.server.listen, c.admin.listen, c.state_dir.display());
+    for r in &c.routes {
+        let hosts = if r.hosts.is_empty() { "any host".to_string() } else { r.hosts.join(",") };
+        let _ = writeln!(s, "  route {} ({hosts}, {})", r.name, r.path_prefix);
+        let _ = writeln!(s, "    stable    {} -> {}", r.stable.version, r.stable.endpoints.join(", "));
+        match &r.candidate {
+            Some(cand) => {
+                let _ = writeln!(s, "    candidate {} -> {}", cand.version, cand.endpoints.join(", "));
+                let _ = writeln!(s, "    plan      {}", plan(r));
+                let _ = writeln!(s, "    rollback  {}", rules(r));
+            }
+            None => {
+                let _ = writeln!(s, "    no candidate: 100% stable");
+            }
+        }
+    }
+    s
+}
+
+fn plan(r: &RouteConfig) -> String {
+    let ro = &r.rollout;
+    let promote = if ro.auto_promote { "auto-promote" } else { "hold at last step for `veer promote`" };
+    match ro.strategy {
+        Strategy::Canary => {
+            let steps: Vec<String> = ro.steps_bp.iter().map(|&b| format!("{}%", f64::from(b) / 100.0)).collect();
+            format!("canary {}, at least {} and {} candidate requests per step, {promote}", steps.join(" -> "), humantime::format_duration(ro.step_interval), ro.min_requests)
+        }
+        Strategy::BlueGreen => format!("blue-green: preview {}, then 100%, bake {}, {promote}", humantime::format_duration(ro.preview), humantime::format_duration(ro.bake)),
+    }
+}
+
+fn rules(r: &RouteConfig) -> String {
+    let rb = &r.rollback;
+    let mut parts = vec![format!("window {}", humantime::format_duration(rb.window))];
+    if let Some(x) = rb.max_error_rate {
+        parts.push(format!("error rate <= {}%", x * 100.0));
+    }
+    if let Some(x) = rb.max_error_rate_increase {
+        parts.push(format!("error rate <= stable + {}%", x * 100.0));
+    }
+    if let Some(x) = rb.max_p99 {
+        parts.push(format!("p99 <= {}", humantime::format_duration(x)));
+    }
+    if let Some(x) = rb.max_p99_ratio {
+        parts.push(format!("p99 <= {x}x stable"));
+    }
+    parts.push(format!("confidence {}", rb.confidence));
+    parts.join(", ")
+}
+
+fn status(route: Option<&str>, watch: bool, json: bool, admin: &AdminArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("veer: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let path = match route {
+        Some(r) => format!("/api/v1/routes/{r}"),
+        None => "/api/v1/routes".to_string(),
+    };
+    rt.block_on(async {
+        loop {
+            let body = match admin_get(&admin.admin, &path).await {
+                Ok(b) => b,
+                Err(e) if watch => format!("(admin API unreachable: {e}; retrying)"),
+                Err(e) => {
+                    eprintln!("veer: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let out = if json { body } else { render_status(&body).unwrap_or(body) };
+            if watch {
+                print!("\x1b[2J\x1b[H{out}\n");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } else {
+                println!("{out}");
+                return ExitCode::SUCCESS;
+            }
+        }
+    })
+}
+
+fn render_status(body: &str) -> Option<String> {
+    let routes: Vec<RouteStatus> = serde_json::from_str(body).or_else(|_| serde_json::from_str::<RouteStatus>(body).map(|r| vec![r])).ok()?;
+    let mut s = String::new();
+    for r in routes {
+        let step = r.step.map(|i| format!(" step {}/{}", i + 1, r.steps.len())).unwrap_or_default();
+        let _ = writeln!(s, "{}  {}{step}  candidate {:.2}%", r.name, r.phase_label(), r.candidate_weight);
+        let line = |s: &mut String, role: &str, v: &VersionStatus| {
+            let w = &v.window;
+            let p99 = w.p99_ms.map_or("-".into(), |p| format!("{p:.1}ms"));
+            let _ = writeln!(s, "  {role:<9} {:<12} {:>8} req  {:>6.2}% err  p99 {p99}", v.version, w.requests, w.error_rate * 100.0);
+        };
+        line(&mut s, "stable", &r.stable);
+        if let Some(c) = &r.candidate {
+            line(&mut s, "candidate", c);
+        }
+    }
+    Some(s)
+}
+
+impl RouteStatus {
+    fn phase_label(&self) -> &'static str {
+        self.phase.label()
+    }
+}
+
+/// GETs `path` from the admin API and returns the body, or a readable error.
+async fn admin_get(base: &str, path: &str) -> Result<String, String> {
+    let url: http::Uri = format!("{}{path}", base.trim_end_matches('/')).parse().map_err(|e| format!("bad admin URL {base:?}: {e}"))?;
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(url.clone())).await.map_err(|_| format!("{url}: timed out"))?.map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if status.is_success() { Ok(text) } else { Err(format!("{url}: {status}: {}", text.trim())) }
+}

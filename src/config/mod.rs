@@ -1,0 +1,240 @@
+//! Configuration: parse → validate → a plain, checked [`Config`].
+//!
+//! The file is read with serde + toml into [`raw`] types that keep every value's position,
+//! then [`validate`] turns them into the types below, which the rest of veer uses without
+//! re-checking anything. A config that fails here never reaches the running proxy, so a bad
+//! reload changes nothing.
+
+pub mod error;
+mod raw;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::{ConfigError, Diagnostic};
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from; relative paths inside it are resolved against its folder.
+    pub source: PathBuf,
+    /// Listeners and limits.
+    pub server: ServerConfig,
+    /// The operator API.
+    pub admin: AdminConfig,
+    /// Rollout state and journal location (absolute after validation).
+    pub state_dir: PathBuf,
+    /// Webhooks.
+    pub notify: Vec<NotifyConfig>,
+    /// Routes in declaration order.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Plain HTTP/1.1 + h2c listener.
+    pub listen: SocketAddr,
+    /// HTTPS listener, when configured.
+    pub tls: Option<TlsConfig>,
+    /// Deadline for one upstream attempt to produce a response head.
+    pub request_timeout: Duration,
+    /// A client must send its whole request head within this.
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
+    /// Runtime worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Client connections held at once; accept pauses beyond it.
+    pub max_connections: usize,
+    /// Largest request head accepted, in bytes (larger gets 431).
+    pub max_header_bytes: usize,
+    /// Most header fields accepted in one request.
+    pub max_headers: usize,
+    /// Add `x-veer-role` to responses.
+    pub expose_role_header: bool,
+}
+
+/// The HTTPS listener and its certificate.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// PEM certificate chain (absolute path).
+    pub cert: PathBuf,
+    /// PEM private key (absolute path).
+    pub key: PathBuf,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address of the admin API.
+    pub listen: SocketAddr,
+    /// Bearer token file for mutating calls (absolute path).
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[[notify]]`.
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// Where to POST events.
+    pub url: http::Uri,
+    /// Event kinds to send; empty means all.
+    pub events: Vec<String>,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Unique name, `[a-z0-9_-]+`.
+    pub name: String,
+    /// Lower-case host names without port; empty means any host.
+    pub hosts: Vec<String>,
+    /// Path prefix that selects this route.
+    pub path_prefix: String,
+    /// Requests in flight at once; 0 is unbounded.
+    pub max_inflight: usize,
+    /// The version users get today.
+    pub stable: VersionConfig,
+    /// The version being rolled out, if any.
+    pub candidate: Option<VersionConfig>,
+    /// The step plan.
+    pub rollout: RolloutConfig,
+    /// The snap-back rules.
+    pub rollback: RollbackConfig,
+    /// Sticky assignment of users.
+    pub sticky: Option<StickyConfig>,
+    /// Header that forces a version.
+    pub override_header: Option<String>,
+    /// Retry of failed candidate attempts on stable.
+    pub retry: Option<RetryConfig>,
+    /// Shadow traffic to the candidate.
+    pub mirror: Option<MirrorConfig>,
+}
+
+/// One version of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionConfig {
+    /// Label used in metrics, journal and reports.
+    pub version: String,
+    /// `host:port` endpoints.
+    pub endpoints: Vec<String>,
+    /// Speak cleartext HTTP/2 (prior knowledge) to these endpoints.
+    pub h2: bool,
+}
+
+/// How the candidate is brought in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Weighted steps.
+    Canary,
+    /// Preview, then all at once, then bake.
+    BlueGreen,
+}
+
+/// `[routes.rollout]`.
+#[derive(Debug, Clone)]
+pub struct RolloutConfig {
+    /// Canary or blue-green.
+    pub strategy: Strategy,
+    /// Candidate weight per step, in basis points (1% = 100), strictly increasing, last 10000.
+    pub steps_bp: Vec<u32>,
+    /// Minimum dwell at a step.
+    pub step_interval: Duration,
+    /// Candidate requests needed at a step before it may advance.
+    pub min_requests: u64,
+    /// Promote by itself after the last step.
+    pub auto_promote: bool,
+    /// Blue-green preview duration.
+    pub preview: Duration,
+    /// Blue-green bake duration.
+    pub bake: Duration,
+}
+
+/// `[routes.rollback]`.
+#[derive(Debug, Clone)]
+pub struct RollbackConfig {
+    /// Rolling window the rules read.
+    pub window: Duration,
+    /// Candidate's absolute error-rate guard.
+    pub max_error_rate: Option<f64>,
+    /// Smallest candidate-minus-stable error-rate difference worth a rollback.
+    pub max_error_rate_increase: Option<f64>,
+    /// Candidate's absolute p99 guard.
+    pub max_p99: Option<Duration>,
+    /// Smallest candidate/stable p99 ratio worth a rollback.
+    pub max_p99_ratio: Option<f64>,
+    /// 1 − false-rollback budget for the whole rollout.
+    pub confidence: f64,
+    /// Differences smaller than this ratio never roll back.
+    pub min_effect_ratio: f64,
+    /// How often the judge reads the windows.
+    pub tick: Duration,
+}
+
+/// Where the sticky key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickyConfig {
+    /// A request header.
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+}
+
+/// `[routes.retry]`.
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Re-send idempotent requests that failed on the candidate to stable.
+    pub on_candidate_failure: bool,
+    /// Retries at most this fraction of the route's requests.
+    pub budget: f64,
+}
+
+/// `[routes.mirror]`.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// Percent of idempotent requests copied to the candidate.
+    pub percent: f64,
+    /// Compare body digests too.
+    pub compare_body: bool,
+    /// Judge rule on mirrored mismatches.
+    pub max_mismatch_rate: Option<f64>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let src = String::from_utf8(src).map_err(|e| {
+            let map = error::SourceMap::new(path, "");
+            ConfigError::Invalid(vec![map.at(0..0, "", format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))])
+        })?;
+        Config::parse(path, &src)
+    }
+
+    /// Validates `src` as if it had been read from `path`.
+    pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
+        validate::parse(path, src)
+    }
+
+    /// The route called `name`.
+    pub fn route(&self, name: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+impl RolloutConfig {
+    /// The candidate weight a fresh rollout starts at.
+    pub fn initial_weight_bp(&self) -> u32 {
+        match self.strategy {
+            Strategy::Canary => self.steps_bp.first().copied().unwrap_or(10_000),
+            Strategy::BlueGreen => 0,
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Raw TOML values → checked [`Config`], collecting every problem with its position.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::error::{ConfigError, Diagnostic, SourceMap};
+use super::raw::*;
+use super::*;
+
+/// Parses and validates; all problems are reported together.
+pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
+    let map = SourceMap::new(path, src);
+    if src.trim().is_empty() {
+        return Err(ConfigError::Invalid(vec![map.at(0..0, "", "the file is empty: at least one [[routes]] table is needed")]));
+    }
+    let raw: RawConfig = toml::from_str(src).map_err(|e| ConfigError::Invalid(vec![map.from_toml(&e)]))?;
+    let mut v = Validator { map, base: base_dir(path), diags: Vec::new() };
+    let config = v.config(path, raw);
+    if v.diags.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid(v.diags))
+    }
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+struct Validator<'a> {
+    map: SourceMap<'a>,
+    base: PathBuf,
+    diags: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn err<T>(&mut self, sp: &Sp<T>, key: &str, msg: impl Into<String>) {
+        let d = self.map.at(sp.span(), key, msg);
+        self.diags.push(d);
+    }
+
+    fn config(&mut self, path: &Path, raw: RawConfig) -> Config {
+        let server = self.server(raw.server);
+        let admin = self.admin(raw.admin);
+        let state_dir = match &raw.state.dir {
+            Some(d) => self.path(d),
+            None => self.base.join("state"),
+        };
+        let notify = raw.notify.into_iter().enumerate().map(|(i, n)| self.notify(i, n)).collect();
+        if raw.routes.is_empty() {
+            let d = self.map.at(0..0, "routes", "no [[routes]] defined: veer needs at least one route to serve");
+            self.diags.push(d);
+        }
+        let mut names = HashSet::new();
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            if !names.insert(r.name.get_ref().clone()) {
+                let key = format!("routes[{i}].name");
+                let msg = format!("duplicate route name {:?}: route names must be unique", r.name.get_ref());
+                self.err(&r.name, &key, msg);
+            }
+            routes.push(self.route(i, r));
+        }
+        Config { source: path.to_path_buf(), server, admin, state_dir, notify, routes }
+    }
+
+    fn server(&mut self, s: RawServer) -> ServerConfig {
+        let listen = self.addr(s.listen.as_ref(), "server.listen", "0.0.0.0:8080");
+        let tls = match (&s.tls_listen, &s.tls_cert, &s.tls_key) {
+            (None, None, None) => None,
+            (Some(l), Some(c), Some(k)) => {
+                let listen = self.addr(Some(l), "server.tls_listen", "");
+                let cert = self.path(c);
+                let key = self.path(k);
+                if let Err(e) = crate::tls::load_server_config(&cert, &key) {
+                    self.err(c, "server.tls_cert", format!("cannot load TLS certificate/key: {e}"));
+                }
+                Some(TlsConfig { listen, cert, key })
+            }
+            (l, c, k) => {
+                let any = l.as_ref().or(c.as_ref()).or(k.as_ref()).map(|s| s.span()).unwrap_or(0..0);
+                let d = self.map.at(any, "server.tls_listen", "tls_listen, tls_cert and tls_key must be set together");
+                self.diags.push(d);
+                None
+            }
+        };
+        ServerConfig {
+            listen,
+            tls,
+            request_timeout: self.duration(s.request_timeout.as_ref(), "server.request_timeout", Duration::from_secs(30)),
+            header_read_timeout: self.duration(s.header_read_timeout.as_ref(), "server.header_read_timeout", Duration::from_secs(10)),
+            drain_timeout: self.duration(s.drain_timeout.as_ref(), "server.drain_timeout", Duration::from_secs(30)),
+            workers: self.count(s.workers.as_ref(), "server.workers", 0, 0, 1024),
+            max_connections: self.count(s.max_connections.as_ref(), "server.max_connections", 10_000, 1, 10_000_000),
+            max_header_bytes: self.count(s.max_header_bytes.as_ref(), "server.max_header_bytes", 64 * 1024, 8192, 16 << 20),
+            max_headers: self.count(s.max_headers.as_ref(), "server.max_headers", 100, 1, 10_000),
+            expose_role_header: s.expose_role_header.unwrap_or(false),
+        }
+    }
+
+    fn admin(&mut self, a: RawAdmin) -> AdminConfig {
+        AdminConfig {
+            listen: self.addr(a.listen.as_ref(), "admin.listen", "127.0.0.1:9901"),
+            token_file: a.token_file.as_ref().map(|t| self.path(t)),
+        }
+    }
+
+    fn notify(&mut self, i: usize, n: RawNotify) -> NotifyConfig {
+        let key = format!("notify[{i}].url");
+        let url = match n.url.get_ref().parse::<http::Uri>() {
+            Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => u,
+            _ => {
+                self.err(&n.url, &key, format!("{:?} is not an http:// URL with a host", n.url.get_ref()));
+                http::Uri::from_static("http://invalid.invalid/")
+            }
+        };
+        const KINDS: [&str; 8] = ["started", "step", "paused", "resumed", "promoted", "rolled_back", "retried", "reloaded"];
+        let mut events = Vec::new();
+        for e in n.events.iter().flatten() {
+            if KINDS.contains(&e.get_ref().as_str()) {
+                events.push(e.get_ref().clone());
+            } else {
+                self.err(e, &format!("notify[{i}].events"), format!("unknown event {:?}; expected one of {}", e.get_ref(), KINDS.join(", ")));
+            }
+        }
+        NotifyConfig { url, events }
+    }
+
+    fn route(&mut self, i: usize, r: RawRoute) -> RouteConfig {
+        let k = |s: &str| format!("routes[{i}].{s}");
+        let name = r.name.get_ref().clone();
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
+            self.err(&r.name, &k("name"), format!("{name:?} is not a valid route name: use [a-z0-9_-]+"));
+        }
+        let mut hosts = Vec::new();
+        for h in r.hosts.iter().flatten() {
+            let host = h.get_ref().trim().to_ascii_lowercase();
+            if host.is_empty() || host.contains(['/', ' ', ':']) {
+                self.err(h, &k("hosts"), format!("{:?} is not a host name (no scheme, port or path)", h.get_ref()));
+            }
+            hosts.push(host);
+        }
+        let path_prefix = match &r.path_prefix {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                self.err(p, &k("path_prefix"), format!("{:?} must start with '/'", p.get_ref()));
+                "/".to_string()
+            }
+            Some(p) => p.get_ref().clone(),
+            None => "/".to_string(),
+        };
+        let max_inflight = self.count(r.max_inflight.as_ref(), &k("max_inflight"), 0, 0, usize::MAX as i64);
+        let stable = self.version(&r.stable, &k("stable"));
+        let candidate = r.candidate.as_ref().map(|c| self.version(c, &k("candidate")));
+        if let Some(c) = &candidate
+            && c.version == stable.version
+        {
+            let cv = &r.candidate.as_ref().expect("candidate present").version;
+            self.err(cv, &k("candidate.version"), format!("candidate version {:?} equals the stable version", c.version));
+        }
+        RouteConfig {
+            name,
+            hosts,
+            path_prefix,
+            max_inflight,
+            stable,
+            candidate,
+            rollout: self.rollout(&r.rollout, &k("rollout")),
+            rollback: self.rollback(&r.rollback, &k("rollback")),
+            sticky: r.sticky.as_ref().and_then(|s| self.sticky(s, &k("sticky"))),
+            override_header: r.override_.as_ref().and_then(|o| self.header_name(&o.header, &k("override.header"))),
+            retry: r.retry.as_ref().map(|rt| RetryConfig {
+                on_candidate_failure: rt.on_candidate_failure.unwrap_or(true),
+                budget: self.rate(rt.budget.as_ref(), &k("retry.budget"), 0.2),
+            }),
+            mirror: r.mirror.as_ref().map(|m| MirrorConfig {
+                percent: self.percent(m.percent.as_ref(), &k("mirror.percent"), 0.0),
+                compare_body: m.compare_body.unwrap_or(false),
+                max_mismatch_rate: m.max_mismatch_rate.as_ref().map(|x| self.rate(Some(x), &k("mirror.max_mismatch_rate"), 0.0)),
+            }),
+        }
+    }
+
+    fn version(&mut self, v: &RawVersion, key: &str) -> VersionConfig {
+        if v.version.get_ref().trim().is_empty() {
+            self.err(&v.version, &format!("{key}.version"), "version label must not be empty");
+        }
+        if v.endpoints.get_ref().is_empty() {
+            self.err(&v.endpoints, &format!("{key}.endpoints"), "at least one endpoint (host:port) is needed");
+        }
+        let mut endpoints = Vec::new();
+        for e in v.endpoints.get_ref() {
+            match check_endpoint(e.get_ref()) {
+                Ok(()) => endpoints.push(e.get_ref().clone()),
+                Err(why) => self.err(e, &format!("{key}.endpoints"), format!("{:?} is not host:port: {why}", e.get_ref())),
+            }
+        }
+        VersionConfig { version: v.version.get_ref().clone(), endpoints, h2: v.h2.unwrap_or(false) }
+    }
+
+    fn rollout(&mut self, r: &RawRollout, key: &str) -> RolloutConfig {
+        let strategy = match r.strategy.as_ref().map(|s| (s, s.get_ref().as_str())) {
+            None | Some((_, "canary")) => Strategy::Canary,
+            Some((_, "blue-green")) => Strategy::BlueGreen,
+            Some((s, other)) => {
+                self.err(s, &format!("{key}.strategy"), format!("unknown strategy {other:?}; expected \"canary\" or \"blue-green\""));
+                Strategy::Canary
+            }
+        };
+        let steps_bp = match &r.steps {
+            None => vec![100, 500, 2500, 5000, 10_000],
+            Some(steps) => self.steps(steps, &format!("{key}.steps")),
+        };
+        RolloutConfig {
+            strategy,
+            steps_bp,
+            step_interval: self.duration(r.step_interval.as_ref(), &format!("{key}.step_interval"), Duration::from_secs(60)),
+            min_requests: self.count(r.min_requests.as_ref(), &format!("{key}.min_requests"), 100, 0, i64::MAX) as u64,
+            auto_promote: r.auto_promote.unwrap_or(true),
+            preview: self.duration(r.preview.as_ref(), &format!("{key}.preview"), Duration::from_secs(300)),
+            bake: self.duration(r.bake.as_ref(), &format!("{key}.bake"), Duration::from_secs(600)),
+        }
+    }
+
+    fn steps(&mut self, steps: &Sp<Vec<Sp<f64>>>, key: &str) -> Vec<u32> {
+        let list = steps.get_ref();
+        if list.is_empty() {
+            self.err(steps, key, "at least one step is needed, ending at 100");
+            return vec![10_000];
+        }
+        let mut out = Vec::with_capacity(list.len());
+        let mut prev = 0.0;
+        for s in list {
+            let p = *s.get_ref();
+            if !(p > 0.0 && p <= 100.0) {
+                self.err(s, key, format!("step {p} is outside (0, 100]"));
+            } else if p <= prev {
+                self.err(s, key, format!("step {p} does not increase (previous step is {prev}); steps must be strictly increasing"));
+            }
+            prev = p;
+            out.push((p.clamp(0.0, 100.0) * 100.0).round() as u32);
+        }
+        if *list.last().expect("non-empty").get_ref() != 100.0 {
+            self.err(list.last().expect("non-empty"), key, "the last step must be 100 (the candidate ends up serving everything)");
+        }
+        out
+    }
+
+    fn rollback(&mut self, r: &RawRollback, key: &str) -> RollbackConfig {
+        let k = |s: &str| format!("{key}.{s}");
+        let confidence = match &r.confidence {
+            Some(c) if !(*c.get_ref() > 0.0 && *c.get_ref() < 1.0) => {
+                self.err(c, &k("confidence"), format!("{} is outside (0, 1)", c.get_ref()));
+                0.99
+            }
+            Some(c) => *c.get_ref(),
+            None => 0.99,
+        };
+        let ratio = |v: &mut Self, x: Option<&Sp<f64>>, name: &str, default: Option<f64>| match x {
+            Some(x) if !(*x.get_ref() >= 1.0 && x.get_ref().is_finite()) => {
+                v.err(x, &k(name), format!("{} must be a ratio of at least 1", x.get_ref()));
+                default
+            }
+            Some(x) => Some(*x.get_ref()),
+            None => default,
+        };
+        let window = self.duration(r.window.as_ref(), &k("window"), Duration::from_secs(30));
+        let tick = self.duration(r.tick.as_ref(), &k("tick"), Duration::from_millis(100));
+        if let Some(t) = &r.tick
+            && tick >= window
+        {
+            self.err(t, &k("tick"), "tick must be shorter than the window");
+        }
+        RollbackConfig {
+            window,
+            max_error_rate: r.max_error_rate.as_ref().map(|x| self.rate(Some(x), &k("max_error_rate"), 0.0)),
+            max_error_rate_increase: Some(self.rate(r.max_error_rate_increase.as_ref(), &k("max_error_rate_increase"), 0.01)),
+            max_p99: r.max_p99.as_ref().map(|d| self.duration(Some(d), &k("max_p99"), Duration::ZERO)),
+            max_p99_ratio: ratio(self, r.max_p99_ratio.as_ref(), "max_p99_ratio", Some(1.5)),
+            confidence,
+            min_effect_ratio: ratio(self, r.min_effect_ratio.as_ref(), "min_effect_ratio", Some(1.2)).unwrap_or(1.2),
+            tick,
+        }
+    }
+
+    fn sticky(&mut self, s: &Sp<RawSticky>, key: &str) -> Option<StickyConfig> {
+        match (&s.get_ref().header, &s.get_ref().cookie) {
+            (Some(h), None) => self.header_name(h, &format!("{key}.header")).map(StickyConfig::Header),
+            (None, Some(c)) if !c.get_ref().is_empty() => Some(StickyConfig::Cookie(c.get_ref().clone())),
+            _ => {
+                self.err(s, key, "set exactly one of `header` or `cookie`");
+                None
+            }
+        }
+    }
+
+    fn header_name(&mut self, h: &Sp<String>, key: &str) -> Option<String> {
+        match http::HeaderName::from_bytes(h.get_ref().as_bytes()) {
+            Ok(n) => Some(n.as_str().to_string()),
+            Err(_) => {
+                self.err(h, key, format!("{:?} is not a valid header name", h.get_ref()));
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, s: Option<&Sp<String>>, key: &str, default: &str) -> SocketAddr {
+        let fallback = || default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let Some(s) = s else { return fallback() };
+        match s.get_ref().parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(s, key, format!("{:?} is not an IP:port socket address (e.g. \"0.0.0.0:8080\")", s.get_ref()));
+                fallback()
+            }
+        }
+    }
+
+    fn duration(&mut self, s: Option<&Sp<String>>, key: &str, default: Duration) -> Duration {
+        let Some(s) = s else { return default };
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.err(s, key, "duration must be greater than zero");
+                default
+            }
+            Err(e) => {
+                self.err(s, key, format!("{:?} is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"5m\"", s.get_ref()));
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, s: Option<&Sp<i64>>, key: &str, default: usize, min: i64, max: i64) -> usize {
+        let Some(s) = s else { return default };
+        let v = *s.get_ref();
+        if v < min || v > max {
+            self.err(s, key, format!("{v} is outside [{min}, {max}]"));
+            return default;
+        }
+        v as usize
+    }
+
+    fn rate(&mut self, s: Option<&Sp<f64>>, key: &str, default: f64) -> f64 {
+        let Some(s) = s else { return default };
+        let v = *s.get_ref();
+        if !(0.0..=1.0).contains(&v) {
+            self.err(s, key, format!("{v} is not a rate in [0, 1] (write 5% as 0.05)"));
+            return default;
+        }
+        v
+    }
+
+    fn percent(&mut self, s: Option<&Sp<f64>>, key: &str, default: f64) -> f64 {
+        let Some(s) = s else { return default };
+        let v = *s.get_ref();
+        if !(0.0..=100.0).contains(&v) {
+            self.err(s, key, format!("{v} is not a percentage in [0, 100]"));
+            return default;
+        }
+        v
+    }
+
+    fn path(&self, s: &Sp<String>) -> PathBuf {
+        let p = Path::new(s.get_ref());
+        if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
+    }
+}
+
+/// `host:port` with a non-zero port and a plausible host; names are resolved at connect time.
+fn check_endpoint(s: &str) -> Result<(), String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = s.rsplit_once(':').ok_or("missing :port")?;
+    let port: u16 = port.parse().map_err(|_| format!("port {port:?} is not a number in 1-65535"))?;
+    if port == 0 {
+        return Err("port 0 cannot be connected to".into());
+    }
+    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+        return Err(format!("{host:?} is not a host name or IP address"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[[routes]]
+name = "web"
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9001"]
+[routes.candidate]
+version = "v2"
+endpoints = ["127.0.0.1:9002"]
+"#;
+
+    fn errs(src: &str) -> Vec<Diagnostic> {
+        match parse(Path::new("t.toml"), src) {
+            Ok(_) => panic!("expected errors for:\n{src}"),
+            Err(e) => e.diagnostics().to_vec(),
+        }
+    }
+
+    #[test]
+    fn minimal_route_gets_defaults() {
+        let c = parse(Path::new("t.toml"), BASE).expect("valid");
+        let r = &c.routes[0];
+        assert_eq!(r.rollout.steps_bp, vec![100, 500, 2500, 5000, 10_000]);
+        assert_eq!(r.rollout.initial_weight_bp(), 100);
+        assert_eq!(r.rollback.tick, Duration::from_millis(100));
+        assert_eq!(c.server.request_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let src = format!("{BASE}[routes.rollout]\nstepz = [1, 100]\n");
+        let d = errs(&src);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].line, 11);
+        assert_eq!(d[0].key, "routes.rollout.stepz");
+        assert!(d[0].message.contains("unknown field"), "{}", d[0].message);
+    }
+
+    #[test]
+    fn steps_must_increase_and_end_at_100() {
+        let src = format!("{BASE}[routes.rollout]\nsteps = [5, 5, 50]\n");
+        let d = errs(&src);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d.iter().all(|d| d.key == "routes[0].rollout.steps" && d.line == 11));
+        assert!(d[0].message.contains("strictly increasing"));
+        assert!(d[1].message.contains("must be 100"));
+    }
+
+    #[test]
+    fn bad_duration_rate_and_endpoint_are_all_reported() {
+        let src = BASE.replace("127.0.0.1:9002", "localhost") + "[routes.rollback]\nwindow = \"30 parsecs\"\nmax_error_rate = 5\n";
+        let d = errs(&src);
+        let keys: Vec<&str> = d.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["routes[0].candidate.endpoints", "routes[0].rollback.window", "routes[0].rollback.max_error_rate"]);
+        assert_eq!((d[1].line, d[1].col), (11, 10));
+    }
+
+    #[test]
+    fn duplicate_route_names_are_rejected() {
+        let src = format!("{BASE}{BASE}");
+        let d = errs(&src);
+        assert!(d.iter().any(|d| d.message.contains("duplicate route name") && d.line == 12 && d.key == "routes[1].name"), "{d:?}");
+    }
+
+    #[test]
+    fn empty_and_garbage_files_are_errors_not_panics() {
+        assert!(errs("")[0].message.contains("empty"));
+        assert_eq!(errs("\u{1}\u{2}[[[").len(), 1);
+        assert!(errs("[server]\n")[0].message.contains("no [[routes]]"));
+    }
+
+    #[test]
+    fn missing_tls_files_are_reported_at_the_key() {
+        let src = format!("[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"nope.crt\"\ntls_key = \"nope.key\"\n{BASE}");
+        let d = errs(&src);
+        assert_eq!(d[0].key, "server.tls_cert");
+        assert_eq!(d[0].line, 3);
+    }
+
+    #[test]
+    fn endpoint_shapes() {
+        assert!(check_endpoint("127.0.0.1:80").is_ok());
+        assert!(check_endpoint("[::1]:80").is_ok());
+        assert!(check_endpoint("svc.local:8080").is_ok());
+        assert!(check_endpoint("http://x:80").is_err());
+        assert!(check_endpoint("x:0").is_err());
+        assert!(check_endpoint("x").is_err());
+    }
+}

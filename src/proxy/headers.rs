@@ -1,0 +1,126 @@
+//! Header rewriting between client and upstream.
+//!
+//! Hop-by-hop headers describe one connection and must not cross the proxy (RFC 9110 §7.6.1),
+//! including any header the `Connection` header names. `X-Forwarded-*` tell the upstream who
+//! the client was; the `Host` header is kept as the client sent it (for HTTP/2 clients it is
+//! rebuilt from the `:authority`). Upgrade requests keep `Connection: upgrade` and `Upgrade`
+//! so that WebSocket and similar protocols can pass through.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Standard hop-by-hop headers other than `Connection`, `Upgrade` and `TE`, which need care.
+const HOP_BY_HOP: [HeaderName; 6] = [KEEP_ALIVE, PROXY_CONNECTION, header::PROXY_AUTHENTICATE, header::PROXY_AUTHORIZATION, header::TRAILER, header::TRANSFER_ENCODING];
+
+/// True when the request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+}
+
+/// Removes hop-by-hop headers; with `upgrade`, keeps what the protocol switch needs.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        // Headers the client declared connection-specific. Rare, so the allocation is fine.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if let Some(te) = headers.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        // `TE: trailers` is how gRPC clients announce trailer support; anything else is hop-by-hop.
+        headers.remove(header::TE);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Sets `X-Forwarded-For/Proto/Host` for a request from `client_ip` over `proto`.
+pub fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &'static str, host: Option<&HeaderValue>) {
+    match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + client_ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR, client_ip.clone());
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if let Some(h) = host {
+        headers.insert(X_FORWARDED_HOST, h.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+        }
+        m
+    }
+
+    #[test]
+    fn strips_standard_and_nominated_headers() {
+        let mut h = map(&[("connection", "keep-alive, x-secret"), ("x-secret", "1"), ("keep-alive", "5"), ("te", "gzip"), ("transfer-encoding", "chunked"), ("upgrade", "h2c"), ("x-app", "ok")]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-app"]);
+    }
+
+    #[test]
+    fn keeps_te_trailers_and_upgrade_when_switching() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("te", "trailers")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn appends_to_an_existing_forwarded_for() {
+        let ip = HeaderValue::from_static("127.0.0.9");
+        let mut h = map(&[("x-forwarded-for", "10.1.1.1")]);
+        set_forwarded(&mut h, &ip, "https", Some(&HeaderValue::from_static("shop")));
+        assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "shop");
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, &ip, "http", None);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+    }
+}

@@ -1,0 +1,107 @@
+//! Hot reload: re-read, validate, build the next generation, publish it in one store.
+//!
+//! The file is fully validated and the new snapshot fully built before anything changes; on
+//! any error the running generation is untouched and the error is logged and returned.
+//! Settings that belong to bound sockets or the runtime (listen addresses, workers,
+//! max_connections) need a restart; a reload that changes them says so in its summary.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigError, ServerConfig};
+use crate::server::Shared;
+use crate::snapshot::{BuildError, Snapshot};
+use crate::telemetry::CONFIG_RELOADS;
+use crate::tls::TlsError;
+
+/// What a reload changed.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// The generation now serving.
+    pub generation: u64,
+    /// Routes that are new.
+    pub added: Vec<String>,
+    /// Routes that are gone.
+    pub removed: Vec<String>,
+    /// Routes whose candidate version changed: a new rollout starts.
+    pub new_rollouts: Vec<String>,
+    /// Routes whose settings changed but keep their rollout state.
+    pub changed: Vec<String>,
+    /// Settings that changed but only apply after a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// Why a reload was rejected. The old configuration keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The snapshot could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The new certificate could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// The TLS acceptor a server config asks for.
+pub fn tls_acceptor(s: &ServerConfig) -> Result<Option<TlsAcceptor>, TlsError> {
+    s.tls.as_ref().map(|t| crate::tls::load_server_config(&t.cert, &t.key).map(TlsAcceptor::from)).transpose()
+}
+
+/// Re-reads `shared.config_path` and applies it if valid.
+pub async fn reload(shared: &Shared) -> Result<ReloadSummary, ReloadError> {
+    let _serial = shared.reload_guard().await;
+    let outcome = apply(shared);
+    match &outcome {
+        Ok(s) => {
+            info!(generation = s.generation, added = ?s.added, removed = ?s.removed, new_rollouts = ?s.new_rollouts, changed = ?s.changed, "configuration reloaded");
+            if !s.restart_required.is_empty() {
+                warn!(settings = ?s.restart_required, "these settings changed but only apply after a restart");
+            }
+            shared.telemetry.counter(CONFIG_RELOADS, "outcome", "applied").increment(1);
+        }
+        Err(e) => {
+            error!("configuration reload rejected, the running configuration is unchanged:\n{e}");
+            shared.telemetry.counter(CONFIG_RELOADS, "outcome", "rejected").increment(1);
+        }
+    }
+    outcome
+}
+
+fn apply(shared: &Shared) -> Result<ReloadSummary, ReloadError> {
+    let config = Arc::new(Config::load(&shared.config_path)?);
+    let tls = tls_acceptor(&config.server)?;
+    let old = shared.snapshot();
+    let next = Snapshot::build(config.clone(), Some(&old), &shared.telemetry, old.generation + 1)?;
+    let summary = diff(&old.config, &config, next.generation);
+    shared.publish(next, tls);
+    Ok(summary)
+}
+
+fn diff(old: &Config, new: &Config, generation: u64) -> ReloadSummary {
+    let mut s = ReloadSummary { generation, added: vec![], removed: vec![], new_rollouts: vec![], changed: vec![], restart_required: vec![] };
+    for r in &new.routes {
+        match old.route(&r.name) {
+            None => s.added.push(r.name.clone()),
+            Some(o) if o.candidate.as_ref().map(|c| &c.version) != r.candidate.as_ref().map(|c| &c.version) => s.new_rollouts.push(r.name.clone()),
+            Some(o) if format!("{o:?}") != format!("{r:?}") => s.changed.push(r.name.clone()),
+            Some(_) => {}
+        }
+    }
+    s.removed = old.routes.iter().filter(|r| new.route(&r.name).is_none()).map(|r| r.name.clone()).collect();
+    let (a, b) = (&old.server, &new.server);
+    let checks = [
+        ("server.listen", a.listen != b.listen),
+        ("server.tls_listen", a.tls.as_ref().map(|t| t.listen) != b.tls.as_ref().map(|t| t.listen)),
+        ("server.workers", a.workers != b.workers),
+        ("server.max_connections", a.max_connections != b.max_connections),
+        ("admin.listen", old.admin.listen != new.admin.listen),
+    ];
+    s.restart_required = checks.iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_string()).collect();
+    s
+}

@@ -1,0 +1,301 @@
+//! Listeners, connections, and the lifecycle of a running proxy: start, reload, drain.
+//!
+//! Shutdown follows the broadcast + completion pattern: a `watch` channel tells every accept
+//! loop and connection task to stop, each connection finishes its in-flight requests
+//! (hyper's graceful shutdown), and completion is observed through the `max_connections`
+//! semaphore — when every connection permit is back, nothing is in flight.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, ConfigError, ServerConfig};
+use crate::proxy::{self, ConnInfo};
+use crate::reload::{self, ReloadError, ReloadSummary};
+use crate::snapshot::{BuildError, Snapshot};
+use crate::telemetry::Telemetry;
+use crate::upstream::Clients;
+use crate::{admin, control};
+
+/// State shared by the data plane, the control plane and the admin API.
+pub struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    tls: ArcSwap<Option<TlsAcceptor>>,
+    /// Upstream connection pools.
+    pub clients: Clients,
+    /// This proxy's metrics registry.
+    pub telemetry: Arc<Telemetry>,
+    /// The config file reloads re-read.
+    pub config_path: PathBuf,
+    draining: AtomicBool,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("generation", &self.snapshot().generation).field("draining", &self.is_draining()).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The current configuration generation.
+    #[inline]
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    /// Publishes a new generation (one atomic store) and its TLS acceptor.
+    pub(crate) fn publish(&self, snap: Snapshot, tls: Option<TlsAcceptor>) {
+        self.tls.store(Arc::new(tls));
+        self.snapshot.store(Arc::new(snap));
+    }
+
+    /// Held while a reload reads, validates and publishes, so reloads never interleave.
+    pub(crate) async fn reload_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reload_lock.lock().await
+    }
+
+    /// True once shutdown has begun; `/readyz` answers 503.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The snapshot could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The TLS certificate could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A running proxy: its listeners, control loop and admin API.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    http_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    connections: Arc<Semaphore>,
+    max_connections: u32,
+    drain_timeout: Duration,
+    tasks: JoinSet<()>,
+}
+
+impl Proxy {
+    /// Loads `config_path` and starts serving.
+    pub async fn start(config_path: &Path) -> Result<Proxy, StartError> {
+        let config = Config::load(config_path)?;
+        Proxy::start_with(config).await
+    }
+
+    /// Starts serving a validated config (its `source` is what reloads re-read).
+    pub async fn start_with(config: Config) -> Result<Proxy, StartError> {
+        let telemetry = Telemetry::new();
+        let config = Arc::new(config);
+        let snap = Snapshot::build(config.clone(), None, &telemetry, 1)?;
+        let tls = reload::tls_acceptor(&config.server)?;
+        let s = &config.server;
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snap),
+            tls: ArcSwap::from_pointee(tls),
+            clients: Clients::new(s.request_timeout.min(Duration::from_secs(5))),
+            telemetry,
+            config_path: config.source.clone(),
+            draining: AtomicBool::new(false),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let bind = |what, addr| async move { TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source }) };
+        let http = bind("server.listen", s.listen).await?;
+        let tls_listener = match &s.tls {
+            Some(t) => Some(bind("server.tls_listen", t.listen).await?),
+            None => None,
+        };
+        let admin_listener = bind("admin.listen", config.admin.listen).await?;
+        let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+        let (http_addr, tls_addr, admin_addr) = (local(&http), tls_listener.as_ref().map(local), local(&admin_listener));
+
+        let max_connections = u32::try_from(s.max_connections).unwrap_or(u32::MAX);
+        let connections = Arc::new(Semaphore::new(max_connections as usize));
+        let (shutdown, _) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(http, false, shared.clone(), connections.clone(), shutdown.subscribe()));
+        if let Some(l) = tls_listener {
+            tasks.spawn(accept_loop(l, true, shared.clone(), connections.clone(), shutdown.subscribe()));
+        }
+        tasks.spawn(admin::serve(admin_listener, shared.clone()));
+        tasks.spawn(control::run(shared.clone()));
+        info!(%http_addr, tls = ?tls_addr, %admin_addr, routes = config.routes.len(), "veer is serving");
+        Ok(Proxy { shared, http_addr, tls_addr, admin_addr, shutdown, connections, max_connections, drain_timeout: s.drain_timeout, tasks })
+    }
+
+    /// Address of the plain HTTP listener.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Address of the HTTPS listener, if any.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// Address of the admin API.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The shared state (for embedding and tests).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Re-reads the config file and applies it if valid.
+    pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        reload::reload(&self.shared).await
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `drain_timeout`), then stops
+    /// the admin API and the control loop. Returns true when everything finished in time.
+    pub async fn drain(mut self) -> bool {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        info!(timeout = ?self.drain_timeout, "draining: no new connections, finishing in-flight requests");
+        let all = self.connections.clone().acquire_many_owned(self.max_connections);
+        let finished = tokio::time::timeout(self.drain_timeout, all).await.is_ok();
+        if finished {
+            info!("drained");
+        } else {
+            warn!("drain timeout reached with requests still in flight");
+        }
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        finished
+    }
+}
+
+/// Runs until SIGTERM or SIGINT (then drains), reloading on SIGHUP.
+pub async fn run_until_signalled(proxy: Proxy) -> bool {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) else {
+        error!("cannot install signal handlers");
+        return proxy.drain().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                // The outcome is logged by reload itself.
+                let _ = proxy.reload().await;
+            }
+        }
+    }
+    proxy.drain().await
+}
+
+async fn accept_loop(listener: TcpListener, tls: bool, shared: Arc<Shared>, limit: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        // Take a connection slot first: at max_connections, accept pauses instead of failing.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = if tls { (**shared.tls.load()).clone() } else { None };
+        tokio::spawn(connection(stream, peer, acceptor, shared.clone(), permit, shutdown.clone()));
+    }
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, shared: Arc<Shared>, _permit: OwnedSemaphorePermit, shutdown: watch::Receiver<bool>) {
+    let server = shared.snapshot().config.server.clone();
+    let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value");
+    let proto = if tls.is_some() { "https" } else { "http" };
+    let info = Arc::new(ConnInfo { shared, client_ip, proto });
+    match tls {
+        None => serve(TokioIo::new(stream), info, &server, shutdown).await,
+        Some(acceptor) => match tokio::time::timeout(server.header_read_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => serve(TokioIo::new(s), info, &server, shutdown).await,
+            Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => debug!(%peer, "TLS handshake timed out"),
+        },
+    }
+}
+
+/// The connection settings of a config generation.
+fn conn_builder(s: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(s.header_read_timeout)
+        .max_buf_size(s.max_header_bytes.max(8192))
+        .max_headers(s.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    b
+}
+
+async fn serve<I>(io: I, info: Arc<ConnInfo>, server: &ServerConfig, mut shutdown: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let builder = conn_builder(server);
+    let svc = service_fn(move |req| proxy::handle(info.clone(), req));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    if *shutdown.borrow_and_update() {
+        conn.as_mut().graceful_shutdown();
+    }
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r { debug!(error = %e, "client connection ended with an error") }
+        }
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            if let Err(e) = conn.await { debug!(error = %e, "client connection ended with an error while draining") }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! One immutable configuration generation, as the data plane sees it.
+//!
+//! Built off the hot path from a validated [`Config`] and published with a single
+//! `ArcSwap::store`, so a request sees either the old generation or the new one, never a
+//! mix. Rollout state and measurements are carried over from the previous generation by
+//! route name and version (see [`crate::runtime`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::config::{Config, RouteConfig, VersionConfig};
+use crate::rollout::RolloutState;
+use crate::router::Router;
+use crate::runtime::{Role, RouteRuntime, VersionRuntime};
+use crate::telemetry::Telemetry;
+use crate::upstream::Pool;
+
+/// A configuration generation.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Increases by one per applied reload.
+    pub generation: u64,
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    /// Routes in declaration order.
+    pub routes: Vec<Arc<Route>>,
+    router: Router,
+}
+
+/// A route of one generation.
+#[derive(Debug)]
+pub struct Route {
+    /// Its configuration.
+    pub config: RouteConfig,
+    /// State carried across generations.
+    pub runtime: Arc<RouteRuntime>,
+    /// Stable endpoints.
+    pub stable: Pool,
+    /// Candidate endpoints.
+    pub candidate: Option<Pool>,
+    inflight: AtomicUsize,
+}
+
+/// Why a snapshot could not be built (validation normally prevents all of these).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// An endpoint did not parse as a URI authority.
+    #[error("route {route}: endpoint {endpoint:?}: {source}")]
+    Endpoint {
+        /// Route name.
+        route: String,
+        /// The endpoint.
+        endpoint: String,
+        /// Parse error.
+        source: http::uri::InvalidUri,
+    },
+}
+
+impl Snapshot {
+    /// Builds generation `generation` from `config`, reusing state from `previous`.
+    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>, telemetry: &Telemetry, generation: u64) -> Result<Snapshot, BuildError> {
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for rc in &config.routes {
+            let old = previous.and_then(|p| p.route(&rc.name)).map(|r| &r.runtime);
+            let runtime = Arc::new(carry_over(rc, old, telemetry));
+            let pool = |v: &VersionConfig| {
+                Pool::new(&v.endpoints, v.h2).map_err(|source| BuildError::Endpoint { route: rc.name.clone(), endpoint: v.endpoints.join(","), source })
+            };
+            routes.push(Arc::new(Route {
+                config: rc.clone(),
+                runtime,
+                stable: pool(&rc.stable)?,
+                candidate: rc.candidate.as_ref().map(pool).transpose()?,
+                inflight: AtomicUsize::new(0),
+            }));
+        }
+        Ok(Snapshot { generation, router: Router::new(&config.routes), config, routes })
+    }
+
+    /// The route serving `host` and `path`.
+    #[inline]
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.router.find(host, path).map(|i| &self.routes[i])
+    }
+
+    /// The route called `name`.
+    pub fn route(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.config.name == name)
+    }
+}
+
+/// Keeps the previous generation's state for every version that is still the same.
+fn carry_over(rc: &RouteConfig, old: Option<&Arc<RouteRuntime>>, telemetry: &Telemetry) -> RouteRuntime {
+    let stable = match old {
+        Some(o) if o.stable.version == rc.stable.version => o.stable.clone(),
+        _ => Arc::new(VersionRuntime::new(telemetry, &rc.name, Role::Stable, &rc.stable.version)),
+    };
+    let candidate = rc.candidate.as_ref().map(|c| match old.and_then(|o| o.candidate.as_ref()) {
+        Some((rollout, rt)) if rt.version == c.version => (rollout.clone(), rt.clone()),
+        _ => (
+            Arc::new(RolloutState::new(&c.version, rc.rollout.initial_weight_bp())),
+            Arc::new(VersionRuntime::new(telemetry, &rc.name, Role::Candidate, &c.version)),
+        ),
+    });
+    RouteRuntime { stable, candidate }
+}
+
+impl Route {
+    /// The endpoints of `role` (stable when the route has no candidate).
+    pub fn pool(&self, role: Role) -> &Pool {
+        match (role, &self.candidate) {
+            (Role::Candidate, Some(p)) => p,
+            _ => &self.stable,
+        }
+    }
+
+    /// The measurement state of `role`.
+    pub fn version(&self, role: Role) -> &Arc<VersionRuntime> {
+        match (role, &self.runtime.candidate) {
+            (Role::Candidate, Some((_, v))) => v,
+            _ => &self.runtime.stable,
+        }
+    }
+
+    /// The rollout, when the route has a candidate.
+    pub fn rollout(&self) -> Option<&Arc<RolloutState>> {
+        self.runtime.candidate.as_ref().map(|(r, _)| r)
+    }
+
+    /// Admits one more request under `max_inflight`; false means shed it. Unbounded routes
+    /// count nothing, so they touch no shared counter.
+    #[inline]
+    pub fn admit(&self) -> bool {
+        if self.config.max_inflight == 0 {
+            return true;
+        }
+        let before = self.inflight.fetch_add(1, Ordering::Relaxed);
+        if before >= self.config.max_inflight {
+            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Releases a slot taken by [`Route::admit`].
+    #[inline]
+    pub fn release(&self) {
+        if self.config.max_inflight == 0 {
+            return;
+        }
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,199 @@
+//! Metric names, the Prometheus exporter, and log setup.
+//!
+//! Requests are counted on the hot path into veer's own sharded counters
+//! ([`crate::stats`]), never straight into the exporter: the exporter's histogram takes a
+//! timestamp and appends to a shared queue per sample, which costs more than the whole
+//! outcome record and contends across cores. Instead the control plane pushes the
+//! increments into metric handles resolved once per version ([`VersionMetrics::flush`]),
+//! every tick and right before each scrape. Counts and bucket placement are exact; each
+//! histogram bucket's new samples are recorded at their mean, so `_sum` is exact too.
+//!
+//! Each running proxy owns its recorder (no global recorder), so several proxies can live in
+//! one process, as they do in the tests.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Recorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::stats::{Class, Totals, buckets};
+
+/// `veer_requests_total{route, role, version, class}`.
+pub const REQUESTS_TOTAL: &str = "veer_requests_total";
+/// `veer_request_duration_seconds{route, role, version}`.
+pub const REQUEST_DURATION: &str = "veer_request_duration_seconds";
+/// `veer_candidate_weight_percent{route}`.
+pub const CANDIDATE_WEIGHT: &str = "veer_candidate_weight_percent";
+/// `veer_rollout_phase{route, phase}`.
+pub const ROLLOUT_PHASE: &str = "veer_rollout_phase";
+/// `veer_config_reloads_total{outcome}`.
+pub const CONFIG_RELOADS: &str = "veer_config_reloads_total";
+
+/// The metrics registry of one running proxy.
+pub struct Telemetry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Telemetry")
+    }
+}
+
+impl Telemetry {
+    /// A fresh registry with veer's histogram buckets and metric descriptions.
+    pub fn new() -> Arc<Self> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), &buckets::PROM_BOUNDS_S)
+            .expect("bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let t = Telemetry { recorder, handle };
+        t.with(|| {
+            metrics::describe_counter!(REQUESTS_TOTAL, "Requests proxied, by route, role, version and status class (error = no response).");
+            metrics::describe_histogram!(REQUEST_DURATION, metrics::Unit::Seconds, "Request latency to the end of the response body.");
+            metrics::describe_gauge!(CANDIDATE_WEIGHT, "Share of ordinary traffic sent to the candidate, percent.");
+            metrics::describe_gauge!(ROLLOUT_PHASE, "1 for the route's current rollout phase.");
+            metrics::describe_counter!(CONFIG_RELOADS, "Configuration reloads by outcome (applied, rejected).");
+        });
+        Arc::new(t)
+    }
+
+    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder as &dyn Recorder, f)
+    }
+
+    /// Handles for one version of one route.
+    pub fn version(&self, route: &str, role: &'static str, version: &str) -> VersionMetrics {
+        let (r, v) = (route.to_string(), version.to_string());
+        self.with(|| VersionMetrics {
+            requests: Class::ALL.map(|c| metrics::counter!(REQUESTS_TOTAL, "route" => r.clone(), "role" => role, "version" => v.clone(), "class" => c.label())),
+            duration: metrics::histogram!(REQUEST_DURATION, "route" => r.clone(), "role" => role, "version" => v.clone()),
+            flushed: Mutex::new(Flushed::default()),
+        })
+    }
+
+    /// A per-route gauge.
+    pub fn route_gauge(&self, name: &'static str, route: &str) -> Gauge {
+        let r = route.to_string();
+        self.with(|| metrics::gauge!(name, "route" => r))
+    }
+
+    /// A per-route gauge with one more label.
+    pub fn route_gauge_with(&self, name: &'static str, route: &str, label: &'static str, value: &'static str) -> Gauge {
+        let r = route.to_string();
+        self.with(|| metrics::gauge!(name, "route" => r, label => value))
+    }
+
+    /// A counter with one label.
+    pub fn counter(&self, name: &'static str, label: &'static str, value: &'static str) -> Counter {
+        self.with(|| metrics::counter!(name, label => value))
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains exporter-internal buffers; run it periodically.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+#[derive(Debug, Default)]
+struct Flushed {
+    classes: [u64; 6],
+    prom_count: [u64; buckets::PROM_COUNT],
+    prom_sum_us: [u64; buckets::PROM_COUNT],
+}
+
+/// Metric handles of one version, resolved once when the version appears.
+pub struct VersionMetrics {
+    requests: [Counter; 6],
+    duration: Histogram,
+    flushed: Mutex<Flushed>,
+}
+
+impl std::fmt::Debug for VersionMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VersionMetrics")
+    }
+}
+
+impl VersionMetrics {
+    /// Pushes what `totals` holds beyond the previous flush into the exporter.
+    pub fn flush(&self, totals: &Totals) {
+        let mut last = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, c) in self.requests.iter().enumerate() {
+            let d = totals.classes[i].saturating_sub(last.classes[i]);
+            if d > 0 {
+                c.increment(d);
+            }
+        }
+        for i in 0..buckets::PROM_COUNT {
+            let n = totals.prom_count[i].saturating_sub(last.prom_count[i]);
+            if n == 0 {
+                continue;
+            }
+            let sum = totals.prom_sum_us[i].saturating_sub(last.prom_sum_us[i]);
+            let mean_s = sum as f64 / n as f64 / 1e6;
+            self.duration.record_many(mean_s, n as usize);
+        }
+        last.classes = totals.classes;
+        last.prom_count = totals.prom_count;
+        last.prom_sum_us = totals.prom_sum_us;
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the process-wide `tracing` subscriber writing to stderr; `RUST_LOG` filters
+/// (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// How often exporter upkeep runs.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{Outcome, VersionStats};
+
+    #[test]
+    fn flush_exports_exact_counts_and_sums() {
+        let t = Telemetry::new();
+        let m = t.version("web", "candidate", "v2");
+        let s = VersionStats::new();
+        for ms in [1u64, 3, 3, 40] {
+            s.record(Outcome { class: Class::Success, fault: false, latency: Duration::from_millis(ms) });
+        }
+        s.record(Outcome { class: Class::ServerError, fault: true, latency: Duration::from_millis(2) });
+        m.flush(&s.totals());
+        m.flush(&s.totals());
+        let text = t.render();
+        assert!(text.contains(r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx"} 4"#), "{text}");
+        assert!(text.contains(r#"class="5xx"} 1"#), "{text}");
+        assert!(text.contains(r#"veer_request_duration_seconds_bucket{route="web",role="candidate",version="v2",le="0.001"} 1"#), "{text}");
+        assert!(text.contains(r#"le="0.0025"} 2"#), "{text}");
+        assert!(text.contains(r#"le="0.005"} 4"#), "{text}");
+        assert!(text.contains(r#"veer_request_duration_seconds_count{route="web",role="candidate",version="v2"} 5"#), "{text}");
+        assert!(text.contains(r#"veer_request_duration_seconds_sum{route="web",role="candidate",version="v2"} 0.049"#), "{text}");
+    }
+}

@@ -1,0 +1,193 @@
+//! Upstream endpoints: choosing one, skipping the ones that refuse connections, and the
+//! pooled HTTP clients that talk to them.
+//!
+//! Within a version, load is spread by power of two choices on in-flight requests: pick two
+//! endpoints at random and use the less busy one. That keeps a slow endpoint from gathering
+//! a queue without any shared state beyond one counter per endpoint. An endpoint that refuses
+//! a connection is skipped for a backoff that doubles with each consecutive failure (100 ms
+//! up to 10 s); after it, one request probes it again.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// One upstream `host:port`.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// As configured.
+    pub addr: String,
+    /// Pre-parsed for building request URIs.
+    pub authority: Authority,
+    inflight: AtomicUsize,
+    down_until_ms: AtomicU64,
+    failures: AtomicU32,
+}
+
+fn millis_now() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+impl Endpoint {
+    /// An endpoint for a validated `host:port`.
+    pub fn new(addr: &str) -> Result<Self, http::uri::InvalidUri> {
+        Ok(Endpoint { addr: addr.to_string(), authority: addr.parse()?, inflight: AtomicUsize::new(0), down_until_ms: AtomicU64::new(0), failures: AtomicU32::new(0) })
+    }
+
+    /// Requests currently in flight to this endpoint.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// False while the endpoint is in its backoff after refusing connections.
+    #[inline]
+    pub fn available(&self) -> bool {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        until == 0 || millis_now() >= until
+    }
+
+    /// Counts a request starting; pair with [`Endpoint::end`].
+    pub fn begin(&self) {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request ending.
+    pub fn end(&self) {
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The endpoint refused or failed a connection: skip it for a while.
+    pub fn connect_failed(&self) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(7);
+        let backoff = (100u64 << n).min(10_000);
+        self.down_until_ms.store(millis_now() + backoff, Ordering::Relaxed);
+    }
+
+    /// A request got a response: the endpoint is fine again.
+    #[inline]
+    pub fn succeeded(&self) {
+        if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The endpoints of one version.
+#[derive(Debug)]
+pub struct Pool {
+    endpoints: Box<[Endpoint]>,
+    /// Talk h2c to these endpoints.
+    pub h2: bool,
+}
+
+impl Pool {
+    /// A pool over validated endpoints.
+    pub fn new(addrs: &[String], h2: bool) -> Result<Self, http::uri::InvalidUri> {
+        Ok(Pool { endpoints: addrs.iter().map(|a| Endpoint::new(a)).collect::<Result<_, _>>()?, h2 })
+    }
+
+    /// All endpoints.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// Endpoint `i`.
+    pub fn get(&self, i: usize) -> &Endpoint {
+        &self.endpoints[i]
+    }
+
+    /// The endpoint for the next request, or `None` when every endpoint is backing off.
+    /// `except` excludes one endpoint (the one that just failed).
+    pub fn pick(&self, except: Option<usize>) -> Option<usize> {
+        let n = self.endpoints.len();
+        let ok = |i: usize| Some(i) != except && self.endpoints[i].available();
+        if n == 1 {
+            return ok(0).then_some(0);
+        }
+        let a = fastrand::usize(0..n);
+        let b = (a + 1 + fastrand::usize(0..n - 1)) % n;
+        match (ok(a), ok(b)) {
+            (true, true) => Some(if self.endpoints[b].inflight() < self.endpoints[a].inflight() { b } else { a }),
+            (true, false) => Some(a),
+            (false, true) => Some(b),
+            (false, false) => (0..n).map(|k| (a + k) % n).find(|&i| ok(i)),
+        }
+    }
+}
+
+/// What veer sends upstream: the client's streamed body, or a body veer holds in memory
+/// (an empty one when a bodyless request is re-sent to another endpoint).
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+
+/// Pooled keep-alive clients, shared by every configuration generation so that a reload
+/// keeps warm connections.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// HTTP/1.1 client.
+    pub h1: Client<HttpConnector, UpstreamBody>,
+    /// Cleartext HTTP/2 (prior knowledge) client.
+    pub h2: Client<HttpConnector, UpstreamBody>,
+}
+
+impl Clients {
+    /// Clients whose connection attempts give up after `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let build = |h2: bool| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .set_host(false)
+                .http2_only(h2)
+                .build(connector.clone())
+        };
+        Clients { h1: build(false), h2: build(true) }
+    }
+
+    /// The client for a pool.
+    pub fn for_pool(&self, pool: &Pool) -> &Client<HttpConnector, UpstreamBody> {
+        if pool.h2 { &self.h2 } else { &self.h1 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_skip_backing_off_endpoints() {
+        let p = Pool::new(&["127.0.0.1:1".into(), "127.0.0.1:2".into(), "127.0.0.1:3".into()], false).expect("valid");
+        p.get(1).connect_failed();
+        for _ in 0..200 {
+            assert_ne!(p.pick(None), Some(1));
+        }
+        p.get(0).connect_failed();
+        p.get(2).connect_failed();
+        assert_eq!(p.pick(None), None);
+        p.get(2).succeeded();
+        assert_eq!(p.pick(None), Some(2));
+        assert_eq!(p.pick(Some(2)), None);
+    }
+
+    #[test]
+    fn two_choices_prefer_the_idle_endpoint() {
+        let p = Pool::new(&["127.0.0.1:1".into(), "127.0.0.1:2".into()], false).expect("valid");
+        for _ in 0..10 {
+            p.get(0).begin();
+        }
+        assert!((0..100).all(|_| p.pick(None) == Some(1)));
+    }
+}
