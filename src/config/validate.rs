@@ -151,7 +151,7 @@ impl Validator<'_> {
             Some(p) => p.get_ref().clone(),
             None => "/".to_string(),
         };
-        let max_inflight = self.count(r.max_inflight.as_ref(), &k("max_inflight"), 0, 0, usize::MAX as i64);
+        let max_inflight = self.count(r.max_inflight.as_ref(), &k("max_inflight"), 0, 0, i64::MAX);
         let stable = self.version(&r.stable, &k("stable"));
         let candidate = r.candidate.as_ref().map(|c| self.version(c, &k("candidate")));
         if let Some(c) = &candidate

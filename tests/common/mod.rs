@@ -1,0 +1,226 @@
+//! Shared test harness: real upstreams and a real proxy on 127.0.0.1 ephemeral ports.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Body type test upstreams answer with.
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A whole body.
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A test upstream: counts requests and answers with `handler`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts an upstream on 127.0.0.1:0 speaking HTTP/1.1 and h2c.
+    pub async fn start<F, Fut>(handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let handler = Arc::new(handler);
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let handler = handler.clone();
+                let hits = h.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        hits.fetch_add(1, Ordering::Relaxed);
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        Upstream { addr, hits, task }
+    }
+
+    /// An upstream that answers 200 with `text`.
+    pub async fn text(text: &'static str) -> Upstream {
+        Upstream::start(move |_| async move { Response::new(full(text)) }).await
+    }
+
+    /// An upstream that answers `status` with `text`.
+    pub async fn status(status: u16, text: &'static str) -> Upstream {
+        Upstream::start(move |_| async move {
+            let mut r = Response::new(full(text));
+            *r.status_mut() = StatusCode::from_u16(status).expect("status");
+            r
+        })
+        .await
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting (existing connections end when their tasks do).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A free loopback port that nothing listens on (bound, then released).
+pub fn refused_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// A config file in its own temp dir.
+pub struct ConfigFile {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl ConfigFile {
+    /// Writes `body` after a `[server]`/`[admin]` header on ephemeral loopback ports.
+    pub fn new(body: &str) -> ConfigFile {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("veer.toml");
+        let c = ConfigFile { dir, path };
+        c.write(body);
+        c
+    }
+
+    pub fn write(&self, body: &str) {
+        std::fs::write(&self.path, with_listeners(body)).expect("write config");
+    }
+
+    /// Writes exactly `text` (no listener header).
+    pub fn write_raw(&self, text: &str) {
+        std::fs::write(&self.path, text).expect("write config");
+    }
+}
+
+/// Prefixes a config body with loopback listeners unless it has its own `[server]`.
+pub fn with_listeners(body: &str) -> String {
+    if body.contains("[server]") {
+        body.to_string()
+    } else {
+        format!("[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}")
+    }
+}
+
+/// One route `web` with a stable and (optionally) a candidate upstream.
+pub fn route(stable: SocketAddr, candidate: Option<SocketAddr>, steps: &str) -> String {
+    let mut s = format!("[[routes]]\nname = \"web\"\n\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{stable}\"]\n");
+    if let Some(c) = candidate {
+        s.push_str(&format!("\n[routes.candidate]\nversion = \"v2\"\nendpoints = [\"{c}\"]\n\n[routes.rollout]\nsteps = {steps}\n"));
+    }
+    s
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A response with its body collected.
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `req` and collects the answer (10 s deadline).
+pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Got {
+    let fut = async {
+        let resp = client.request(req).await.expect("request");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Got { status: parts.status, headers: parts.headers, body }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut).await.expect("response within 10 s")
+}
+
+/// GET `http://{addr}{path}`.
+pub async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Got {
+    send(client, Request::get(format!("http://{addr}{path}")).body(Full::default()).expect("request")).await
+}
+
+/// POST to `http://{addr}{path}` with optional headers.
+pub async fn post(client: &HttpClient, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got {
+    let mut b = Request::post(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(client, b.body(Full::default()).expect("request")).await
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The route's status JSON from the admin API.
+pub async fn route_status(client: &HttpClient, admin: SocketAddr, route: &str) -> serde_json::Value {
+    let got = get(client, admin, &format!("/api/v1/routes/{route}")).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    serde_json::from_slice(&got.body).expect("status JSON")
+}
+
+/// Path of the built `veer` binary.
+pub fn veer_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_veer"))
+}
+
+/// A GET request with no body for hyper clients that need `Empty`.
+pub fn empty() -> Empty<Bytes> {
+    Empty::new()
+}

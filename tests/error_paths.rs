@@ -1,0 +1,129 @@
+//! What clients see when things go wrong: 404, 502, 503, 504 and malformed requests.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::Response;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use veer::server::Proxy;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_is_404() {
+    let stable = Upstream::text("stable").await;
+    let body = format!("[[routes]]\nname = \"shop\"\nhosts = [\"shop.example\"]\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n", stable.addr);
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let c = client();
+    let req = |host: &str| http::Request::get(format!("http://{}/", proxy.http_addr())).header("host", host).body(Default::default()).expect("req");
+    let got = send(&c, req("evil.example")).await;
+    assert_eq!(got.status, 404);
+    assert!(got.text().contains("no route"), "{}", got.text());
+    assert_eq!(send(&c, req("shop.example")).await.text(), "stable");
+    assert_eq!(stable.hits(), 1, "an unknown host never reaches an upstream");
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connection_is_502_then_503_while_the_endpoint_backs_off() {
+    let dead = refused_addr();
+    let cfg = ConfigFile::new(&route(dead, None, ""));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let c = client();
+    let first = get(&c, proxy.http_addr(), "/").await;
+    assert_eq!(first.status, 502);
+    assert!(first.text().contains("upstream"), "{}", first.text());
+    let second = get(&c, proxy.http_addr(), "/").await;
+    assert_eq!(second.status, 503);
+    assert!(second.text().contains("no healthy endpoint"), "{}", second.text());
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_endpoint_is_skipped_for_the_others() {
+    let live = Upstream::text("live").await;
+    let dead = refused_addr();
+    let body = format!("[[routes]]\nname = \"web\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{dead}\", \"{}\"]\n", live.addr);
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let c = client();
+    for i in 0..40 {
+        let got = get(&c, proxy.http_addr(), "/").await;
+        assert_eq!(got.status, 200, "request {i}: bodyless requests move to a live endpoint");
+    }
+    assert_eq!(live.hits(), 40);
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_is_504_at_request_timeout() {
+    let slow = Upstream::start(|_| async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Response::new(full("late"))
+    })
+    .await;
+    let body = format!("[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}", route(slow.addr, None, ""));
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let c = client();
+    let started = std::time::Instant::now();
+    let got = get(&c, proxy.http_addr(), "/").await;
+    assert_eq!(got.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_inflight_sheds_with_503() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let slow = Upstream::start(move |_| {
+        let mut rx = release_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+            Response::new(full("done"))
+        }
+    })
+    .await;
+    let body = route(slow.addr, None, "").replace("name = \"web\"", "name = \"web\"\nmax_inflight = 1");
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let c = client();
+    let addr = proxy.http_addr();
+    let c1 = c.clone();
+    let first = tokio::spawn(async move { get(&c1, addr, "/").await });
+    eventually(Duration::from_secs(5), "first request reaches the upstream", || async { slow.hits() == 1 }).await;
+    let shed = get(&c, addr, "/").await;
+    assert_eq!(shed.status, 503);
+    release_tx.send(true).expect("release");
+    assert_eq!(first.await.expect("first").status, 200);
+    assert_eq!(get(&c, addr, "/").await.status, 200, "the slot is free again");
+    proxy.drain().await;
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("proxy answers and closes");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
+    let stable = Upstream::text("stable").await;
+    let cfg = ConfigFile::new(&route(stable.addr, None, ""));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let addr = proxy.http_addr();
+    let bad_line = raw_exchange(addr, b"GARBAGE / HTTP/9.9\r\n\r\n").await;
+    assert!(bad_line.starts_with("HTTP/1.1 400"), "{bad_line:?}");
+    let bad_header = raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n").await;
+    assert!(bad_header.starts_with("HTTP/1.1 400"), "{bad_header:?}");
+    let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n", "a".repeat(200 * 1024));
+    let too_big = raw_exchange(addr, huge.as_bytes()).await;
+    assert!(too_big.starts_with("HTTP/1.1 431"), "{:?}", &too_big[..too_big.len().min(80)]);
+    assert_eq!(stable.hits(), 0);
+    assert_eq!(get(&client(), addr, "/").await.text(), "stable");
+    proxy.drain().await;
+}

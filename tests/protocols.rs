@@ -1,0 +1,131 @@
+//! Protocols through the proxy: WebSocket upgrade, cleartext HTTP/2, HTTPS with ALPN.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Response, StatusCode, Version};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use veer::server::Proxy;
+
+/// An upstream that accepts WebSocket upgrades and echoes every message.
+async fn ws_echo() -> Upstream {
+    Upstream::start(|mut req: http::Request<hyper::body::Incoming>| async move {
+        let Some(key) = req.headers().get("sec-websocket-key").map(|k| derive_accept_key(k.as_bytes())) else {
+            return Response::new(full("not a websocket request"));
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let io = TokioIo::new(upgrade.await.expect("upgrade at upstream"));
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_text() || msg.is_binary() {
+                    ws.send(msg).await.expect("echo");
+                }
+            }
+        });
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert("connection", "upgrade".parse().expect("value"));
+        r.headers_mut().insert("upgrade", "websocket".parse().expect("value"));
+        r.headers_mut().insert("sec-websocket-accept", key.parse().expect("value"));
+        r
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_passes_through() {
+    let up = ws_echo().await;
+    let cfg = ConfigFile::new(&route(up.addr, None, ""));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let tcp = tokio::net::TcpStream::connect(proxy.http_addr()).await.expect("connect");
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/chat", proxy.http_addr()), tcp).await.expect("websocket handshake through veer");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..5 {
+        let text = format!("hello {i}");
+        ws.send(Message::text(text.clone())).await.expect("send");
+        let echoed = ws.next().await.expect("a reply").expect("a message");
+        assert_eq!(echoed.into_text().expect("text").as_str(), text);
+    }
+    ws.close(None).await.expect("close");
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_client_is_served() {
+    let up = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        // The upstream speaks HTTP/1.1 to veer; report what it saw.
+        let host = req.headers().get("host").map(|h| h.to_str().unwrap_or("").to_string()).unwrap_or_default();
+        Response::new(full(format!("{:?} host={host}", req.version())))
+    })
+    .await;
+    let cfg = ConfigFile::new(&route(up.addr, None, ""));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    // Connect by address and send an authority of our choosing, as an h2 client behind DNS would.
+    let stream = tokio::net::TcpStream::connect(proxy.http_addr()).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("http://app.example/x").version(Version::HTTP_2).body(Empty::<Bytes>::new()).expect("req");
+    let resp = send.send_request(req).await.expect("h2 request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), Version::HTTP_2);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, "HTTP/1.1 host=app.example", "the :authority becomes the upstream Host");
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_alpn_h2_and_http1() {
+    let up = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        let proto = req.headers().get("x-forwarded-proto").map(|v| v.to_str().unwrap_or("").to_string()).unwrap_or_default();
+        Response::new(full(proto))
+    })
+    .await;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).expect("write cert");
+    std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).expect("write key");
+    let body = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        route(up.addr, None, "")
+    );
+    let path = dir.path().join("veer.toml");
+    std::fs::write(&path, body).expect("write config");
+    let proxy = Proxy::start(&path).await.expect("start");
+    let tls_addr = proxy.tls_addr().expect("tls listener");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).expect("trust the test certificate");
+    for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().expect("versions").with_root_certificates(roots.clone()).with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(tls_addr).await.expect("connect");
+        let tls = connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("TLS handshake");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+        let io = TokioIo::new(tls);
+        let resp = if alpn == b"h2" {
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("h2");
+            tokio::spawn(conn);
+            send.send_request(http::Request::get("https://localhost/").body(Full::<Bytes>::default()).expect("req")).await.expect("h2 request")
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1");
+            tokio::spawn(conn);
+            send.send_request(http::Request::get("/").header("host", "localhost").body(Full::<Bytes>::default()).expect("req")).await.expect("h1 request")
+        };
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, "https", "X-Forwarded-Proto says https");
+    }
+    proxy.drain().await;
+}
