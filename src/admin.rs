@@ -56,7 +56,7 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let mutating = req.method() == Method::POST;
-    if mutating && let Err(resp) = authorize(shared, &req) {
+    if mutating && let Some(resp) = refusal(shared, &req) {
         return resp;
     }
     match (req.method(), segments.as_slice()) {
@@ -66,7 +66,10 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
         (&Method::GET, ["metrics"]) => {
             control::flush_metrics(&shared.snapshot());
             let mut r = Response::new(Full::new(Bytes::from(shared.telemetry.render())));
-            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
             r
         }
         (&Method::GET, ["api", "v1", "routes"]) => {
@@ -82,33 +85,46 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
             Ok(summary) => json(StatusCode::OK, &summary),
             Err(e) => reload_error(&e),
         },
-        (&Method::POST, ["api", "v1", "routes", name, verb]) if ["promote", "abort", "pause", "resume", "retry"].contains(verb) => {
+        (&Method::POST, ["api", "v1", "routes", name, verb])
+            if ["promote", "abort", "pause", "resume", "retry"].contains(verb) =>
+        {
             if shared.snapshot().route(name).is_none() {
                 return error(StatusCode::NOT_FOUND, format!("no route named {name:?}"));
             }
-            error(StatusCode::NOT_IMPLEMENTED, format!("{verb}: rollout commands are not available in this version of veer"))
+            error(
+                StatusCode::NOT_IMPLEMENTED,
+                format!("{verb}: rollout commands are not available in this version of veer"),
+            )
         }
-        (_, ["healthz" | "readyz" | "metrics"]) | (_, ["api", "v1", ..]) => error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method())),
+        (_, ["healthz" | "readyz" | "metrics"]) | (_, ["api", "v1", ..]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method()))
+        }
         _ => error(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}")),
     }
 }
 
-fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), AdminResponse> {
-    let Some(file) = shared.snapshot().config.admin.token_file.clone() else { return Ok(()) };
+/// The refusal for a mutating call without a valid token, if one is configured.
+fn refusal(shared: &Shared, req: &Request<Incoming>) -> Option<AdminResponse> {
+    let file = shared.snapshot().config.admin.token_file.clone()?;
     let token = match std::fs::read_to_string(&file) {
         Ok(t) => t.trim().to_string(),
         Err(e) => {
             warn!(file = %file.display(), error = %e, "cannot read admin token file; refusing mutating calls");
-            return Err(error(StatusCode::SERVICE_UNAVAILABLE, "admin token file is unreadable".into()));
+            return Some(error(StatusCode::SERVICE_UNAVAILABLE, "admin token file is unreadable".into()));
         }
     };
-    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
     if !token.is_empty() && bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-        Ok(())
+        None
     } else {
         let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required".into());
         r.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-        Err(r)
+        Some(r)
     }
 }
 
@@ -119,10 +135,15 @@ fn reload_error(e: &ReloadError) -> AdminResponse {
         errors: Vec<String>,
     }
     let errors = match e {
-        ReloadError::Config(c) if !c.diagnostics().is_empty() => c.diagnostics().iter().map(|d| d.to_string()).collect(),
+        ReloadError::Config(c) if !c.diagnostics().is_empty() => {
+            c.diagnostics().iter().map(|d| d.to_string()).collect()
+        }
         other => vec![other.to_string()],
     };
-    json(StatusCode::BAD_REQUEST, &Body { error: "configuration rejected; the running configuration is unchanged".into(), errors })
+    json(
+        StatusCode::BAD_REQUEST,
+        &Body { error: "configuration rejected; the running configuration is unchanged".into(), errors },
+    )
 }
 
 fn text(status: StatusCode, body: &'static str) -> AdminResponse {

@@ -208,9 +208,18 @@ fn plan(r: &RouteConfig) -> String {
     match ro.strategy {
         Strategy::Canary => {
             let steps: Vec<String> = ro.steps_bp.iter().map(|&b| format!("{}%", f64::from(b) / 100.0)).collect();
-            format!("canary {}, at least {} and {} candidate requests per step, {promote}", steps.join(" -> "), humantime::format_duration(ro.step_interval), ro.min_requests)
+            format!(
+                "canary {}, at least {} and {} candidate requests per step, {promote}",
+                steps.join(" -> "),
+                humantime::format_duration(ro.step_interval),
+                ro.min_requests
+            )
         }
-        Strategy::BlueGreen => format!("blue-green: preview {}, then 100%, bake {}, {promote}", humantime::format_duration(ro.preview), humantime::format_duration(ro.bake)),
+        Strategy::BlueGreen => format!(
+            "blue-green: preview {}, then 100%, bake {}, {promote}",
+            humantime::format_duration(ro.preview),
+            humantime::format_duration(ro.bake)
+        ),
     }
 }
 
@@ -257,7 +266,7 @@ fn status(route: Option<&str>, watch: bool, json: bool, admin: &AdminArgs) -> Ex
             };
             let out = if json { body } else { render_status(&body).unwrap_or(body) };
             if watch {
-                print!("\x1b[2J\x1b[H{out}\n");
+                println!("\x1b[2J\x1b[H{out}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             } else {
                 println!("{out}");
@@ -268,7 +277,8 @@ fn status(route: Option<&str>, watch: bool, json: bool, admin: &AdminArgs) -> Ex
 }
 
 fn render_status(body: &str) -> Option<String> {
-    let routes: Vec<RouteStatus> = serde_json::from_str(body).or_else(|_| serde_json::from_str::<RouteStatus>(body).map(|r| vec![r])).ok()?;
+    let routes: Vec<RouteStatus> =
+        serde_json::from_str(body).or_else(|_| serde_json::from_str::<RouteStatus>(body).map(|r| vec![r])).ok()?;
     let mut s = String::new();
     for r in routes {
         let step = r.step.map(|i| format!(" step {}/{}", i + 1, r.steps.len())).unwrap_or_default();
@@ -276,7 +286,13 @@ fn render_status(body: &str) -> Option<String> {
         let line = |s: &mut String, role: &str, v: &VersionStatus| {
             let w = &v.window;
             let p99 = w.p99_ms.map_or("-".into(), |p| format!("{p:.1}ms"));
-            let _ = writeln!(s, "  {role:<9} {:<12} {:>8} req  {:>6.2}% err  p99 {p99}", v.version, w.requests, w.error_rate * 100.0);
+            let _ = writeln!(
+                s,
+                "  {role:<9} {:<12} {:>8} req  {:>6.2}% err  p99 {p99}",
+                v.version,
+                w.requests,
+                w.error_rate * 100.0
+            );
         };
         line(&mut s, "stable", &r.stable);
         if let Some(c) = &r.candidate {
@@ -294,9 +310,13 @@ impl RouteStatus {
 
 /// GETs `path` from the admin API and returns the body, or a readable error.
 async fn admin_get(base: &str, path: &str) -> Result<String, String> {
-    let url: http::Uri = format!("{}{path}", base.trim_end_matches('/')).parse().map_err(|e| format!("bad admin URL {base:?}: {e}"))?;
+    let url: http::Uri =
+        format!("{}{path}", base.trim_end_matches('/')).parse().map_err(|e| format!("bad admin URL {base:?}: {e}"))?;
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(url.clone())).await.map_err(|_| format!("{url}: timed out"))?.map_err(|e| format!("{url}: {e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(url.clone()))
+        .await
+        .map_err(|_| format!("{url}: timed out"))?
+        .map_err(|e| format!("{url}: {e}"))?;
     let status = resp.status();
     let body = resp.into_body().collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
     let text = String::from_utf8_lossy(&body).into_owned();

@@ -23,7 +23,13 @@ struct RouteGauges {
 
 impl RouteGauges {
     fn new(t: &Telemetry, route: &str) -> Self {
-        RouteGauges { weight: t.route_gauge(CANDIDATE_WEIGHT, route), phases: Phase::ALL.iter().map(|&p| (p, t.route_gauge_with(ROLLOUT_PHASE, route, "phase", p.label()))).collect() }
+        RouteGauges {
+            weight: t.route_gauge(CANDIDATE_WEIGHT, route),
+            phases: Phase::ALL
+                .iter()
+                .map(|&p| (p, t.route_gauge_with(ROLLOUT_PHASE, route, "phase", p.label())))
+                .collect(),
+        }
     }
 }
 
@@ -39,7 +45,11 @@ pub async fn run(shared: Arc<Shared>) {
         let snap = shared.snapshot();
         if snap.generation != generation {
             generation = snap.generation;
-            gauges = snap.routes.iter().map(|r| (r.config.name.clone(), RouteGauges::new(&shared.telemetry, &r.config.name))).collect();
+            gauges = snap
+                .routes
+                .iter()
+                .map(|r| (r.config.name.clone(), RouteGauges::new(&shared.telemetry, &r.config.name)))
+                .collect();
             let p = tick_period(&snap);
             if p != period {
                 period = p;

@@ -84,11 +84,20 @@ fn apply(shared: &Shared) -> Result<ReloadSummary, ReloadError> {
 }
 
 fn diff(old: &Config, new: &Config, generation: u64) -> ReloadSummary {
-    let mut s = ReloadSummary { generation, added: vec![], removed: vec![], new_rollouts: vec![], changed: vec![], restart_required: vec![] };
+    let mut s = ReloadSummary {
+        generation,
+        added: vec![],
+        removed: vec![],
+        new_rollouts: vec![],
+        changed: vec![],
+        restart_required: vec![],
+    };
     for r in &new.routes {
         match old.route(&r.name) {
             None => s.added.push(r.name.clone()),
-            Some(o) if o.candidate.as_ref().map(|c| &c.version) != r.candidate.as_ref().map(|c| &c.version) => s.new_rollouts.push(r.name.clone()),
+            Some(o) if o.candidate.as_ref().map(|c| &c.version) != r.candidate.as_ref().map(|c| &c.version) => {
+                s.new_rollouts.push(r.name.clone())
+            }
             Some(o) if format!("{o:?}") != format!("{r:?}") => s.changed.push(r.name.clone()),
             Some(_) => {}
         }

@@ -46,7 +46,10 @@ pub struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("generation", &self.snapshot().generation).field("draining", &self.is_draining()).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("generation", &self.snapshot().generation)
+            .field("draining", &self.is_draining())
+            .finish_non_exhaustive()
     }
 }
 
@@ -135,7 +138,9 @@ impl Proxy {
             draining: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(()),
         });
-        let bind = |what, addr| async move { TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source }) };
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+        };
         let http = bind("server.listen", s.listen).await?;
         let tls_listener = match &s.tls {
             Some(t) => Some(bind("server.tls_listen", t.listen).await?),
@@ -143,7 +148,8 @@ impl Proxy {
         };
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
         let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
-        let (http_addr, tls_addr, admin_addr) = (local(&http), tls_listener.as_ref().map(local), local(&admin_listener));
+        let (http_addr, tls_addr, admin_addr) =
+            (local(&http), tls_listener.as_ref().map(local), local(&admin_listener));
 
         let max_connections = u32::try_from(s.max_connections).unwrap_or(u32::MAX);
         let connections = Arc::new(Semaphore::new(max_connections as usize));
@@ -156,7 +162,17 @@ impl Proxy {
         tasks.spawn(admin::serve(admin_listener, shared.clone()));
         tasks.spawn(control::run(shared.clone()));
         info!(%http_addr, tls = ?tls_addr, %admin_addr, routes = config.routes.len(), "veer is serving");
-        Ok(Proxy { shared, http_addr, tls_addr, admin_addr, shutdown, connections, max_connections, drain_timeout: s.drain_timeout, tasks })
+        Ok(Proxy {
+            shared,
+            http_addr,
+            tls_addr,
+            admin_addr,
+            shutdown,
+            connections,
+            max_connections,
+            drain_timeout: s.drain_timeout,
+            tasks,
+        })
     }
 
     /// Address of the plain HTTP listener.
@@ -206,7 +222,9 @@ impl Proxy {
 /// Runs until SIGTERM or SIGINT (then drains), reloading on SIGHUP.
 pub async fn run_until_signalled(proxy: Proxy) -> bool {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         error!("cannot install signal handlers");
         return proxy.drain().await;
     };
@@ -223,7 +241,13 @@ pub async fn run_until_signalled(proxy: Proxy) -> bool {
     proxy.drain().await
 }
 
-async fn accept_loop(listener: TcpListener, tls: bool, shared: Arc<Shared>, limit: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: bool,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         // Take a connection slot first: at max_connections, accept pauses instead of failing.
         let permit = tokio::select! {
@@ -248,7 +272,14 @@ async fn accept_loop(listener: TcpListener, tls: bool, shared: Arc<Shared>, limi
     }
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, shared: Arc<Shared>, _permit: OwnedSemaphorePermit, shutdown: watch::Receiver<bool>) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+    shutdown: watch::Receiver<bool>,
+) {
     let server = shared.snapshot().config.server.clone();
     let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value");
     let proto = if tls.is_some() { "https" } else { "http" };

@@ -58,13 +58,22 @@ pub enum BuildError {
 
 impl Snapshot {
     /// Builds generation `generation` from `config`, reusing state from `previous`.
-    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>, telemetry: &Telemetry, generation: u64) -> Result<Snapshot, BuildError> {
+    pub fn build(
+        config: Arc<Config>,
+        previous: Option<&Snapshot>,
+        telemetry: &Telemetry,
+        generation: u64,
+    ) -> Result<Snapshot, BuildError> {
         let mut routes = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
             let old = previous.and_then(|p| p.route(&rc.name)).map(|r| &r.runtime);
             let runtime = Arc::new(carry_over(rc, old, telemetry));
             let pool = |v: &VersionConfig| {
-                Pool::new(&v.endpoints, v.h2).map_err(|source| BuildError::Endpoint { route: rc.name.clone(), endpoint: v.endpoints.join(","), source })
+                Pool::new(&v.endpoints, v.h2).map_err(|source| BuildError::Endpoint {
+                    route: rc.name.clone(),
+                    endpoint: v.endpoints.join(","),
+                    source,
+                })
             };
             routes.push(Arc::new(Route {
                 config: rc.clone(),

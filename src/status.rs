@@ -57,7 +57,11 @@ pub struct Transition {
 impl RouteStatus {
     /// The status of `route` right now.
     pub fn of(route: &Route) -> RouteStatus {
-        let version = |v: &crate::runtime::VersionRuntime, endpoints: &[String]| VersionStatus { version: v.version.clone(), endpoints: endpoints.to_vec(), window: v.figures() };
+        let version = |v: &crate::runtime::VersionRuntime, endpoints: &[String]| VersionStatus {
+            version: v.version.clone(),
+            endpoints: endpoints.to_vec(),
+            window: v.figures(),
+        };
         let cfg = &route.config;
         let (phase, step, weight) = position(route);
         RouteStatus {
@@ -66,7 +70,12 @@ impl RouteStatus {
             step,
             candidate_weight: weight,
             stable: version(&route.runtime.stable, &cfg.stable.endpoints),
-            candidate: route.runtime.candidate.as_ref().zip(cfg.candidate.as_ref()).map(|((_, v), c)| version(v, &c.endpoints)),
+            candidate: route
+                .runtime
+                .candidate
+                .as_ref()
+                .zip(cfg.candidate.as_ref())
+                .map(|((_, v), c)| version(v, &c.endpoints)),
             steps: cfg.rollout.steps_bp.iter().map(|&b| f64::from(b) / 100.0).collect(),
             last_transition: None,
         }

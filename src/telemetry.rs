@@ -52,8 +52,15 @@ impl Telemetry {
         let handle = recorder.handle();
         let t = Telemetry { recorder, handle };
         t.with(|| {
-            metrics::describe_counter!(REQUESTS_TOTAL, "Requests proxied, by route, role, version and status class (error = no response).");
-            metrics::describe_histogram!(REQUEST_DURATION, metrics::Unit::Seconds, "Request latency to the end of the response body.");
+            metrics::describe_counter!(
+                REQUESTS_TOTAL,
+                "Requests proxied, by route, role, version and status class (error = no response)."
+            );
+            metrics::describe_histogram!(
+                REQUEST_DURATION,
+                metrics::Unit::Seconds,
+                "Request latency to the end of the response body."
+            );
             metrics::describe_gauge!(CANDIDATE_WEIGHT, "Share of ordinary traffic sent to the candidate, percent.");
             metrics::describe_gauge!(ROLLOUT_PHASE, "1 for the route's current rollout phase.");
             metrics::describe_counter!(CONFIG_RELOADS, "Configuration reloads by outcome (applied, rejected).");
@@ -160,7 +167,8 @@ pub enum LogFormat {
 /// Installs the process-wide `tracing` subscriber writing to stderr; `RUST_LOG` filters
 /// (default `info`).
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -188,12 +196,26 @@ mod tests {
         m.flush(&s.totals());
         m.flush(&s.totals());
         let text = t.render();
-        assert!(text.contains(r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx"} 4"#), "{text}");
+        assert!(
+            text.contains(r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx"} 4"#),
+            "{text}"
+        );
         assert!(text.contains(r#"class="5xx"} 1"#), "{text}");
-        assert!(text.contains(r#"veer_request_duration_seconds_bucket{route="web",role="candidate",version="v2",le="0.001"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"veer_request_duration_seconds_bucket{route="web",role="candidate",version="v2",le="0.001"} 1"#
+            ),
+            "{text}"
+        );
         assert!(text.contains(r#"le="0.0025"} 2"#), "{text}");
         assert!(text.contains(r#"le="0.005"} 4"#), "{text}");
-        assert!(text.contains(r#"veer_request_duration_seconds_count{route="web",role="candidate",version="v2"} 5"#), "{text}");
-        assert!(text.contains(r#"veer_request_duration_seconds_sum{route="web",role="candidate",version="v2"} 0.049"#), "{text}");
+        assert!(
+            text.contains(r#"veer_request_duration_seconds_count{route="web",role="candidate",version="v2"} 5"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"veer_request_duration_seconds_sum{route="web",role="candidate",version="v2"} 0.049"#),
+            "{text}"
+        );
     }
 }

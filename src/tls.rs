@@ -45,7 +45,8 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, 
     if certs.is_empty() {
         return Err(TlsError::NoCert(cert.display().to_string()));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Key { path: key.display().to_string(), source })?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|source| TlsError::Key { path: key.display().to_string(), source })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

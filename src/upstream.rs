@@ -11,8 +11,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use http::uri::Authority;
 use bytes::Bytes;
+use http::uri::Authority;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -39,7 +39,13 @@ fn millis_now() -> u64 {
 impl Endpoint {
     /// An endpoint for a validated `host:port`.
     pub fn new(addr: &str) -> Result<Self, http::uri::InvalidUri> {
-        Ok(Endpoint { addr: addr.to_string(), authority: addr.parse()?, inflight: AtomicUsize::new(0), down_until_ms: AtomicU64::new(0), failures: AtomicU32::new(0) })
+        Ok(Endpoint {
+            addr: addr.to_string(),
+            authority: addr.parse()?,
+            inflight: AtomicUsize::new(0),
+            down_until_ms: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+        })
     }
 
     /// Requests currently in flight to this endpoint.

@@ -13,11 +13,19 @@ use veer::server::Proxy;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_route_is_404() {
     let stable = Upstream::text("stable").await;
-    let body = format!("[[routes]]\nname = \"shop\"\nhosts = [\"shop.example\"]\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n", stable.addr);
+    let body = format!(
+        "[[routes]]\nname = \"shop\"\nhosts = [\"shop.example\"]\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n",
+        stable.addr
+    );
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
-    let req = |host: &str| http::Request::get(format!("http://{}/", proxy.http_addr())).header("host", host).body(Default::default()).expect("req");
+    let req = |host: &str| {
+        http::Request::get(format!("http://{}/", proxy.http_addr()))
+            .header("host", host)
+            .body(Default::default())
+            .expect("req")
+    };
     let got = send(&c, req("evil.example")).await;
     assert_eq!(got.status, 404);
     assert!(got.text().contains("no route"), "{}", got.text());
@@ -45,7 +53,10 @@ async fn refused_connection_is_502_then_503_while_the_endpoint_backs_off() {
 async fn a_refusing_endpoint_is_skipped_for_the_others() {
     let live = Upstream::text("live").await;
     let dead = refused_addr();
-    let body = format!("[[routes]]\nname = \"web\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{dead}\", \"{}\"]\n", live.addr);
+    let body = format!(
+        "[[routes]]\nname = \"web\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{dead}\", \"{}\"]\n",
+        live.addr
+    );
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
@@ -64,7 +75,10 @@ async fn slow_upstream_is_504_at_request_timeout() {
         Response::new(full("late"))
     })
     .await;
-    let body = format!("[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}", route(slow.addr, None, ""));
+    let body = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        route(slow.addr, None, "")
+    );
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
@@ -106,7 +120,8 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(bytes).await.expect("write");
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("proxy answers and closes");
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("proxy answers and closes");
     String::from_utf8_lossy(&buf).into_owned()
 }
 

@@ -78,7 +78,10 @@ type GrpcBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::
 fn grpc_response(status: &'static str) -> Response<GrpcBody> {
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static(status));
-    let frames = vec![Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))), Ok(Frame::trailers(trailers))];
+    let frames = vec![
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+        Ok(Frame::trailers(trailers)),
+    ];
     let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
     let mut r = Response::new(body);
     r.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
@@ -93,12 +96,18 @@ async fn grpc_internal_in_trailers_counts_as_a_candidate_error() {
         grpc_response(if req.uri().path().ends_with("/Fail") { "13" } else { "0" })
     })
     .await;
-    let body = route(stable.addr, Some(cand.addr), "[100]").replace("version = \"v2\"", "version = \"v2\"\nh2 = true").replace("version = \"v1\"", "version = \"v1\"\nh2 = true");
+    let body = route(stable.addr, Some(cand.addr), "[100]")
+        .replace("version = \"v2\"", "version = \"v2\"\nh2 = true")
+        .replace("version = \"v1\"", "version = \"v1\"\nh2 = true");
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
     for method in ["Fail", "Fail", "Fail", "Ok"] {
-        let req = http::Request::post(format!("http://{}/svc.Echo/{method}", proxy.http_addr())).header("content-type", "application/grpc").header("te", "trailers").body(Full::new(Bytes::from_static(b"\0\0\0\0\0"))).expect("req");
+        let req = http::Request::post(format!("http://{}/svc.Echo/{method}", proxy.http_addr()))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .expect("req");
         let resp = h2.request(req).await.expect("grpc call");
         assert_eq!(resp.status(), 200);
         let collected = resp.into_body().collect().await.expect("body");
@@ -113,6 +122,10 @@ async fn grpc_internal_in_trailers_counts_as_a_candidate_error() {
     })
     .await;
     let text = get(&c, proxy.admin_addr(), "/metrics").await.text();
-    assert_eq!(metric_value(&text, r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx"}"#), Some(4.0), "{text}");
+    assert_eq!(
+        metric_value(&text, r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx"}"#),
+        Some(4.0),
+        "{text}"
+    );
     proxy.drain().await;
 }

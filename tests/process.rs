@@ -29,7 +29,7 @@ struct Veer {
 
 impl Veer {
     fn spawn(config: &std::path::Path) -> Veer {
-        let mut child = Command::new(veer_bin())
+        let child = Command::new(veer_bin())
             .args(["run", "--log-format", "json", "-c"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -37,7 +37,10 @@ impl Veer {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn veer");
-        let stderr = child.stderr.take().expect("stderr");
+        // Owned by a `Veer` from here on, so a failed start still kills and reaps the child.
+        let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut veer = Veer { child, http: unknown, admin: unknown };
+        let stderr = veer.child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -46,11 +49,14 @@ impl Veer {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("veer logs that it is serving");
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("veer logs that it is serving");
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
             if v["fields"]["message"] == "veer is serving" {
                 let addr = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");
-                return Veer { http: addr("http_addr"), admin: addr("admin_addr"), child };
+                (veer.http, veer.admin) = (addr("http_addr"), addr("admin_addr"));
+                return veer;
             }
         }
     }
@@ -60,14 +66,19 @@ impl Veer {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill").success();
+        let ok =
+            Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill").success();
         assert!(ok, "kill -{sig} failed");
     }
 
     /// Peak resident memory so far, in bytes.
     fn peak_rss(&self) -> usize {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
-        let kb: usize = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("VmHWM");
+        let kb: usize = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM");
         kb * 1024
     }
 
@@ -90,7 +101,9 @@ impl Drop for Veer {
     }
 }
 
-fn chunks(total: usize) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> {
+fn chunks(
+    total: usize,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> {
     let chunk = Bytes::from(vec![b'x'; CHUNK]);
     futures_util::stream::iter((0..total / CHUNK).map(move |_| Ok(Frame::data(chunk.clone()))))
 }
@@ -125,8 +138,13 @@ async fn fifty_mib_each_way_stream_with_bounded_proxy_memory() {
     assert_eq!(got, 50 * MIB);
 
     let uploader: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = http::Request::post(format!("http://{}/upload", veer.http)).body(StreamBody::new(chunks(50 * MIB))).expect("req");
-    let resp = tokio::time::timeout(Duration::from_secs(60), uploader.request(req)).await.expect("upload in time").expect("upload");
+    let req = http::Request::post(format!("http://{}/upload", veer.http))
+        .body(StreamBody::new(chunks(50 * MIB)))
+        .expect("req");
+    let resp = tokio::time::timeout(Duration::from_secs(60), uploader.request(req))
+        .await
+        .expect("upload in time")
+        .expect("upload");
     let n = resp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(n, (50 * MIB).to_string());
 
@@ -147,7 +165,10 @@ async fn sighup_reloads_the_config() {
     // Keep the listeners: the config names port 0, which a reload must not try to rebind.
     cfg.write(&route(b.addr, None, ""));
     veer.signal("HUP");
-    eventually(Duration::from_secs(10), "the reloaded route serves b", || async { get(&c, veer.http, "/").await.text() == "b" }).await;
+    eventually(Duration::from_secs(10), "the reloaded route serves b", || async {
+        get(&c, veer.http, "/").await.text() == "b"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,7 +191,10 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     eventually(Duration::from_secs(10), "the slow request reached the upstream", || async { slow.hits() == 1 }).await;
 
     veer.signal("TERM");
-    eventually(Duration::from_secs(10), "readyz turns 503 while draining", || async { get(&c, veer.admin, "/readyz").await.status == 503 }).await;
+    eventually(Duration::from_secs(10), "readyz turns 503 while draining", || async {
+        get(&c, veer.admin, "/readyz").await.status == 503
+    })
+    .await;
     assert!(tokio::net::TcpStream::connect(http).await.is_err(), "no new connections while draining");
     assert!(veer.child.try_wait().expect("wait").is_none(), "veer waits for the in-flight request");
 

@@ -48,7 +48,9 @@ async fn websocket_echo_passes_through() {
     let cfg = ConfigFile::new(&route(up.addr, None, ""));
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let tcp = tokio::net::TcpStream::connect(proxy.http_addr()).await.expect("connect");
-    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/chat", proxy.http_addr()), tcp).await.expect("websocket handshake through veer");
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/chat", proxy.http_addr()), tcp)
+        .await
+        .expect("websocket handshake through veer");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     for i in 0..5 {
         let text = format!("hello {i}");
@@ -72,9 +74,11 @@ async fn h2c_client_is_served() {
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     // Connect by address and send an authority of our choosing, as an h2 client behind DNS would.
     let stream = tokio::net::TcpStream::connect(proxy.http_addr()).await.expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2c handshake");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2c handshake");
     tokio::spawn(conn);
-    let req = http::Request::get("http://app.example/x").version(Version::HTTP_2).body(Empty::<Bytes>::new()).expect("req");
+    let req =
+        http::Request::get("http://app.example/x").version(Version::HTTP_2).body(Empty::<Bytes>::new()).expect("req");
     let resp = send.send_request(req).await.expect("h2 request");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), Version::HTTP_2);
@@ -86,7 +90,8 @@ async fn h2c_client_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_alpn_h2_and_http1() {
     let up = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
-        let proto = req.headers().get("x-forwarded-proto").map(|v| v.to_str().unwrap_or("").to_string()).unwrap_or_default();
+        let proto =
+            req.headers().get("x-forwarded-proto").map(|v| v.to_str().unwrap_or("").to_string()).unwrap_or_default();
         Response::new(full(proto))
     })
     .await;
@@ -107,21 +112,32 @@ async fn https_with_alpn_h2_and_http1() {
     roots.add(cert.cert.der().clone()).expect("trust the test certificate");
     for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().expect("versions").with_root_certificates(roots.clone()).with_no_client_auth();
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
         config.alpn_protocols = vec![alpn.to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tcp = tokio::net::TcpStream::connect(tls_addr).await.expect("connect");
-        let tls = connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("TLS handshake");
+        let tls =
+            connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("TLS handshake");
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
         let io = TokioIo::new(tls);
         let resp = if alpn == b"h2" {
             let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("h2");
             tokio::spawn(conn);
-            send.send_request(http::Request::get("https://localhost/").body(Full::<Bytes>::default()).expect("req")).await.expect("h2 request")
+            send.send_request(http::Request::get("https://localhost/").body(Full::<Bytes>::default()).expect("req"))
+                .await
+                .expect("h2 request")
         } else {
             let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1");
             tokio::spawn(conn);
-            send.send_request(http::Request::get("/").header("host", "localhost").body(Full::<Bytes>::default()).expect("req")).await.expect("h1 request")
+            send.send_request(
+                http::Request::get("/").header("host", "localhost").body(Full::<Bytes>::default()).expect("req"),
+            )
+            .await
+            .expect("h1 request")
         };
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.expect("body").to_bytes();

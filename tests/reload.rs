@@ -32,21 +32,30 @@ async fn valid_reload_under_load_fails_no_request() {
                         break;
                     }
                     let got = get(&c, addr, "/").await;
-                    if got.status == 200 { ok.fetch_add(1, Ordering::Relaxed) } else { failed.fetch_add(1, Ordering::Relaxed) };
+                    if got.status == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed)
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    };
                 }
             })
         })
         .collect();
 
     eventually(Duration::from_secs(10), "load is flowing", || async { ok.load(Ordering::Relaxed) > 200 }).await;
-    let before = route_status(&c, proxy.admin_addr(), "web").await["candidate"]["window"]["total_requests"].as_u64().expect("total");
+    let before = route_status(&c, proxy.admin_addr(), "web").await["candidate"]["window"]["total_requests"]
+        .as_u64()
+        .expect("total");
     // Move stable to a new endpoint; the candidate version stays, so its rollout state stays.
     cfg.write(&route(new.addr, Some(cand.addr), "[10, 100]"));
     let summary = post(&c, proxy.admin_addr(), "/api/v1/reload", &[]).await;
     assert_eq!(summary.status, 200, "{}", summary.text());
     assert!(summary.text().contains("\"changed\""), "{}", summary.text());
     let at_reload = ok.load(Ordering::Relaxed);
-    eventually(Duration::from_secs(10), "traffic reaches the new stable endpoint", || async { new.hits() > 100 && ok.load(Ordering::Relaxed) > at_reload + 200 }).await;
+    eventually(Duration::from_secs(10), "traffic reaches the new stable endpoint", || async {
+        new.hits() > 100 && ok.load(Ordering::Relaxed) > at_reload + 200
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for l in loops {
         l.await.expect("load loop");
@@ -54,7 +63,10 @@ async fn valid_reload_under_load_fails_no_request() {
     assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during reload");
     let st = route_status(&c, proxy.admin_addr(), "web").await;
     assert_eq!(st["candidate_weight"], 10.0);
-    assert!(st["candidate"]["window"]["total_requests"].as_u64().expect("total") >= before, "candidate totals survived the reload");
+    assert!(
+        st["candidate"]["window"]["total_requests"].as_u64().expect("total") >= before,
+        "candidate totals survived the reload"
+    );
     proxy.drain().await;
 }
 
@@ -90,7 +102,10 @@ async fn a_new_candidate_version_starts_a_new_rollout() {
     for _ in 0..20 {
         get(&c, proxy.http_addr(), "/").await;
     }
-    eventually(Duration::from_secs(5), "candidate traffic counted", || async { route_status(&c, proxy.admin_addr(), "web").await["candidate"]["window"]["total_requests"] == 10 }).await;
+    eventually(Duration::from_secs(5), "candidate traffic counted", || async {
+        route_status(&c, proxy.admin_addr(), "web").await["candidate"]["window"]["total_requests"] == 10
+    })
+    .await;
     proxy.shared().snapshot().route("web").expect("route").rollout().expect("rollout").set_weight_bp(10_000);
     cfg.write(&route(stable.addr, Some(cand.addr), "[50, 100]").replace("\"v2\"", "\"v3\""));
     let summary = proxy.reload().await.expect("reload");

@@ -89,13 +89,7 @@ impl<'a> SourceMap<'a> {
     /// A diagnostic at `span` about `key`.
     pub fn at(&self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) -> Diagnostic {
         let (line, col) = self.position(span.start);
-        Diagnostic {
-            file: self.file.to_path_buf(),
-            line,
-            col,
-            key: key.into(),
-            message: message.into(),
-        }
+        Diagnostic { file: self.file.to_path_buf(), line, col, key: key.into(), message: message.into() }
     }
 
     /// A diagnostic for an error reported by the TOML parser, naming the key it sits under.
@@ -106,28 +100,45 @@ impl<'a> SourceMap<'a> {
         self.at(span, key, message)
     }
 
-    /// Best effort dotted key for the text at `offset`: the enclosing table header plus the
-    /// key written on that line. The TOML parser reports positions, not key paths.
+    /// Best effort dotted key for the text at `offset`: the enclosing table header (with the
+    /// index of array tables such as `[[routes]]`) plus the key written on that line. The TOML
+    /// parser reports positions, not key paths.
     fn key_at(&self, offset: usize) -> String {
         let offset = floor_char_boundary(self.src, offset.min(self.src.len()));
         let line_start = self.src[..offset].rfind('\n').map_or(0, |i| i + 1);
         let line_end = self.src[offset..].find('\n').map_or(self.src.len(), |i| offset + i);
         let line = self.src[line_start..line_end].trim();
-        let table = self.src[..line_start]
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| l.starts_with('['))
-            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
-        if line.starts_with('[') {
-            return line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        let mut table: Option<String> = None;
+        let mut arrays: Vec<(String, usize)> = Vec::new();
+        for l in self.src[..line_end].lines().map(str::trim).filter(|l| l.starts_with('[')) {
+            if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+                let name = name.trim().to_string();
+                match arrays.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, count)) => *count += 1,
+                    None => arrays.push((name.clone(), 0)),
+                }
+                table = Some(name);
+            } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+                table = Some(name.trim().to_string());
+            }
         }
-        let key = line.split('=').next().unwrap_or("").trim().trim_matches('"');
-        match (table, key.is_empty()) {
+        // `routes.rollout` under the third `[[routes]]` is `routes[2].rollout`.
+        let table = table.map(|t| {
+            let (head, rest) = t.split_once('.').map_or((t.as_str(), ""), |(h, r)| (h, r));
+            match arrays.iter().find(|(n, _)| n == head) {
+                Some((_, i)) if rest.is_empty() => format!("{head}[{i}]"),
+                Some((_, i)) => format!("{head}[{i}].{rest}"),
+                None => t.clone(),
+            }
+        });
+        let key =
+            if line.starts_with('[') { "" } else { line.split('=').next().unwrap_or("").trim().trim_matches('"') };
+        let path = match (table, key.is_empty()) {
             (Some(t), false) => format!("{t}.{key}"),
             (Some(t), true) => t,
             (None, _) => key.to_string(),
-        }
+        };
+        path.chars().filter(|c| !c.is_control()).collect()
     }
 }
 
@@ -158,5 +169,15 @@ mod tests {
         let src = "[server]\nlisten = 5\n";
         let map = SourceMap::new(Path::new("f.toml"), src);
         assert_eq!(map.key_at(src.find('5').unwrap()), "server.listen");
+    }
+
+    #[test]
+    fn key_counts_array_tables() {
+        let src = "[[routes]]\nname = 1\n[[routes]]\nname = 2\n[routes.rollout]\nstepz = 3\n";
+        let map = SourceMap::new(Path::new("f.toml"), src);
+        assert_eq!(map.key_at(src.find('1').unwrap()), "routes[0].name");
+        assert_eq!(map.key_at(src.find('2').unwrap()), "routes[1].name");
+        assert_eq!(map.key_at(src.find("stepz").unwrap()), "routes[1].rollout.stepz");
+        assert_eq!(map.key_at(src.find("[routes.rollout]").unwrap()), "routes[1].rollout");
     }
 }

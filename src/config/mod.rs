@@ -207,13 +207,16 @@ pub struct MirrorConfig {
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let src = std::fs::read(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let src = std::fs::read(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let src = String::from_utf8(src).map_err(|e| {
-            let map = error::SourceMap::new(path, "");
-            ConfigError::Invalid(vec![map.at(0..0, "", format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))])
+            let valid = e.utf8_error().valid_up_to();
+            let text = std::str::from_utf8(&e.as_bytes()[..valid]).unwrap_or_default();
+            let map = error::SourceMap::new(path, text);
+            ConfigError::Invalid(vec![map.at(
+                valid..valid,
+                "",
+                "not UTF-8 text: a config file must be UTF-8 encoded TOML",
+            )])
         })?;
         Config::parse(path, &src)
     }

@@ -13,16 +13,16 @@ use super::*;
 pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
     let map = SourceMap::new(path, src);
     if src.trim().is_empty() {
-        return Err(ConfigError::Invalid(vec![map.at(0..0, "", "the file is empty: at least one [[routes]] table is needed")]));
+        return Err(ConfigError::Invalid(vec![map.at(
+            0..0,
+            "",
+            "the file is empty: at least one [[routes]] table is needed",
+        )]));
     }
     let raw: RawConfig = toml::from_str(src).map_err(|e| ConfigError::Invalid(vec![map.from_toml(&e)]))?;
     let mut v = Validator { map, base: base_dir(path), diags: Vec::new() };
     let config = v.config(path, raw);
-    if v.diags.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError::Invalid(v.diags))
-    }
+    if v.diags.is_empty() { Ok(config) } else { Err(ConfigError::Invalid(v.diags)) }
 }
 
 fn base_dir(path: &Path) -> PathBuf {
@@ -43,8 +43,18 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, path: &Path, raw: RawConfig) -> Config {
+        let admin_listen = raw.admin.listen.as_ref().map(|l| l.span());
         let server = self.server(raw.server);
         let admin = self.admin(raw.admin);
+        let taken = [Some(server.listen), server.tls.as_ref().map(|t| t.listen)];
+        if admin.listen.port() != 0 && taken.contains(&Some(admin.listen)) {
+            let d = self.map.at(
+                admin_listen.unwrap_or(0..0),
+                "admin.listen",
+                format!("{} is already used by a [server] listener", admin.listen),
+            );
+            self.diags.push(d);
+        }
         let state_dir = match &raw.state.dir {
             Some(d) => self.path(d),
             None => self.base.join("state"),
@@ -55,6 +65,7 @@ impl Validator<'_> {
             self.diags.push(d);
         }
         let mut names = HashSet::new();
+        let mut matchers: Vec<(String, String, String)> = Vec::new();
         let mut routes = Vec::with_capacity(raw.routes.len());
         for (i, r) in raw.routes.into_iter().enumerate() {
             if !names.insert(r.name.get_ref().clone()) {
@@ -62,7 +73,23 @@ impl Validator<'_> {
                 let msg = format!("duplicate route name {:?}: route names must be unique", r.name.get_ref());
                 self.err(&r.name, &key, msg);
             }
-            routes.push(self.route(i, r));
+            let name_span = r.name.clone();
+            let route = self.route(i, r);
+            let hosts = if route.hosts.is_empty() { vec![String::new()] } else { route.hosts.clone() };
+            for h in hosts {
+                match matchers.iter().find(|(mh, mp, _)| *mh == h && *mp == route.path_prefix) {
+                    Some((_, _, other)) => {
+                        let host = if h.is_empty() { "any host".to_string() } else { format!("host {h:?}") };
+                        let msg = format!(
+                            "route {:?} can never be reached: route {other:?} already serves {host} with path_prefix {:?}",
+                            route.name, route.path_prefix
+                        );
+                        self.err(&name_span, &format!("routes[{i}].path_prefix"), msg);
+                    }
+                    None => matchers.push((h, route.path_prefix.clone(), route.name.clone())),
+                }
+            }
+            routes.push(route);
         }
         Config { source: path.to_path_buf(), server, admin, state_dir, notify, routes }
     }
@@ -90,12 +117,26 @@ impl Validator<'_> {
         ServerConfig {
             listen,
             tls,
-            request_timeout: self.duration(s.request_timeout.as_ref(), "server.request_timeout", Duration::from_secs(30)),
-            header_read_timeout: self.duration(s.header_read_timeout.as_ref(), "server.header_read_timeout", Duration::from_secs(10)),
+            request_timeout: self.duration(
+                s.request_timeout.as_ref(),
+                "server.request_timeout",
+                Duration::from_secs(30),
+            ),
+            header_read_timeout: self.duration(
+                s.header_read_timeout.as_ref(),
+                "server.header_read_timeout",
+                Duration::from_secs(10),
+            ),
             drain_timeout: self.duration(s.drain_timeout.as_ref(), "server.drain_timeout", Duration::from_secs(30)),
             workers: self.count(s.workers.as_ref(), "server.workers", 0, 0, 1024),
             max_connections: self.count(s.max_connections.as_ref(), "server.max_connections", 10_000, 1, 10_000_000),
-            max_header_bytes: self.count(s.max_header_bytes.as_ref(), "server.max_header_bytes", 64 * 1024, 8192, 16 << 20),
+            max_header_bytes: self.count(
+                s.max_header_bytes.as_ref(),
+                "server.max_header_bytes",
+                64 * 1024,
+                8192,
+                16 << 20,
+            ),
             max_headers: self.count(s.max_headers.as_ref(), "server.max_headers", 100, 1, 10_000),
             expose_role_header: s.expose_role_header.unwrap_or(false),
         }
@@ -117,13 +158,18 @@ impl Validator<'_> {
                 http::Uri::from_static("http://invalid.invalid/")
             }
         };
-        const KINDS: [&str; 8] = ["started", "step", "paused", "resumed", "promoted", "rolled_back", "retried", "reloaded"];
+        const KINDS: [&str; 8] =
+            ["started", "step", "paused", "resumed", "promoted", "rolled_back", "retried", "reloaded"];
         let mut events = Vec::new();
         for e in n.events.iter().flatten() {
             if KINDS.contains(&e.get_ref().as_str()) {
                 events.push(e.get_ref().clone());
             } else {
-                self.err(e, &format!("notify[{i}].events"), format!("unknown event {:?}; expected one of {}", e.get_ref(), KINDS.join(", ")));
+                self.err(
+                    e,
+                    &format!("notify[{i}].events"),
+                    format!("unknown event {:?}; expected one of {}", e.get_ref(), KINDS.join(", ")),
+                );
             }
         }
         NotifyConfig { url, events }
@@ -132,7 +178,9 @@ impl Validator<'_> {
     fn route(&mut self, i: usize, r: RawRoute) -> RouteConfig {
         let k = |s: &str| format!("routes[{i}].{s}");
         let name = r.name.get_ref().clone();
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
+        if name.is_empty()
+            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
             self.err(&r.name, &k("name"), format!("{name:?} is not a valid route name: use [a-z0-9_-]+"));
         }
         let mut hosts = Vec::new();
@@ -158,7 +206,11 @@ impl Validator<'_> {
             && c.version == stable.version
         {
             let cv = &r.candidate.as_ref().expect("candidate present").version;
-            self.err(cv, &k("candidate.version"), format!("candidate version {:?} equals the stable version", c.version));
+            self.err(
+                cv,
+                &k("candidate.version"),
+                format!("candidate version {:?} equals the stable version", c.version),
+            );
         }
         RouteConfig {
             name,
@@ -178,7 +230,10 @@ impl Validator<'_> {
             mirror: r.mirror.as_ref().map(|m| MirrorConfig {
                 percent: self.percent(m.percent.as_ref(), &k("mirror.percent"), 0.0),
                 compare_body: m.compare_body.unwrap_or(false),
-                max_mismatch_rate: m.max_mismatch_rate.as_ref().map(|x| self.rate(Some(x), &k("mirror.max_mismatch_rate"), 0.0)),
+                max_mismatch_rate: m
+                    .max_mismatch_rate
+                    .as_ref()
+                    .map(|x| self.rate(Some(x), &k("mirror.max_mismatch_rate"), 0.0)),
             }),
         }
     }
@@ -194,7 +249,9 @@ impl Validator<'_> {
         for e in v.endpoints.get_ref() {
             match check_endpoint(e.get_ref()) {
                 Ok(()) => endpoints.push(e.get_ref().clone()),
-                Err(why) => self.err(e, &format!("{key}.endpoints"), format!("{:?} is not host:port: {why}", e.get_ref())),
+                Err(why) => {
+                    self.err(e, &format!("{key}.endpoints"), format!("{:?} is not host:port: {why}", e.get_ref()))
+                }
             }
         }
         VersionConfig { version: v.version.get_ref().clone(), endpoints, h2: v.h2.unwrap_or(false) }
@@ -205,7 +262,11 @@ impl Validator<'_> {
             None | Some((_, "canary")) => Strategy::Canary,
             Some((_, "blue-green")) => Strategy::BlueGreen,
             Some((s, other)) => {
-                self.err(s, &format!("{key}.strategy"), format!("unknown strategy {other:?}; expected \"canary\" or \"blue-green\""));
+                self.err(
+                    s,
+                    &format!("{key}.strategy"),
+                    format!("unknown strategy {other:?}; expected \"canary\" or \"blue-green\""),
+                );
                 Strategy::Canary
             }
         };
@@ -216,7 +277,11 @@ impl Validator<'_> {
         RolloutConfig {
             strategy,
             steps_bp,
-            step_interval: self.duration(r.step_interval.as_ref(), &format!("{key}.step_interval"), Duration::from_secs(60)),
+            step_interval: self.duration(
+                r.step_interval.as_ref(),
+                &format!("{key}.step_interval"),
+                Duration::from_secs(60),
+            ),
             min_requests: self.count(r.min_requests.as_ref(), &format!("{key}.min_requests"), 100, 0, i64::MAX) as u64,
             auto_promote: r.auto_promote.unwrap_or(true),
             preview: self.duration(r.preview.as_ref(), &format!("{key}.preview"), Duration::from_secs(300)),
@@ -230,20 +295,31 @@ impl Validator<'_> {
             self.err(steps, key, "at least one step is needed, ending at 100");
             return vec![10_000];
         }
-        let mut out = Vec::with_capacity(list.len());
+        let mut out: Vec<u32> = Vec::with_capacity(list.len());
         let mut prev = 0.0;
         for s in list {
             let p = *s.get_ref();
+            let bp = (p.clamp(0.0, 100.0) * 100.0).round() as u32;
             if !(p > 0.0 && p <= 100.0) {
                 self.err(s, key, format!("step {p} is outside (0, 100]"));
             } else if p <= prev {
-                self.err(s, key, format!("step {p} does not increase (previous step is {prev}); steps must be strictly increasing"));
+                self.err(
+                    s,
+                    key,
+                    format!("step {p} does not increase (previous step is {prev}); steps must be strictly increasing"),
+                );
+            } else if bp == 0 || out.last().is_some_and(|&last| bp <= last) {
+                self.err(s, key, format!("step {p} is finer than the 0.01% weight resolution"));
             }
             prev = p;
-            out.push((p.clamp(0.0, 100.0) * 100.0).round() as u32);
+            out.push(bp);
         }
         if *list.last().expect("non-empty").get_ref() != 100.0 {
-            self.err(list.last().expect("non-empty"), key, "the last step must be 100 (the candidate ends up serving everything)");
+            self.err(
+                list.last().expect("non-empty"),
+                key,
+                "the last step must be 100 (the candidate ends up serving everything)",
+            );
         }
         out
     }
@@ -268,15 +344,37 @@ impl Validator<'_> {
         };
         let window = self.duration(r.window.as_ref(), &k("window"), Duration::from_secs(30));
         let tick = self.duration(r.tick.as_ref(), &k("tick"), Duration::from_millis(100));
-        if let Some(t) = &r.tick
-            && tick >= window
-        {
-            self.err(t, &k("tick"), "tick must be shorter than the window");
+        if tick >= window {
+            match (&r.tick, &r.window) {
+                (Some(t), _) => self.err(
+                    t,
+                    &k("tick"),
+                    format!(
+                        "tick ({}) must be shorter than the window ({})",
+                        humantime::format_duration(tick),
+                        humantime::format_duration(window)
+                    ),
+                ),
+                (None, Some(w)) => self.err(
+                    w,
+                    &k("window"),
+                    format!(
+                        "window ({}) must be longer than the tick ({})",
+                        humantime::format_duration(window),
+                        humantime::format_duration(tick)
+                    ),
+                ),
+                (None, None) => {}
+            }
         }
         RollbackConfig {
             window,
             max_error_rate: r.max_error_rate.as_ref().map(|x| self.rate(Some(x), &k("max_error_rate"), 0.0)),
-            max_error_rate_increase: Some(self.rate(r.max_error_rate_increase.as_ref(), &k("max_error_rate_increase"), 0.01)),
+            max_error_rate_increase: Some(self.rate(
+                r.max_error_rate_increase.as_ref(),
+                &k("max_error_rate_increase"),
+                0.01,
+            )),
             max_p99: r.max_p99.as_ref().map(|d| self.duration(Some(d), &k("max_p99"), Duration::ZERO)),
             max_p99_ratio: ratio(self, r.max_p99_ratio.as_ref(), "max_p99_ratio", Some(1.5)),
             confidence,
@@ -288,7 +386,16 @@ impl Validator<'_> {
     fn sticky(&mut self, s: &Sp<RawSticky>, key: &str) -> Option<StickyConfig> {
         match (&s.get_ref().header, &s.get_ref().cookie) {
             (Some(h), None) => self.header_name(h, &format!("{key}.header")).map(StickyConfig::Header),
-            (None, Some(c)) if !c.get_ref().is_empty() => Some(StickyConfig::Cookie(c.get_ref().clone())),
+            (None, Some(c))
+                if !c.get_ref().is_empty()
+                    && c.get_ref().bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)) =>
+            {
+                Some(StickyConfig::Cookie(c.get_ref().clone()))
+            }
+            (None, Some(c)) => {
+                self.err(c, &format!("{key}.cookie"), format!("{:?} is not a valid cookie name", c.get_ref()));
+                None
+            }
             _ => {
                 self.err(s, key, "set exactly one of `header` or `cookie`");
                 None
@@ -327,7 +434,11 @@ impl Validator<'_> {
                 default
             }
             Err(e) => {
-                self.err(s, key, format!("{:?} is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"5m\"", s.get_ref()));
+                self.err(
+                    s,
+                    key,
+                    format!("{:?} is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"5m\"", s.get_ref()),
+                );
                 default
             }
         }
@@ -423,7 +534,7 @@ endpoints = ["127.0.0.1:9002"]
         let d = errs(&src);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].line, 11);
-        assert_eq!(d[0].key, "routes.rollout.stepz");
+        assert_eq!(d[0].key, "routes[0].rollout.stepz");
         assert!(d[0].message.contains("unknown field"), "{}", d[0].message);
     }
 
@@ -439,10 +550,14 @@ endpoints = ["127.0.0.1:9002"]
 
     #[test]
     fn bad_duration_rate_and_endpoint_are_all_reported() {
-        let src = BASE.replace("127.0.0.1:9002", "localhost") + "[routes.rollback]\nwindow = \"30 parsecs\"\nmax_error_rate = 5\n";
+        let src = BASE.replace("127.0.0.1:9002", "localhost")
+            + "[routes.rollback]\nwindow = \"30 parsecs\"\nmax_error_rate = 5\n";
         let d = errs(&src);
         let keys: Vec<&str> = d.iter().map(|d| d.key.as_str()).collect();
-        assert_eq!(keys, ["routes[0].candidate.endpoints", "routes[0].rollback.window", "routes[0].rollback.max_error_rate"]);
+        assert_eq!(
+            keys,
+            ["routes[0].candidate.endpoints", "routes[0].rollback.window", "routes[0].rollback.max_error_rate"]
+        );
         assert_eq!((d[1].line, d[1].col), (11, 10));
     }
 
@@ -450,7 +565,10 @@ endpoints = ["127.0.0.1:9002"]
     fn duplicate_route_names_are_rejected() {
         let src = format!("{BASE}{BASE}");
         let d = errs(&src);
-        assert!(d.iter().any(|d| d.message.contains("duplicate route name") && d.line == 12 && d.key == "routes[1].name"), "{d:?}");
+        assert!(
+            d.iter().any(|d| d.message.contains("duplicate route name") && d.line == 12 && d.key == "routes[1].name"),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -462,10 +580,33 @@ endpoints = ["127.0.0.1:9002"]
 
     #[test]
     fn missing_tls_files_are_reported_at_the_key() {
-        let src = format!("[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"nope.crt\"\ntls_key = \"nope.key\"\n{BASE}");
+        let src =
+            format!("[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"nope.crt\"\ntls_key = \"nope.key\"\n{BASE}");
         let d = errs(&src);
         assert_eq!(d[0].key, "server.tls_cert");
         assert_eq!(d[0].line, 3);
+    }
+
+    #[test]
+    fn unreachable_routes_and_clashing_listeners_are_errors() {
+        let first =
+            BASE.replace("\"web\"", "\"a\"").replace("[[routes]]", "[admin]\nlisten = \"0.0.0.0:8080\"\n[[routes]]");
+        let d = errs(&(first + &BASE.replace("\"web\"", "\"b\"")));
+        let keys: Vec<&str> = d.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["admin.listen", "routes[1].path_prefix"], "{d:?}");
+        assert!(d[1].message.contains("never be reached"));
+    }
+
+    #[test]
+    fn tick_must_be_shorter_than_the_window_even_by_default() {
+        let d = errs(&format!("{BASE}[routes.rollback]\nwindow = \"50ms\"\n"));
+        assert_eq!(d[0].key, "routes[0].rollback.window");
+    }
+
+    #[test]
+    fn steps_below_weight_resolution_are_rejected() {
+        let d = errs(&format!("{BASE}[routes.rollout]\nsteps = [0.001, 100]\n"));
+        assert!(d[0].message.contains("resolution"), "{d:?}");
     }
 
     #[test]

@@ -15,7 +15,14 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Standard hop-by-hop headers other than `Connection`, `Upgrade` and `TE`, which need care.
-const HOP_BY_HOP: [HeaderName; 6] = [KEEP_ALIVE, PROXY_CONNECTION, header::PROXY_AUTHENTICATE, header::PROXY_AUTHORIZATION, header::TRAILER, header::TRANSFER_ENCODING];
+const HOP_BY_HOP: [HeaderName; 6] = [
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
 
 /// True when the request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -23,7 +30,10 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
 }
 
 /// Removes hop-by-hop headers; with `upgrade`, keeps what the protocol switch needs.
@@ -60,7 +70,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Sets `X-Forwarded-For/Proto/Host` for a request from `client_ip` over `proto`.
-pub fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &'static str, host: Option<&HeaderValue>) {
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
     match headers.get(&X_FORWARDED_FOR) {
         Some(prev) => {
             let mut v = Vec::with_capacity(prev.len() + 2 + client_ip.len());
@@ -95,7 +110,15 @@ mod tests {
 
     #[test]
     fn strips_standard_and_nominated_headers() {
-        let mut h = map(&[("connection", "keep-alive, x-secret"), ("x-secret", "1"), ("keep-alive", "5"), ("te", "gzip"), ("transfer-encoding", "chunked"), ("upgrade", "h2c"), ("x-app", "ok")]);
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "5"),
+            ("te", "gzip"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-app", "ok"),
+        ]);
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-app"]);

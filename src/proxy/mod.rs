@@ -86,7 +86,12 @@ fn pick(route: &Route) -> Option<(Role, usize)> {
     route.stable.pick(None).map(|i| (Role::Stable, i))
 }
 
-async fn forward(conn: &ConnInfo, mut ex: Exchange, mut req: Request<Incoming>, timeout: std::time::Duration) -> Response<ProxyBody> {
+async fn forward(
+    conn: &ConnInfo,
+    mut ex: Exchange,
+    mut req: Request<Incoming>,
+    timeout: std::time::Duration,
+) -> Response<ProxyBody> {
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -102,12 +107,14 @@ async fn forward(conn: &ConnInfo, mut ex: Exchange, mut req: Request<Incoming>, 
     parts.version = if pool.h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let path = parts.uri.path_and_query().cloned();
     // A bodyless request that hits a refusing endpoint can go to another one: nothing was sent.
-    let replay = (pool.endpoints().len() > 1 && http_body::Body::is_end_stream(&body)).then(|| (parts.method.clone(), parts.headers.clone()));
+    let replay = (pool.endpoints().len() > 1 && http_body::Body::is_end_stream(&body))
+        .then(|| (parts.method.clone(), parts.headers.clone()));
 
     let mut endpoint = ex.endpoint();
     parts.uri = upstream_uri(&pool.get(endpoint).authority, path.as_ref());
     let client = conn.shared.clients.for_pool(pool);
-    let mut result = tokio::time::timeout(timeout, client.request(Request::from_parts(parts, Either::Left(body)))).await;
+    let mut result =
+        tokio::time::timeout(timeout, client.request(Request::from_parts(parts, Either::Left(body)))).await;
 
     if let (Ok(Err(e)), Some((method, headers))) = (&result, replay)
         && e.is_connect()

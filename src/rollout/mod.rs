@@ -30,7 +30,8 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in the order `veer_rollout_phase` lists them.
-    pub const ALL: [Phase; 6] = [Phase::Stable, Phase::Pending, Phase::Progressing, Phase::Paused, Phase::Promoted, Phase::RolledBack];
+    pub const ALL: [Phase; 6] =
+        [Phase::Stable, Phase::Pending, Phase::Progressing, Phase::Paused, Phase::Promoted, Phase::RolledBack];
 
     /// The `phase` label / JSON value.
     pub fn label(self) -> &'static str {
@@ -56,7 +57,11 @@ pub struct RolloutState {
 impl RolloutState {
     /// A rollout of `candidate_version` starting at `weight_bp`.
     pub fn new(candidate_version: &str, weight_bp: u32) -> Self {
-        RolloutState { candidate_version: candidate_version.to_string(), weight_bp: AtomicU32::new(weight_bp.min(FULL_BP)), splitter: Splitter::new() }
+        RolloutState {
+            candidate_version: candidate_version.to_string(),
+            weight_bp: AtomicU32::new(weight_bp.min(FULL_BP)),
+            splitter: Splitter::new(),
+        }
     }
 
     /// The candidate version this rollout is about.

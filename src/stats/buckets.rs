@@ -37,8 +37,12 @@ pub fn upper(i: usize) -> u64 {
 
 /// Upper bounds (seconds) of the Prometheus histogram buckets of
 /// `veer_request_duration_seconds`; requests slower than the last go to `+Inf`.
-pub const PROM_BOUNDS_S: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-const PROM_BOUNDS_US: [u64; 14] = [1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000];
+pub const PROM_BOUNDS_S: [f64; 14] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const PROM_BOUNDS_US: [u64; 14] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000, 30_000_000,
+];
 /// Prometheus buckets including the `+Inf` one.
 pub const PROM_COUNT: usize = PROM_BOUNDS_US.len() + 1;
 

@@ -35,7 +35,14 @@ pub enum Class {
 
 impl Class {
     /// Every class, in label order.
-    pub const ALL: [Class; 6] = [Class::Informational, Class::Success, Class::Redirection, Class::ClientError, Class::ServerError, Class::Error];
+    pub const ALL: [Class; 6] = [
+        Class::Informational,
+        Class::Success,
+        Class::Redirection,
+        Class::ClientError,
+        Class::ServerError,
+        Class::Error,
+    ];
 
     /// The class of an HTTP status code.
     pub fn of_status(status: http::StatusCode) -> Class {
@@ -214,7 +221,11 @@ mod tests {
                 let s = stats.clone();
                 std::thread::spawn(move || {
                     for i in 0..1000 {
-                        s.record(outcome(if i % 10 == 0 { Class::ServerError } else { Class::Success }, i % 10 == 0, 5));
+                        s.record(outcome(
+                            if i % 10 == 0 { Class::ServerError } else { Class::Success },
+                            i % 10 == 0,
+                            5,
+                        ));
                     }
                 })
             })

@@ -60,7 +60,9 @@ impl Upstream {
                         let fut = handler(req);
                         async move { Ok::<_, Infallible>(fut.await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
                 });
             }
         });
@@ -141,9 +143,12 @@ pub fn with_listeners(body: &str) -> String {
 
 /// One route `web` with a stable and (optionally) a candidate upstream.
 pub fn route(stable: SocketAddr, candidate: Option<SocketAddr>, steps: &str) -> String {
-    let mut s = format!("[[routes]]\nname = \"web\"\n\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{stable}\"]\n");
+    let mut s =
+        format!("[[routes]]\nname = \"web\"\n\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{stable}\"]\n");
     if let Some(c) = candidate {
-        s.push_str(&format!("\n[routes.candidate]\nversion = \"v2\"\nendpoints = [\"{c}\"]\n\n[routes.rollout]\nsteps = {steps}\n"));
+        s.push_str(&format!(
+            "\n[routes.candidate]\nversion = \"v2\"\nendpoints = [\"{c}\"]\n\n[routes.rollout]\nsteps = {steps}\n"
+        ));
     }
     s
 }
