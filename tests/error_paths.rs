@@ -142,3 +142,45 @@ async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
     assert_eq!(get(&client(), addr, "/").await.text(), "stable");
     proxy.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_cut_at_header_read_timeout() {
+    let stable = Upstream::text("stable").await;
+    let body = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        route(stable.addr, None, "")
+    );
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let mut s = TcpStream::connect(proxy.http_addr()).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("veer closes the connection");
+    assert!(n.is_ok());
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", started.elapsed());
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text:?}");
+    assert_eq!(stable.hits(), 0);
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_needs_the_admin_token_when_one_is_configured() {
+    let stable = Upstream::text("stable").await;
+    let cfg = ConfigFile::new(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n{}",
+        route(stable.addr, None, "")
+    ));
+    std::fs::write(cfg.dir.path().join("admin.token"), "s3cret\n").expect("token");
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let c = client();
+    let admin = proxy.admin_addr();
+    assert_eq!(post(&c, admin, "/api/v1/reload", &[]).await.status, 401);
+    assert_eq!(post(&c, admin, "/api/v1/reload", &[("authorization", "Bearer wrong")]).await.status, 401);
+    assert_eq!(post(&c, admin, "/api/v1/reload", &[("authorization", "Bearer s3cret")]).await.status, 200);
+    assert_eq!(get(&c, admin, "/api/v1/routes").await.status, 200, "reads need no token");
+    proxy.drain().await;
+}

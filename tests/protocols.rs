@@ -145,3 +145,43 @@ async fn https_with_alpn_h2_and_http1() {
     }
     proxy.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_rewritten() {
+    let up = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        let mut seen: Vec<String> =
+            req.headers().iter().map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?"))).collect();
+        seen.sort();
+        let mut r = Response::new(full(seen.join("\n")));
+        r.headers_mut().insert("keep-alive", "timeout=5".parse().expect("value"));
+        r.headers_mut().insert("x-app", "yes".parse().expect("value"));
+        r
+    })
+    .await;
+    let body = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nexpose_role_header = true\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        route(up.addr, None, "")
+    );
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let req = http::Request::get(format!("http://{}/h", proxy.http_addr()))
+        .header("host", "shop.example")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("proxy-authorization", "Basic abc")
+        .header("x-forwarded-for", "10.9.9.9")
+        .body(Full::<Bytes>::default())
+        .expect("req");
+    let got = send(&client(), req).await;
+    let seen = got.text();
+    let lines: Vec<&str> = seen.lines().collect();
+    assert!(lines.contains(&"host=shop.example"), "{seen}");
+    assert!(lines.contains(&"x-forwarded-for=10.9.9.9, 127.0.0.1"), "{seen}");
+    assert!(lines.contains(&"x-forwarded-host=shop.example"), "{seen}");
+    assert!(lines.contains(&"x-forwarded-proto=http"), "{seen}");
+    assert!(!seen.contains("x-private") && !seen.contains("proxy-authorization"), "{seen}");
+    assert_eq!(got.headers["x-veer-role"], "stable");
+    assert_eq!(got.headers["x-app"], "yes");
+    assert!(!got.headers.contains_key("keep-alive"), "hop-by-hop response headers are stripped");
+    proxy.drain().await;
+}
