@@ -4,6 +4,9 @@
 //! outside the configuration snapshot: the data plane reads it with one relaxed load per
 //! request, and the state survives a reload as long as the candidate version is unchanged.
 
+pub mod judge;
+pub mod machine;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +29,10 @@ pub enum Phase {
     Promoted,
     /// Snapped back to 100% stable.
     RolledBack,
+    /// Blue-green: the candidate gets only override and mirrored traffic.
+    Preview,
+    /// Blue-green: the candidate serves everything with every rule still armed.
+    Baking,
 }
 
 impl Phase {
@@ -42,6 +49,8 @@ impl Phase {
             Phase::Paused => "paused",
             Phase::Promoted => "promoted",
             Phase::RolledBack => "rolled_back",
+            Phase::Preview => "preview",
+            Phase::Baking => "baking",
         }
     }
 }

@@ -1,0 +1,609 @@
+//! The judge: is the candidate worse than stable, with what confidence? Pure code.
+//!
+//! # Method
+//!
+//! Every rule is an *e-process*: a running likelihood ratio that stays small while the
+//! candidate is as good as stable and grows when it is worse. Because an e-process is a
+//! nonnegative supermartingale under the null, Ville's inequality bounds the chance that it
+//! *ever* crosses `1/α`, however often it is looked at — so veer can peak ten times a second
+//! and still keep its false-rollback promise. (A fixed-sample test looked at that often would
+//! roll back healthy candidates all the time.)
+//!
+//! **Comparative rules** use the conditional-binomial mixture of Lindon & Malek ("Anytime-Valid
+//! Inference for Multinomial Count Data", NeurIPS 2022). Given that a bad event (an error, or a
+//! request slower than τ) happened during a tick in which the candidate served a share
+//! `q = n_c / (n_c + n_s)` of the judged requests, it belongs to the candidate with probability
+//! `q` when both versions are equally good, and `ρ = θq / (θq + 1 − q)` when the candidate's
+//! rate is θ times stable's. Each alternative θ ∈ {1.5, 2, 3, 5, 10, 30, 100, 1000} keeps its
+//! log-likelihood ratio ℓ_θ; the evidence is their average, `ln E = logsumexp(ℓ) − ln|Θ|`.
+//! Using the *observed* share makes the test immune to whatever both versions have in common:
+//! a shared outage or a high background error rate moves both counts and no evidence.
+//!
+//! - `error_rate`: bad event = an error the version is to blame for.
+//! - `latency`: bad event = slower than τ, for τ = stable's p50, p90 and p99 from the previous
+//!   tick's window (never from the current tick's data); the three e-processes are averaged,
+//!   which still is an e-process. A tail-only regression moves the p99 process strongly even
+//!   when means barely change.
+//!
+//! **Absolute guards** (`max_error_rate`, `max_p99`, where p99 ≤ T means "at most 1% of
+//! requests slower than T") are one-sample mixtures of the candidate against the limit. They
+//! fire only when the comparative test on the same events fires too, so a problem stable has as
+//! well never rolls the candidate back; at 100% weight, with no stable traffic left to compare
+//! against, they run alone.
+//!
+//! **Budget.** `α = 1 − confidence` is for the whole rollout, split evenly among the armed
+//! rules: each fires at `ln E ≥ ln(k/α)`. Evidence carries across steps and is only reset when
+//! a rollout starts over (`retry`, or a new candidate version).
+//!
+//! **Gates** can only suppress an alarm: a candidate must have at least 3 bad events in the
+//! window, and the observed effect must be worth a rollback (`min_effect_ratio`,
+//! `max_error_rate_increase`, `max_p99_ratio`). A rule that fired but lacks events holds the
+//! rollout (`Inconclusive`); one whose effect is too small to matter does not.
+//!
+//! **Validity.** The guarantee assumes each request was assigned to a version independently of
+//! its outcome (the weighted split does this). Requests forced by an override header or copied
+//! by mirroring are not fed to the comparison.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::RollbackConfig;
+use crate::split::FULL_BP;
+use crate::stats::Totals;
+use crate::stats::window::Latency;
+
+/// The alternatives of the mixture: candidate-to-stable rate ratios.
+pub const THETAS: [f64; 8] = [1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0, 1000.0];
+const MIN_BAD_EVENTS: u64 = 3;
+
+/// Log-likelihood ratios of one e-process, one per alternative θ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Mixture {
+    /// ℓ_θ for θ in [`THETAS`].
+    pub ell: [f64; 8],
+}
+
+impl Mixture {
+    /// Adds a tick of a two-sample comparison: `x_c` of `n_c` candidate and `x_s` of `n_s`
+    /// stable requests were bad.
+    pub fn two_sample(&mut self, n_c: u64, n_s: u64, x_c: u64, x_s: u64) {
+        if n_c == 0 || n_s == 0 || x_c + x_s == 0 {
+            return;
+        }
+        let q = n_c as f64 / (n_c + n_s) as f64;
+        for (l, theta) in self.ell.iter_mut().zip(THETAS) {
+            let rho = theta * q / (theta * q + 1.0 - q);
+            *l += x_c as f64 * (rho / q).ln() + x_s as f64 * ((1.0 - rho) / (1.0 - q)).ln();
+        }
+    }
+
+    /// Adds a tick of a one-sample test against a limit rate `p0`: `x` of `n` were bad.
+    pub fn one_sample(&mut self, p0: f64, n: u64, x: u64) {
+        if n == 0 {
+            return;
+        }
+        let p0 = p0.clamp(1e-6, 1.0 - 1e-6);
+        for (l, theta) in self.ell.iter_mut().zip(THETAS) {
+            let p1 = theta * p0 / (theta * p0 + 1.0 - p0);
+            *l += x as f64 * (p1 / p0).ln() + (n - x) as f64 * ((1.0 - p1) / (1.0 - p0)).ln();
+        }
+    }
+
+    /// `ln E`, the log of the mixture's evidence.
+    pub fn ln_evidence(&self) -> f64 {
+        log_mean_exp(&self.ell)
+    }
+}
+
+fn log_mean_exp(xs: &[f64]) -> f64 {
+    let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return max;
+    }
+    max + (xs.iter().map(|x| (x - max).exp()).sum::<f64>() / xs.len() as f64).ln()
+}
+
+/// The rules the judge knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    /// Candidate error rate worse than stable's.
+    ErrorRate,
+    /// Candidate latency distribution worse than stable's.
+    Latency,
+    /// Candidate error rate above `max_error_rate`.
+    MaxErrorRate,
+    /// Candidate p99 above `max_p99`.
+    MaxP99,
+}
+
+impl RuleKind {
+    /// The `rule` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RuleKind::ErrorRate => "error_rate",
+            RuleKind::Latency => "latency",
+            RuleKind::MaxErrorRate => "max_error_rate",
+            RuleKind::MaxP99 => "max_p99",
+        }
+    }
+}
+
+impl std::fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A rule that tripped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Which rule.
+    pub rule: RuleKind,
+    /// Its evidence, `ln E`.
+    pub ln_evidence: f64,
+    /// The threshold it crossed, `ln(k/α)`.
+    pub ln_threshold: f64,
+}
+
+/// The judge's answer for one tick.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// No rule is near its threshold: the rollout may advance.
+    Healthy,
+    /// Evidence is building or events are too few to act: hold, never advance, never roll back.
+    Inconclusive,
+    /// A rule tripped: snap back.
+    Failing(Failure),
+}
+
+impl Verdict {
+    /// `healthy`, `inconclusive` or `failing`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Healthy => "healthy",
+            Verdict::Inconclusive => "inconclusive",
+            Verdict::Failing(_) => "failing",
+        }
+    }
+}
+
+/// Where a rule stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleState {
+    /// Evidence below half the threshold.
+    Quiet,
+    /// Evidence above half the threshold, or above it with too few bad events: hold.
+    Watching,
+    /// Evidence above the threshold but the effect is smaller than worth a rollback.
+    Suppressed,
+    /// Tripped.
+    Fired,
+}
+
+/// One rule's live figures, so an operator can see why the judge decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleFigures {
+    /// Which rule.
+    pub rule: RuleKind,
+    /// Where it stands.
+    pub state: RuleState,
+    /// `ln E`.
+    pub ln_evidence: f64,
+    /// `ln(k/α)`.
+    pub ln_threshold: f64,
+    /// The observed candidate figure in the window (error rate, or worst quantile ratio, or p99 ms).
+    pub candidate: f64,
+    /// The matching stable figure (or the configured limit for guards).
+    pub stable: f64,
+    /// Candidate requests in the window.
+    pub candidate_requests: u64,
+    /// Stable requests in the window.
+    pub stable_requests: u64,
+    /// Why a gate held it back, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// All rules' figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct JudgeFigures {
+    /// `healthy`, `inconclusive` or `failing`.
+    pub verdict: String,
+    /// The whole rollout's false-rollback budget.
+    pub alpha: f64,
+    /// Per rule.
+    pub rules: Vec<RuleFigures>,
+}
+
+/// The e-processes' state: what a restart must not lose.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JudgeState {
+    /// `error_rate`.
+    pub errors: Mixture,
+    /// `latency`, one per τ (p50, p90, p99).
+    pub latency: [Mixture; 3],
+    /// `max_error_rate`, one-sample.
+    pub error_guard: Mixture,
+    /// `max_p99`, one-sample.
+    pub p99_guard: Mixture,
+    /// `max_p99`'s comparative companion.
+    pub p99_compare: Mixture,
+}
+
+/// What the judge reads each tick (counts only judged, randomly assigned requests).
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    /// Stable traffic since the previous tick.
+    pub stable_tick: &'a Totals,
+    /// Candidate traffic since the previous tick.
+    pub candidate_tick: &'a Totals,
+    /// Stable traffic in the rolling window.
+    pub stable_window: &'a Totals,
+    /// Candidate traffic in the rolling window.
+    pub candidate_window: &'a Totals,
+    /// The candidate's weight during the tick.
+    pub weight_bp: u32,
+}
+
+/// The judge of one rollout.
+#[derive(Debug, Clone)]
+pub struct Judge {
+    cfg: RollbackConfig,
+    state: JudgeState,
+    taus: Option<[u64; 3]>,
+    ln_threshold: f64,
+    figures: JudgeFigures,
+}
+
+const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+
+impl Judge {
+    /// A judge with fresh evidence.
+    pub fn new(cfg: &RollbackConfig) -> Judge {
+        Judge::restore(cfg, JudgeState::default())
+    }
+
+    /// A judge continuing from recorded evidence.
+    pub fn restore(cfg: &RollbackConfig, state: JudgeState) -> Judge {
+        let armed = [
+            cfg.max_error_rate_increase.is_some(),
+            cfg.max_p99_ratio.is_some(),
+            cfg.max_error_rate.is_some(),
+            cfg.max_p99.is_some(),
+        ]
+        .iter()
+        .filter(|a| **a)
+        .count()
+        .max(1);
+        let alpha = 1.0 - cfg.confidence;
+        Judge {
+            cfg: cfg.clone(),
+            state,
+            taus: None,
+            ln_threshold: (armed as f64 / alpha).ln(),
+            figures: JudgeFigures::default(),
+        }
+    }
+
+    /// The evidence, for the state file.
+    pub fn state(&self) -> &JudgeState {
+        &self.state
+    }
+
+    /// The last tick's figures.
+    pub fn figures(&self) -> &JudgeFigures {
+        &self.figures
+    }
+
+    /// `ln(k/α)`.
+    pub fn ln_threshold(&self) -> f64 {
+        self.ln_threshold
+    }
+
+    /// Feeds one tick and returns the verdict.
+    pub fn evaluate(&mut self, o: &Observation<'_>) -> Verdict {
+        let (n_c, n_s) = (o.candidate_tick.requests(), o.stable_tick.requests());
+        let (x_c, x_s) = (o.candidate_tick.faults, o.stable_tick.faults);
+        self.state.errors.two_sample(n_c, n_s, x_c, x_s);
+        if let Some(taus) = self.taus {
+            let (cl, sl) = (Latency(&o.candidate_tick.latency), Latency(&o.stable_tick.latency));
+            for (m, tau) in self.state.latency.iter_mut().zip(taus) {
+                m.two_sample(n_c, n_s, cl.count_above(tau), sl.count_above(tau));
+            }
+        }
+        if let Some(p0) = self.cfg.max_error_rate {
+            self.state.error_guard.one_sample(p0, n_c, x_c);
+        }
+        if let Some(limit) = self.cfg.max_p99 {
+            let us = limit.as_micros() as u64;
+            let slow_c = Latency(&o.candidate_tick.latency).count_above(us);
+            let slow_s = Latency(&o.stable_tick.latency).count_above(us);
+            self.state.p99_guard.one_sample(0.01, n_c, slow_c);
+            self.state.p99_compare.two_sample(n_c, n_s, slow_c, slow_s);
+        }
+        // τ for the next tick comes from this window, so no tick is judged by its own data.
+        let sw = Latency(&o.stable_window.latency);
+        if sw.count() > 0 {
+            self.taus = Some(QUANTILES.map(|q| sw.quantile_us(q).unwrap_or(0)));
+        }
+        self.decide(o)
+    }
+
+    fn decide(&mut self, o: &Observation<'_>) -> Verdict {
+        let thr = self.ln_threshold;
+        let (cw, sw) = (o.candidate_window, o.stable_window);
+        let (cn, sn) = (cw.requests(), sw.requests());
+        let rate = |t: &Totals| if t.requests() == 0 { 0.0 } else { t.faults as f64 / t.requests() as f64 };
+        let (rc, rs) = (rate(cw), rate(sw));
+        let alone = o.weight_bp >= FULL_BP;
+        let mut rules = Vec::with_capacity(4);
+        let figure = |rule, e: f64, candidate, stable| RuleFigures {
+            rule,
+            state: RuleState::Quiet,
+            ln_evidence: e,
+            ln_threshold: thr,
+            candidate,
+            stable,
+            candidate_requests: cn,
+            stable_requests: sn,
+            note: None,
+        };
+
+        if let Some(min_increase) = self.cfg.max_error_rate_increase {
+            let mut f = figure(RuleKind::ErrorRate, self.state.errors.ln_evidence(), rc, rs);
+            let events = (cw.faults >= MIN_BAD_EVENTS)
+                .then_some(())
+                .ok_or(format!("{} candidate errors in the window (need {MIN_BAD_EVENTS})", cw.faults));
+            let effect = if rs > 0.0 && rc / rs < self.cfg.min_effect_ratio {
+                Err(format!("error-rate ratio {:.2} is below min_effect_ratio {}", rc / rs, self.cfg.min_effect_ratio))
+            } else if rc - rs < min_increase {
+                Err(format!("error-rate increase {:.4} is below max_error_rate_increase {min_increase}", rc - rs))
+            } else {
+                Ok(())
+            };
+            classify(&mut f, events, effect);
+            rules.push(f);
+        }
+
+        if let Some(min_ratio) = self.cfg.max_p99_ratio {
+            let e = log_mean_exp(&self.state.latency.map(|m| m.ln_evidence()));
+            let (cl, sl) = (Latency(&cw.latency), Latency(&sw.latency));
+            let ratio = QUANTILES
+                .iter()
+                .filter_map(|&q| Some(cl.quantile_us(q)? as f64 / sl.quantile_us(q)?.max(1) as f64))
+                .fold(0.0, f64::max);
+            let mut f = figure(RuleKind::Latency, e, ratio, min_ratio);
+            let slow = sl.quantile_us(0.99).map_or(0, |p99| cl.count_above(p99));
+            let events = (slow >= MIN_BAD_EVENTS)
+                .then_some(())
+                .ok_or(format!("{slow} candidate requests slower than stable's p99 (need {MIN_BAD_EVENTS})"));
+            let effect = if ratio >= min_ratio {
+                Ok(())
+            } else {
+                Err(format!("latency ratio {ratio:.2} is below max_p99_ratio {min_ratio}"))
+            };
+            classify(&mut f, events, effect);
+            rules.push(f);
+        }
+
+        let error_compared = alone || self.state.errors.ln_evidence() >= thr;
+        if let Some(limit) = self.cfg.max_error_rate {
+            let mut f = figure(RuleKind::MaxErrorRate, self.state.error_guard.ln_evidence(), rc, limit);
+            let events = (cw.faults >= MIN_BAD_EVENTS)
+                .then_some(())
+                .ok_or(format!("{} candidate errors in the window (need {MIN_BAD_EVENTS})", cw.faults));
+            let effect = if rc < limit {
+                Err(format!("window error rate {rc:.4} is within max_error_rate"))
+            } else if !error_compared {
+                Err("stable fails the same way: the comparative error test does not confirm".to_string())
+            } else {
+                Ok(())
+            };
+            classify(&mut f, events, effect);
+            rules.push(f);
+        }
+
+        if let Some(limit) = self.cfg.max_p99 {
+            let us = limit.as_micros() as u64;
+            let c99 = Latency(&cw.latency).quantile_us(0.99).unwrap_or(0);
+            let mut f =
+                figure(RuleKind::MaxP99, self.state.p99_guard.ln_evidence(), c99 as f64 / 1000.0, us as f64 / 1000.0);
+            let slow = Latency(&cw.latency).count_above(us);
+            let events = (slow >= MIN_BAD_EVENTS)
+                .then_some(())
+                .ok_or(format!("{slow} candidate requests slower than max_p99 (need {MIN_BAD_EVENTS})"));
+            let effect = if c99 < us {
+                Err("window p99 is within max_p99".to_string())
+            } else if !(alone || self.state.p99_compare.ln_evidence() >= thr) {
+                Err("stable is as slow: the comparative test does not confirm".to_string())
+            } else {
+                Ok(())
+            };
+            classify(&mut f, events, effect);
+            rules.push(f);
+        }
+
+        let verdict = if let Some(f) = rules.iter().find(|r| r.state == RuleState::Fired) {
+            Verdict::Failing(Failure { rule: f.rule, ln_evidence: f.ln_evidence, ln_threshold: thr })
+        } else if rules.iter().any(|r| r.state == RuleState::Watching) {
+            Verdict::Inconclusive
+        } else {
+            Verdict::Healthy
+        };
+        self.figures = JudgeFigures { verdict: verdict.label().to_string(), alpha: 1.0 - self.cfg.confidence, rules };
+        verdict
+    }
+}
+
+/// Sets a rule's state from its evidence and gates. Too few events holds (more data will
+/// come); too small an effect lets the rollout go on.
+fn classify(f: &mut RuleFigures, events: Result<(), String>, effect: Result<(), String>) {
+    let (e, thr) = (f.ln_evidence, f.ln_threshold);
+    f.state = if e >= thr {
+        match (events, effect) {
+            (Ok(()), Ok(())) => RuleState::Fired,
+            (Err(why), _) => {
+                f.note = Some(why);
+                RuleState::Watching
+            }
+            (Ok(()), Err(why)) => {
+                f.note = Some(why);
+                RuleState::Suppressed
+            }
+        }
+    } else if e >= thr / 2.0 {
+        RuleState::Watching
+    } else {
+        RuleState::Quiet
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::buckets;
+    use std::time::Duration;
+
+    fn cfg() -> RollbackConfig {
+        RollbackConfig {
+            window: Duration::from_secs(30),
+            max_error_rate: None,
+            max_error_rate_increase: Some(0.01),
+            max_p99: None,
+            max_p99_ratio: None,
+            confidence: 0.99,
+            min_effect_ratio: 1.2,
+            tick: Duration::from_millis(100),
+        }
+    }
+
+    fn totals(n: u64, faults: u64, latency_ms: u64) -> Totals {
+        let mut t = Totals::default();
+        t.classes[1] = n;
+        t.faults = faults;
+        t.latency[buckets::index(latency_ms * 1000)] = n;
+        t
+    }
+
+    fn obs<'a>(s: &'a Totals, c: &'a Totals, sw: &'a Totals, cw: &'a Totals) -> Observation<'a> {
+        Observation { stable_tick: s, candidate_tick: c, stable_window: sw, candidate_window: cw, weight_bp: 100 }
+    }
+
+    #[test]
+    fn mixture_is_zero_without_bad_events_and_grows_with_candidate_only_errors() {
+        let mut m = Mixture::default();
+        m.two_sample(10, 990, 0, 0);
+        assert_eq!(m.ln_evidence(), 0.0);
+        m.two_sample(1, 99, 1, 0);
+        assert!(m.ln_evidence() > 2.0, "{}", m.ln_evidence());
+        let mut shared = Mixture::default();
+        // Errors in exact proportion to traffic are evidence for nothing.
+        shared.two_sample(10, 90, 1, 9);
+        assert!(shared.ln_evidence() < 0.0);
+    }
+
+    #[test]
+    fn a_fully_failing_candidate_is_caught_within_five_requests() {
+        let mut j = Judge::new(&cfg());
+        let (mut cw, mut sw) = (Totals::default(), Totals::default());
+        for i in 1..=5u64 {
+            // One candidate request per tick, failing; 99 stable requests with one error.
+            let (s, c) = (totals(99, 1, 5), totals(1, 1, 5));
+            sw = add(&sw, &s);
+            cw = add(&cw, &c);
+            if let Verdict::Failing(f) = j.evaluate(&obs(&s, &c, &sw, &cw)) {
+                assert_eq!(f.rule, RuleKind::ErrorRate);
+                assert!(i >= 3, "the 3-error gate holds until the third error");
+                return;
+            }
+        }
+        panic!("not caught in 5 candidate requests: {:?}", j.figures());
+    }
+
+    #[test]
+    fn a_shared_outage_is_no_evidence() {
+        let mut c = cfg();
+        c.max_error_rate = Some(0.05);
+        let mut j = Judge::new(&c);
+        let (s, k) = (totals(900, 270, 5), totals(100, 30, 5));
+        for _ in 0..200 {
+            assert_ne!(j.evaluate(&obs(&s, &k, &s, &k)).label(), "failing");
+        }
+        assert!(j.state().errors.ln_evidence() < 0.0);
+        let guard = j.figures().rules.iter().find(|r| r.rule == RuleKind::MaxErrorRate).expect("guard armed");
+        assert!(guard.ln_evidence > guard.ln_threshold, "the absolute test alone would fire");
+        assert_eq!(guard.state, RuleState::Suppressed);
+    }
+
+    #[test]
+    fn guards_run_alone_at_full_weight() {
+        let mut c = cfg();
+        c.max_error_rate = Some(0.05);
+        c.max_error_rate_increase = None;
+        let mut j = Judge::new(&c);
+        let empty = Totals::default();
+        let k = totals(100, 30, 5);
+        let o = Observation {
+            stable_tick: &empty,
+            candidate_tick: &k,
+            stable_window: &empty,
+            candidate_window: &k,
+            weight_bp: FULL_BP,
+        };
+        assert!(matches!(j.evaluate(&o), Verdict::Failing(Failure { rule: RuleKind::MaxErrorRate, .. })));
+    }
+
+    #[test]
+    fn small_effects_are_suppressed_not_held() {
+        let mut c = cfg();
+        c.min_effect_ratio = 1.5;
+        let mut j = Judge::new(&c);
+        // Candidate 1.3x stable: real, detectable, but below what the operator cares about.
+        let (s, k) = (totals(10_000, 1000, 5), totals(10_000, 1300, 5));
+        let mut last = Verdict::Healthy;
+        for _ in 0..500 {
+            last = j.evaluate(&obs(&s, &k, &s, &k));
+        }
+        assert!(j.state().errors.ln_evidence() > j.ln_threshold());
+        assert_eq!(last, Verdict::Healthy);
+        assert_eq!(j.figures().rules[0].state, RuleState::Suppressed);
+    }
+
+    #[test]
+    fn latency_rule_uses_the_previous_window_and_catches_a_slow_candidate() {
+        let mut c = cfg();
+        c.max_p99_ratio = Some(1.5);
+        let mut j = Judge::new(&c);
+        let (s, k) = (totals(100, 0, 10), totals(10, 0, 210));
+        // First tick: no τ yet, no latency evidence.
+        j.evaluate(&obs(&s, &k, &s, &k));
+        assert_eq!(j.state().latency[0].ln_evidence(), 0.0);
+        let mut verdict = Verdict::Healthy;
+        for _ in 0..5 {
+            verdict = j.evaluate(&obs(&s, &k, &s, &k));
+        }
+        assert!(matches!(verdict, Verdict::Failing(Failure { rule: RuleKind::Latency, .. })), "{:?}", j.figures());
+    }
+
+    #[test]
+    fn budget_is_split_among_armed_rules() {
+        let mut c = cfg();
+        assert!((Judge::new(&c).ln_threshold() - 100f64.ln()).abs() < 1e-9);
+        c.max_p99_ratio = Some(1.5);
+        c.max_error_rate = Some(0.1);
+        assert!((Judge::new(&c).ln_threshold() - 300f64.ln()).abs() < 1e-9);
+    }
+
+    fn add(a: &Totals, b: &Totals) -> Totals {
+        let mut t = a.clone();
+        for i in 0..6 {
+            t.classes[i] += b.classes[i];
+        }
+        t.faults += b.faults;
+        for (x, y) in t.latency.iter_mut().zip(&b.latency) {
+            *x += y;
+        }
+        t
+    }
+}
