@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -20,8 +20,11 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::control;
+use crate::control::{self, CommandFailure};
 use crate::reload::{self, ReloadError};
+use crate::report;
+use crate::rollout::controller::CommandError;
+use crate::rollout::machine::Command;
 use crate::server::Shared;
 use crate::status::RouteStatus;
 
@@ -85,17 +88,35 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
             Ok(summary) => json(StatusCode::OK, &summary),
             Err(e) => reload_error(&e),
         },
-        (&Method::POST, ["api", "v1", "routes", name, verb])
-            if ["promote", "abort", "pause", "resume", "retry"].contains(verb) =>
-        {
-            if shared.snapshot().route(name).is_none() {
-                return error(StatusCode::NOT_FOUND, format!("no route named {name:?}"));
+        (&Method::POST, ["api", "v1", "routes", name, verb]) => match Command::parse(verb) {
+            Some(cmd) => {
+                let name = name.to_string();
+                command(shared, &name, cmd, req).await
             }
-            error(
-                StatusCode::NOT_IMPLEMENTED,
-                format!("{verb}: rollout commands are not available in this version of veer"),
-            )
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("unknown rollout command {verb:?}; expected promote, abort, pause, resume or retry"),
+            ),
+        },
+        (&Method::GET, ["api", "v1", "events"]) => {
+            let query = Query::parse(req.uri().query());
+            let limit = match query.get("limit").map(str::parse::<usize>) {
+                Some(Ok(n)) => Some(n),
+                Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a non-negative integer".into()),
+                None => Some(1000),
+            };
+            json(StatusCode::OK, &shared.journal.events(query.get("route"), limit))
         }
+        (&Method::GET, ["api", "v1", "routes", name, "report"]) => match shared.snapshot().route(name) {
+            Some(r) => {
+                let events = shared.journal.events(Some(name), None);
+                let mut resp = Response::new(Full::new(Bytes::from(report::render(&RouteStatus::of(r), &events))));
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/markdown; charset=utf-8"));
+                resp
+            }
+            None => error(StatusCode::NOT_FOUND, format!("no route named {name:?}")),
+        },
         (_, ["healthz" | "readyz" | "metrics"]) | (_, ["api", "v1", ..]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method()))
         }
@@ -125,6 +146,49 @@ fn refusal(shared: &Shared, req: &Request<Incoming>) -> Option<AdminResponse> {
         let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required".into());
         r.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
         Some(r)
+    }
+}
+
+async fn command(shared: &Shared, route: &str, cmd: Command, req: Request<Incoming>) -> AdminResponse {
+    #[derive(serde::Deserialize, Default)]
+    struct Body {
+        reason: Option<String>,
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "command body is too large".into()),
+    };
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<Body>(&body) {
+            Ok(b) => b.reason,
+            Err(e) => {
+                return error(StatusCode::BAD_REQUEST, format!("body must be JSON like {{\"reason\": \"...\"}}: {e}"));
+            }
+        }
+    };
+    let Some(sender) = shared.commands() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the control plane is not running".into());
+    };
+    match sender.command(route, cmd, reason).await {
+        Ok(status) => json(StatusCode::OK, &status),
+        Err(e @ CommandFailure::UnknownRoute(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(CommandFailure::Command(CommandError::Refused(why))) => error(StatusCode::CONFLICT, why),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `key=value&…` query parameters (no percent-decoding is needed for route names and numbers).
+struct Query<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> Query<'a> {
+    fn parse(q: Option<&'a str>) -> Self {
+        Query(q.unwrap_or("").split('&').filter_map(|kv| kv.split_once('=')).collect())
+    }
+
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
 }
 

@@ -83,20 +83,39 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Run a config's plan and judge against synthetic traffic.
-    Simulate {
-        /// Config file.
-        file: PathBuf,
-        /// Other options, accepted for forward compatibility.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        rest: Vec<String>,
-    },
+    /// Run a config's plan and judge against synthetic traffic in virtual time.
+    Simulate(SimulateArgs),
     /// A self-contained show on loopback.
     Demo {
         /// Other options, accepted for forward compatibility.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         rest: Vec<String>,
     },
+}
+
+/// `veer simulate`'s options.
+#[derive(Debug, clap::Args)]
+struct SimulateArgs {
+    /// Config file.
+    file: PathBuf,
+    /// Route to simulate (default: the first route with a candidate, else the first route).
+    #[arg(long)]
+    route: Option<String>,
+    /// How the synthetic candidate behaves: healthy, fail, errors-5pct, latency-1.5x, tail-20ms.
+    #[arg(long, default_value = "healthy")]
+    scenario: crate::simulate::Scenario,
+    /// Offered load, requests per second.
+    #[arg(long, default_value_t = crate::simulate::DEFAULT_RPS)]
+    rps: f64,
+    /// Seed of the (first) run.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Run this many seeded rollouts and print their statistics instead of one timeline.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,7 +140,7 @@ pub fn main() -> ExitCode {
             not_yet("rollout commands (promote, abort, pause, resume, retry) arrive with the rollout controller")
         }
         Command::Report { .. } => not_yet("rollout reports arrive with the rollout controller"),
-        Command::Simulate { .. } => not_yet("simulation arrives with the rollout judge"),
+        Command::Simulate(args) => simulate(&args),
         Command::Demo { .. } => not_yet("the demo arrives with the rollout controller"),
     }
 }
@@ -129,6 +148,52 @@ pub fn main() -> ExitCode {
 fn not_yet(what: &str) -> ExitCode {
     eprintln!("veer: not implemented yet: {what}");
     ExitCode::from(1)
+}
+
+fn simulate(a: &SimulateArgs) -> ExitCode {
+    use crate::simulate;
+    let config = match Config::load(&a.file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let route = match &a.route {
+        Some(name) => config.route(name),
+        None => config.routes.iter().find(|r| r.candidate.is_some()).or(config.routes.first()),
+    };
+    let Some(route) = route else {
+        eprintln!("veer: no route {} in {}", a.route.as_deref().unwrap_or("at all"), a.file.display());
+        return ExitCode::from(1);
+    };
+    if route.rollout.strategy != Strategy::Canary {
+        eprintln!("veer: route {} is blue-green; simulate models weighted canary steps only", route.name);
+        return ExitCode::from(1);
+    }
+    if !(a.rps.is_finite() && a.rps > 0.0) {
+        eprintln!("veer: --rps must be a positive number, not {}", a.rps);
+        return ExitCode::from(1);
+    }
+    let out = match a.runs {
+        Some(n) => {
+            let summary = simulate::aggregate(&simulate::run_many(route, a.scenario, a.rps, a.seed, n));
+            if a.json { json(&summary) } else { summary.render() }
+        }
+        None => {
+            let run = simulate::run_once(route, a.scenario, a.rps, a.seed);
+            if a.json { json(&run) } else { run.render() }
+        }
+    };
+    if !a.json {
+        print!("{}", simulate::describe(route, a.scenario, a.rps));
+    }
+    print!("{out}");
+    ExitCode::SUCCESS
+}
+
+fn json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(v).map_or_else(|e| format!("{{\"error\": \"{e}\"}}\n"), |s| s + "\n")
 }
 
 fn run(path: &Path, log_format: LogFormat) -> ExitCode {

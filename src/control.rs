@@ -1,20 +1,110 @@
-//! The control-plane loop: reads every route's counters each tick, advances the rolling
-//! windows, and keeps the exported metrics current.
+//! The control plane: one thread, off the async runtime, that ticks every route.
 //!
-//! It runs off the hot path on its own task. Metric handles are resolved once per
-//! configuration generation, not per tick.
+//! Each tick it reads the versions' counters (rolling windows, metric increments) and lets
+//! each rollout's [`RouteController`] judge and act. Operator commands arrive on a channel and
+//! are applied between ticks, so exactly one thread ever changes rollout state. Journal fsyncs
+//! happen here too, never on a data-plane worker.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use metrics::Gauge;
+use tokio::sync::oneshot;
+use tracing::error;
 
+use crate::journal::Journal;
+use crate::notify::Notifier;
 use crate::rollout::Phase;
+use crate::rollout::controller::{CommandError, Outputs, RouteController};
+use crate::rollout::machine::Command;
 use crate::server::Shared;
-use crate::snapshot::Snapshot;
-use crate::status::position;
+use crate::snapshot::{Route, Snapshot};
+use crate::stats::window::Reading;
+use crate::status::{RouteStatus, position};
 use crate::telemetry::{CANDIDATE_WEIGHT, ROLLOUT_PHASE, Telemetry, UPKEEP_EVERY};
+
+/// A command for a route's rollout, with where to send the answer.
+#[derive(Debug)]
+pub struct CommandRequest {
+    /// Route name.
+    pub route: String,
+    /// What to do.
+    pub command: Command,
+    /// Why (journaled).
+    pub reason: Option<String>,
+    /// The route's new status, or why not.
+    pub reply: oneshot::Sender<Result<RouteStatus, CommandFailure>>,
+}
+
+/// Why a command failed, with the HTTP status the admin API answers.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandFailure {
+    /// No such route (404).
+    #[error("no route named {0:?}")]
+    UnknownRoute(String),
+    /// Refused (409) or not recorded (503).
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The control plane has stopped (503).
+    #[error("the control plane is shutting down")]
+    Stopped,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Command(CommandRequest),
+    Stop,
+}
+
+/// Sends operator commands to the control-plane thread (the admin API holds one).
+#[derive(Debug, Clone)]
+pub struct CommandSender(mpsc::Sender<Msg>);
+
+impl CommandSender {
+    /// Sends a command and waits for its outcome.
+    pub async fn command(
+        &self,
+        route: &str,
+        command: Command,
+        reason: Option<String>,
+    ) -> Result<RouteStatus, CommandFailure> {
+        let (reply, rx) = oneshot::channel();
+        let req = CommandRequest { route: route.to_string(), command, reason, reply };
+        self.0.send(Msg::Command(req)).map_err(|_| CommandFailure::Stopped)?;
+        rx.await.unwrap_or(Err(CommandFailure::Stopped))
+    }
+}
+
+/// Handle to the control-plane thread.
+#[derive(Debug)]
+pub struct ControlHandle {
+    tx: mpsc::Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlHandle {
+    /// A sender for commands.
+    pub fn sender(&self) -> CommandSender {
+        CommandSender(self.tx.clone())
+    }
+
+    /// Stops the thread after its current tick and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ControlHandle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Stop);
+    }
+}
 
 struct RouteGauges {
     weight: Gauge,
@@ -33,58 +123,158 @@ impl RouteGauges {
     }
 }
 
-/// Runs forever; the owner aborts it at shutdown.
-pub async fn run(shared: Arc<Shared>) {
-    let mut generation = 0;
-    let mut gauges: HashMap<String, RouteGauges> = HashMap::new();
-    let mut period = Duration::ZERO;
-    let mut interval = tokio::time::interval(Duration::from_millis(100));
-    let mut last_upkeep = Instant::now();
-    loop {
-        interval.tick().await;
-        let snap = shared.snapshot();
-        if snap.generation != generation {
-            generation = snap.generation;
-            gauges = snap
-                .routes
-                .iter()
-                .map(|r| (r.config.name.clone(), RouteGauges::new(&shared.telemetry, &r.config.name)))
-                .collect();
-            let p = tick_period(&snap);
-            if p != period {
-                period = p;
-                interval = tokio::time::interval(period);
-                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// The control plane's state: one controller per rollout, due times, metric handles.
+pub struct ControlPlane {
+    shared: Arc<Shared>,
+    journal: Arc<Journal>,
+    notifier: Notifier,
+    generation: u64,
+    controllers: HashMap<String, RouteController>,
+    gauges: HashMap<String, RouteGauges>,
+    due: HashMap<String, Instant>,
+    last_upkeep: Instant,
+}
+
+impl ControlPlane {
+    /// Takes over every rollout of the current snapshot (recovering recorded state) before
+    /// returning, so that traffic never sees a weight the journal does not back.
+    pub fn new(shared: Arc<Shared>, journal: Arc<Journal>, notifier: Notifier) -> ControlPlane {
+        let mut plane = ControlPlane {
+            shared,
+            journal,
+            notifier,
+            generation: 0,
+            controllers: HashMap::new(),
+            gauges: HashMap::new(),
+            due: HashMap::new(),
+            last_upkeep: Instant::now(),
+        };
+        plane.sync(Instant::now());
+        plane
+    }
+
+    /// Runs the plane on its own thread.
+    pub fn spawn(self) -> ControlHandle {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("veer-control".into())
+            .spawn(move || self.run(rx))
+            .expect("spawn the control thread");
+        ControlHandle { tx, thread: Some(thread) }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let now = Instant::now();
+            let next = self.due.values().min().copied().unwrap_or(now + Duration::from_millis(100));
+            match rx.recv_timeout(next.saturating_duration_since(now)) {
+                Ok(Msg::Command(req)) => self.command(req),
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.tick(Instant::now());
+        }
+    }
+
+    fn outputs(&self) -> (Arc<Journal>, Notifier, Arc<Telemetry>) {
+        (self.journal.clone(), self.notifier.clone(), self.shared.telemetry.clone())
+    }
+
+    /// Follows the current snapshot: new rollouts get a controller, changed ones are told,
+    /// removed ones are dropped.
+    fn sync(&mut self, now: Instant) {
+        let snap = self.shared.snapshot();
+        if snap.generation == self.generation {
+            return;
+        }
+        self.generation = snap.generation;
+        let (journal, notifier, telemetry) = self.outputs();
+        let out = Outputs { journal: &journal, notifier: &notifier, telemetry: &telemetry };
+        let mut controllers = HashMap::new();
+        for route in &snap.routes {
+            let name = route.config.name.clone();
+            self.gauges.entry(name.clone()).or_insert_with(|| RouteGauges::new(&telemetry, &name));
+            self.due.entry(name.clone()).or_insert(now);
+            let Some(rollout) = route.rollout() else { continue };
+            let c = match self.controllers.remove(&name) {
+                Some(mut c) if Arc::ptr_eq(c.rollout(), rollout) => {
+                    c.reconfigure(&route.config, &route.runtime, &out, now);
+                    c
+                }
+                _ => RouteController::new(rollout.clone(), &route.config, &route.runtime, &out, now),
+            };
+            controllers.insert(name, c);
+        }
+        self.controllers = controllers;
+        self.gauges.retain(|name, _| snap.route(name).is_some());
+        self.due.retain(|name, _| snap.route(name).is_some());
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.sync(now);
+        let snap = self.shared.snapshot();
+        let (journal, notifier, telemetry) = self.outputs();
+        let out = Outputs { journal: &journal, notifier: &notifier, telemetry: &telemetry };
+        for route in &snap.routes {
+            let name = &route.config.name;
+            if self.due.get(name).is_some_and(|d| *d > now) {
+                continue;
+            }
+            self.due.insert(name.clone(), now + route.config.rollback.tick);
+            let readings = read(route, now);
+            if let (Some(c), Some((stable, candidate))) = (self.controllers.get_mut(name), &readings) {
+                c.tick(now, stable, candidate, &out);
+            }
+            if let Some(g) = self.gauges.get(name) {
+                let (phase, _, weight) = position(route);
+                g.weight.set(weight);
+                for (p, gauge) in &g.phases {
+                    gauge.set(if *p == phase { 1.0 } else { 0.0 });
+                }
             }
         }
-        tick(&snap, Instant::now(), &gauges);
-        if last_upkeep.elapsed() >= UPKEEP_EVERY {
-            shared.telemetry.upkeep();
-            last_upkeep = Instant::now();
+        if self.last_upkeep.elapsed() >= UPKEEP_EVERY {
+            telemetry.upkeep();
+            self.last_upkeep = Instant::now();
         }
+    }
+
+    fn command(&mut self, req: CommandRequest) {
+        let now = Instant::now();
+        self.sync(now);
+        let snap = self.shared.snapshot();
+        let result = self.apply_command(&snap, &req, now);
+        let _ = req.reply.send(result);
+    }
+
+    fn apply_command(
+        &mut self,
+        snap: &Snapshot,
+        req: &CommandRequest,
+        now: Instant,
+    ) -> Result<RouteStatus, CommandFailure> {
+        let route = snap.route(&req.route).ok_or_else(|| CommandFailure::UnknownRoute(req.route.clone()))?;
+        let (journal, notifier, telemetry) = self.outputs();
+        let Some(c) = self.controllers.get_mut(&req.route) else {
+            return Err(CommandError::Refused("the route has no candidate".into()).into());
+        };
+        let figures = route.runtime.candidate.as_ref().map(|(_, v)| (route.runtime.stable.figures(), v.figures()));
+        let out = Outputs { journal: &journal, notifier: &notifier, telemetry: &telemetry };
+        c.command(req.command, req.reason.as_deref(), figures, &out, now).inspect_err(|e| {
+            if matches!(e, CommandError::Journal(_)) {
+                error!(route = %req.route, error = %e, "command not applied");
+            }
+        })?;
+        Ok(RouteStatus::of(route))
     }
 }
 
-/// The shortest `rollback.tick` of any route.
-fn tick_period(snap: &Snapshot) -> Duration {
-    snap.routes.iter().map(|r| r.config.rollback.tick).min().unwrap_or(Duration::from_millis(100))
-}
-
-fn tick(snap: &Snapshot, now: Instant, gauges: &HashMap<String, RouteGauges>) {
-    for route in &snap.routes {
-        let window = route.config.rollback.window;
-        route.runtime.stable.tick(now, window);
-        if let Some((_, cand)) = &route.runtime.candidate {
-            cand.tick(now, window);
-        }
-        if let Some(g) = gauges.get(&route.config.name) {
-            let (phase, _, weight) = position(route);
-            g.weight.set(weight);
-            for (p, gauge) in &g.phases {
-                gauge.set(if *p == phase { 1.0 } else { 0.0 });
-            }
-        }
-    }
+/// Ticks both versions' windows; `None` for routes without candidate.
+fn read(route: &Route, now: Instant) -> Option<(Reading, Reading)> {
+    let window = route.config.rollback.window;
+    let stable = route.runtime.stable.tick(now, window);
+    let (_, cand) = route.runtime.candidate.as_ref()?;
+    Some((stable, cand.tick(now, window)))
 }
 
 /// Pushes pending metric increments of every version (right before a scrape).

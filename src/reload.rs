@@ -110,6 +110,7 @@ fn diff(old: &Config, new: &Config, generation: u64) -> ReloadSummary {
         ("server.workers", a.workers != b.workers),
         ("server.max_connections", a.max_connections != b.max_connections),
         ("admin.listen", old.admin.listen != new.admin.listen),
+        ("state.dir", old.state_dir != new.state_dir),
     ];
     s.restart_required = checks.iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_string()).collect();
     s

@@ -7,8 +7,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,13 +22,16 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
+use crate::admin;
 use crate::config::{Config, ConfigError, ServerConfig};
+use crate::control::{CommandSender, ControlHandle, ControlPlane};
+use crate::journal::Journal;
+use crate::notify::Notifier;
 use crate::proxy::{self, ConnInfo};
 use crate::reload::{self, ReloadError, ReloadSummary};
 use crate::snapshot::{BuildError, Snapshot};
 use crate::telemetry::Telemetry;
 use crate::upstream::Clients;
-use crate::{admin, control};
 
 /// State shared by the data plane, the control plane and the admin API.
 pub struct Shared {
@@ -40,6 +43,9 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
     /// The config file reloads re-read.
     pub config_path: PathBuf,
+    /// The rollout journal (`state.dir` as of start).
+    pub journal: Arc<Journal>,
+    commands: OnceLock<CommandSender>,
     draining: AtomicBool,
     reload_lock: tokio::sync::Mutex<()>,
 }
@@ -69,6 +75,11 @@ impl Shared {
     /// Held while a reload reads, validates and publishes, so reloads never interleave.
     pub(crate) async fn reload_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.reload_lock.lock().await
+    }
+
+    /// Where operator commands go (the control-plane thread).
+    pub fn commands(&self) -> Option<&CommandSender> {
+        self.commands.get()
     }
 
     /// True once shutdown has begun; `/readyz` answers 503.
@@ -111,6 +122,7 @@ pub struct Proxy {
     shutdown: watch::Sender<bool>,
     connections: Arc<Semaphore>,
     max_connections: u32,
+    control: ControlHandle,
     drain_timeout: Duration,
     tasks: JoinSet<()>,
 }
@@ -135,6 +147,8 @@ impl Proxy {
             clients: Clients::new(s.request_timeout.min(Duration::from_secs(5))),
             telemetry,
             config_path: config.source.clone(),
+            journal: Arc::new(Journal::new(&config.state_dir)),
+            commands: OnceLock::new(),
             draining: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(()),
         });
@@ -151,6 +165,11 @@ impl Proxy {
         let (http_addr, tls_addr, admin_addr) =
             (local(&http), tls_listener.as_ref().map(local), local(&admin_listener));
 
+        // Rollouts are recovered (or started) before the first request is accepted.
+        let plane = ControlPlane::new(shared.clone(), shared.journal.clone(), Notifier::spawn(config.notify.clone()));
+        let control = plane.spawn();
+        let _ = shared.commands.set(control.sender());
+
         let max_connections = u32::try_from(s.max_connections).unwrap_or(u32::MAX);
         let connections = Arc::new(Semaphore::new(max_connections as usize));
         let (shutdown, _) = watch::channel(false);
@@ -160,7 +179,6 @@ impl Proxy {
             tasks.spawn(accept_loop(l, true, shared.clone(), connections.clone(), shutdown.subscribe()));
         }
         tasks.spawn(admin::serve(admin_listener, shared.clone()));
-        tasks.spawn(control::run(shared.clone()));
         info!(%http_addr, tls = ?tls_addr, %admin_addr, routes = config.routes.len(), "veer is serving");
         Ok(Proxy {
             shared,
@@ -170,6 +188,7 @@ impl Proxy {
             shutdown,
             connections,
             max_connections,
+            control,
             drain_timeout: s.drain_timeout,
             tasks,
         })
@@ -215,6 +234,8 @@ impl Proxy {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        let mut control = self.control;
+        let _ = tokio::task::spawn_blocking(move || control.stop()).await;
         finished
     }
 }

@@ -107,7 +107,7 @@ fn carry_over(rc: &RouteConfig, old: Option<&Arc<RouteRuntime>>, telemetry: &Tel
     let candidate = rc.candidate.as_ref().map(|c| match old.and_then(|o| o.candidate.as_ref()) {
         Some((rollout, rt)) if rt.version == c.version => (rollout.clone(), rt.clone()),
         _ => (
-            Arc::new(RolloutState::new(&c.version, rc.rollout.initial_weight_bp())),
+            Arc::new(RolloutState::new(&c.version)),
             Arc::new(VersionRuntime::new(telemetry, &rc.name, Role::Candidate, &c.version)),
         ),
     });

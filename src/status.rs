@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::journal::Event;
 use crate::rollout::Phase;
+use crate::rollout::judge::JudgeFigures;
 use crate::snapshot::Route;
 use crate::stats::window::WindowFigures;
 
@@ -26,8 +28,25 @@ pub struct RouteStatus {
     pub candidate: Option<VersionStatus>,
     /// The plan, percent per step.
     pub steps: Vec<f64>,
-    /// The last rollout transition, once the rollout controller has made one.
+    /// The last rollout transition.
     pub last_transition: Option<Transition>,
+    /// Why the candidate was rolled back, while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
+    /// The judge's live figures.
+    #[serde(default)]
+    pub judge: JudgeFigures,
+}
+
+/// The rollback that put a route in `rolled_back`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Rollback {
+    /// RFC 3339 time.
+    pub at: String,
+    /// The rule that tripped, or `manual`.
+    pub rule: String,
+    /// The figures behind it.
+    pub evidence: serde_json::Value,
 }
 
 /// One version of a route.
@@ -64,6 +83,8 @@ impl RouteStatus {
         };
         let cfg = &route.config;
         let (phase, step, weight) = position(route);
+        let view = route.rollout().map(|r| r.view());
+        let transition = |e: &Event| Transition { at: e.at.clone(), from: e.from, to: e.to, reason: e.reason.clone() };
         RouteStatus {
             name: cfg.name.clone(),
             phase,
@@ -77,7 +98,13 @@ impl RouteStatus {
                 .zip(cfg.candidate.as_ref())
                 .map(|((_, v), c)| version(v, &c.endpoints)),
             steps: cfg.rollout.steps_bp.iter().map(|&b| f64::from(b) / 100.0).collect(),
-            last_transition: None,
+            last_transition: view.as_ref().and_then(|v| v.last_transition.as_ref()).map(transition),
+            rollback: view.as_ref().and_then(|v| v.rollback.as_ref()).map(|e| Rollback {
+                at: e.at.clone(),
+                rule: e.evidence.get("rule").and_then(|r| r.as_str()).unwrap_or("manual").to_string(),
+                evidence: e.evidence.clone(),
+            }),
+            judge: view.map(|v| v.judge).unwrap_or_default(),
         }
     }
 }
@@ -87,9 +114,8 @@ pub fn position(route: &Route) -> (Phase, Option<usize>, f64) {
     match route.rollout() {
         None => (Phase::Stable, None, 0.0),
         Some(r) => {
-            let bp = r.weight_bp();
-            let step = route.config.rollout.steps_bp.iter().position(|&s| s == bp);
-            (Phase::Progressing, step, f64::from(bp) / 100.0)
+            let view = r.view();
+            (view.phase, view.step, f64::from(r.weight_bp()) / 100.0)
         }
     }
 }

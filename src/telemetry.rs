@@ -27,6 +27,12 @@ pub const REQUEST_DURATION: &str = "veer_request_duration_seconds";
 pub const CANDIDATE_WEIGHT: &str = "veer_candidate_weight_percent";
 /// `veer_rollout_phase{route, phase}`.
 pub const ROLLOUT_PHASE: &str = "veer_rollout_phase";
+/// `veer_rollbacks_total{route, rule}`.
+pub const ROLLBACKS_TOTAL: &str = "veer_rollbacks_total";
+/// `veer_judge_log_evidence{route, rule}`: the rule's `ln E`.
+pub const JUDGE_EVIDENCE: &str = "veer_judge_log_evidence";
+/// `veer_judge_log_threshold{route, rule}`: the `ln E` at which the rule fires.
+pub const JUDGE_THRESHOLD: &str = "veer_judge_log_threshold";
 /// `veer_config_reloads_total{outcome}`.
 pub const CONFIG_RELOADS: &str = "veer_config_reloads_total";
 
@@ -64,6 +70,15 @@ impl Telemetry {
             metrics::describe_gauge!(CANDIDATE_WEIGHT, "Share of ordinary traffic sent to the candidate, percent.");
             metrics::describe_gauge!(ROLLOUT_PHASE, "1 for the route's current rollout phase.");
             metrics::describe_counter!(CONFIG_RELOADS, "Configuration reloads by outcome (applied, rejected).");
+            metrics::describe_counter!(
+                ROLLBACKS_TOTAL,
+                "Candidates snapped back to 0%, by the rule that tripped (manual for an operator's abort)."
+            );
+            metrics::describe_gauge!(JUDGE_EVIDENCE, "The judge's evidence against the candidate, ln E, per rule.");
+            metrics::describe_gauge!(
+                JUDGE_THRESHOLD,
+                "The evidence at which the rule rolls the candidate back, ln(k/alpha)."
+            );
         });
         Arc::new(t)
     }
@@ -92,6 +107,12 @@ impl Telemetry {
     pub fn route_gauge_with(&self, name: &'static str, route: &str, label: &'static str, value: &'static str) -> Gauge {
         let r = route.to_string();
         self.with(|| metrics::gauge!(name, "route" => r, label => value))
+    }
+
+    /// A per-route counter with one more label.
+    pub fn route_counter(&self, name: &'static str, route: &str, label: &'static str, value: String) -> Counter {
+        let r = route.to_string();
+        self.with(|| metrics::counter!(name, "route" => r, label => value))
     }
 
     /// A counter with one label.

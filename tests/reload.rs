@@ -106,13 +106,16 @@ async fn a_new_candidate_version_starts_a_new_rollout() {
         route_status(&c, proxy.admin_addr(), "web").await["candidate"]["window"]["total_requests"] == 10
     })
     .await;
-    proxy.shared().snapshot().route("web").expect("route").rollout().expect("rollout").set_weight_bp(10_000);
+    assert_eq!(post(&c, proxy.admin_addr(), "/api/v1/routes/web/promote", &[]).await.status, 200);
     cfg.write(&route(stable.addr, Some(cand.addr), "[50, 100]").replace("\"v2\"", "\"v3\""));
     let summary = proxy.reload().await.expect("reload");
     assert_eq!(summary.new_rollouts, ["web"]);
+    eventually(Duration::from_secs(5), "the new rollout starts at its first step", || async {
+        let st = route_status(&c, proxy.admin_addr(), "web").await;
+        st["candidate"]["version"] == "v3" && st["phase"] == "progressing" && st["candidate_weight"] == 50.0
+    })
+    .await;
     let st = route_status(&c, proxy.admin_addr(), "web").await;
-    assert_eq!(st["candidate"]["version"], "v3");
-    assert_eq!(st["candidate_weight"], 50.0, "a new rollout starts at its first step");
-    assert_eq!(st["candidate"]["window"]["total_requests"], 0);
+    assert_eq!(st["candidate"]["window"]["total_requests"], 0, "measurements start afresh");
     proxy.drain().await;
 }

@@ -87,7 +87,7 @@ pub struct NotifyConfig {
 }
 
 /// `[[routes]]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// Unique name, `[a-z0-9_-]+`.
     pub name: String,
@@ -136,7 +136,7 @@ pub enum Strategy {
 }
 
 /// `[routes.rollout]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RolloutConfig {
     /// Canary or blue-green.
     pub strategy: Strategy,
@@ -155,7 +155,7 @@ pub struct RolloutConfig {
 }
 
 /// `[routes.rollback]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RollbackConfig {
     /// Rolling window the rules read.
     pub window: Duration,
@@ -185,7 +185,7 @@ pub enum StickyConfig {
 }
 
 /// `[routes.retry]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RetryConfig {
     /// Re-send idempotent requests that failed on the candidate to stable.
     pub on_candidate_failure: bool,
@@ -194,7 +194,7 @@ pub struct RetryConfig {
 }
 
 /// `[routes.mirror]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MirrorConfig {
     /// Percent of idempotent requests copied to the candidate.
     pub percent: f64,
@@ -229,15 +229,5 @@ impl Config {
     /// The route called `name`.
     pub fn route(&self, name: &str) -> Option<&RouteConfig> {
         self.routes.iter().find(|r| r.name == name)
-    }
-}
-
-impl RolloutConfig {
-    /// The candidate weight a fresh rollout starts at.
-    pub fn initial_weight_bp(&self) -> u32 {
-        match self.strategy {
-            Strategy::Canary => self.steps_bp.first().copied().unwrap_or(10_000),
-            Strategy::BlueGreen => 0,
-        }
     }
 }

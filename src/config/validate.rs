@@ -523,7 +523,6 @@ endpoints = ["127.0.0.1:9002"]
         let c = parse(Path::new("t.toml"), BASE).expect("valid");
         let r = &c.routes[0];
         assert_eq!(r.rollout.steps_bp, vec![100, 500, 2500, 5000, 10_000]);
-        assert_eq!(r.rollout.initial_weight_bp(), 100);
         assert_eq!(r.rollback.tick, Duration::from_millis(100));
         assert_eq!(c.server.request_timeout, Duration::from_secs(30));
     }

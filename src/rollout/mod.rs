@@ -4,14 +4,18 @@
 //! outside the configuration snapshot: the data plane reads it with one relaxed load per
 //! request, and the state survives a reload as long as the candidate version is unchanged.
 
+pub mod controller;
 pub mod judge;
 pub mod machine;
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::journal::Event;
 use crate::split::{FULL_BP, Splitter};
+use judge::JudgeFigures;
 
 /// Where a rollout stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,22 +59,59 @@ impl Phase {
     }
 }
 
+/// What the controller last decided, for the admin API and the CLI.
+#[derive(Debug, Clone)]
+pub struct RolloutView {
+    /// Current phase.
+    pub phase: Phase,
+    /// Current step, when on one.
+    pub step: Option<usize>,
+    /// The newest transition.
+    pub last_transition: Option<Event>,
+    /// The rollback event, while rolled back.
+    pub rollback: Option<Event>,
+    /// The judge's latest figures.
+    pub judge: JudgeFigures,
+}
+
 /// The live state of one candidate's rollout.
+///
+/// The data plane only reads the weight; the control plane (the only writer) also publishes
+/// a [`RolloutView`] for readers.
 #[derive(Debug)]
 pub struct RolloutState {
     candidate_version: String,
     weight_bp: AtomicU32,
     splitter: Splitter,
+    view: Mutex<RolloutView>,
 }
 
 impl RolloutState {
-    /// A rollout of `candidate_version` starting at `weight_bp`.
-    pub fn new(candidate_version: &str, weight_bp: u32) -> Self {
+    /// A pending rollout of `candidate_version`: weight 0 until the controller starts it or
+    /// restores its recorded state, so a restart never sends a rolled-back candidate traffic.
+    pub fn new(candidate_version: &str) -> Self {
         RolloutState {
             candidate_version: candidate_version.to_string(),
-            weight_bp: AtomicU32::new(weight_bp.min(FULL_BP)),
+            weight_bp: AtomicU32::new(0),
             splitter: Splitter::new(),
+            view: Mutex::new(RolloutView {
+                phase: Phase::Pending,
+                step: None,
+                last_transition: None,
+                rollback: None,
+                judge: JudgeFigures::default(),
+            }),
         }
+    }
+
+    /// The controller's latest view.
+    pub fn view(&self) -> RolloutView {
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Publishes a new view (control plane only).
+    pub fn set_view(&self, f: impl FnOnce(&mut RolloutView)) {
+        f(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// The candidate version this rollout is about.

@@ -1,0 +1,188 @@
+//! `veer report`: a rollout's story in the shape incident reviews use.
+//!
+//! Built from the journal (the timeline, the evidence recorded at the moment of the decision)
+//! and the route's current status, so it can be produced long after the fact and says the
+//! same thing the on-call engineer would have seen.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::journal::Event;
+use crate::rollout::Phase;
+use crate::rollout::machine::EventKind;
+use crate::status::RouteStatus;
+
+/// The Markdown report of `status`'s route from its journal `events` (oldest first).
+pub fn render(status: &RouteStatus, events: &[Event]) -> String {
+    let mut s = String::new();
+    let candidate = status.candidate.as_ref().map_or("(none)", |c| c.version.as_str());
+    let _ = writeln!(s, "# Rollout report: {}\n", status.name);
+    // The current rollout is everything since the newest `started` of this candidate.
+    let start =
+        events.iter().rposition(|e| e.kind == EventKind::Started && e.candidate_version == candidate).unwrap_or(0);
+    let events = &events[start..];
+    let rollback = events.iter().rev().find(|e| e.kind == EventKind::RolledBack);
+
+    let _ = writeln!(s, "| | |\n|---|---|");
+    let _ = writeln!(s, "| Route | `{}` |", status.name);
+    let _ = writeln!(s, "| Stable | `{}` |", status.stable.version);
+    let _ = writeln!(s, "| Candidate | `{candidate}` |");
+    let _ = writeln!(s, "| Outcome | {} |", outcome(status.phase));
+    let _ = writeln!(s, "| Candidate weight now | {}% |", status.candidate_weight);
+    if let Some(first) = events.first() {
+        let _ = writeln!(s, "| Rollout started | {} |", first.at);
+    }
+    if let Some(last) = events.last() {
+        let _ = writeln!(s, "| Last transition | {} ({}) |", last.at, last.kind.label());
+    }
+    s.push('\n');
+
+    match rollback {
+        Some(rb) => incident(&mut s, rb, candidate),
+        None => {
+            let _ = writeln!(
+                s,
+                "## Summary\n\nNo rollback in this rollout. The candidate is **{}**.\n",
+                status.phase.label()
+            );
+        }
+    }
+    impact(&mut s, status, rollback);
+    timeline(&mut s, events);
+    s
+}
+
+fn outcome(p: Phase) -> &'static str {
+    match p {
+        Phase::RolledBack => "**rolled back** to 100% stable",
+        Phase::Promoted => "**promoted**: the candidate serves everything",
+        Phase::Stable => "no candidate",
+        Phase::Paused => "paused by an operator",
+        _ => "in progress",
+    }
+}
+
+fn incident(s: &mut String, rb: &Event, candidate: &str) {
+    let ev = &rb.evidence;
+    let rule = ev.get("rule").and_then(Value::as_str).unwrap_or("manual");
+    let automatic = rule != "manual";
+    let _ = writeln!(s, "## Incident\n");
+    if automatic {
+        let _ = writeln!(
+            s,
+            "At {} veer rolled candidate `{candidate}` back to 0% because rule `{rule}` tripped: the candidate was worse than stable with the configured confidence.\n",
+            rb.at
+        );
+    } else {
+        let _ = writeln!(s, "At {} an operator aborted candidate `{candidate}` (reason: {}).\n", rb.at, rb.reason);
+    }
+
+    let _ = writeln!(s, "## Root-cause signal\n");
+    if let Some(rules) = ev.pointer("/judge/rules").and_then(Value::as_array) {
+        let _ = writeln!(
+            s,
+            "| rule | state | evidence ln E | threshold | candidate | stable / limit |\n|---|---|---|---|---|---|"
+        );
+        for r in rules {
+            let num = |k: &str| r.get(k).and_then(Value::as_f64).map_or("-".into(), |v| format!("{v:.4}"));
+            let _ = writeln!(
+                s,
+                "| `{}` | {} | {} | {} | {} | {} |",
+                r.get("rule").and_then(Value::as_str).unwrap_or("?"),
+                r.get("state").and_then(Value::as_str).unwrap_or("?"),
+                num("ln_evidence"),
+                num("ln_threshold"),
+                num("candidate"),
+                num("stable")
+            );
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(s, "Both versions over the rolling window at the decision:\n");
+    let _ = writeln!(s, "| version | requests | errors | error rate | p50 ms | p99 ms |\n|---|---|---|---|---|---|");
+    for role in ["stable", "candidate"] {
+        let v = ev.get(role);
+        let w = v.and_then(|v| v.get("window"));
+        let int = |k: &str| w.and_then(|w| w.get(k)).and_then(Value::as_u64).map_or("-".into(), |x| x.to_string());
+        let num = |k: &str, scale: f64| {
+            w.and_then(|w| w.get(k)).and_then(Value::as_f64).map_or("-".into(), |x| format!("{:.2}", x * scale))
+        };
+        let version = v.and_then(|v| v.get("version")).and_then(Value::as_str).unwrap_or(role);
+        let _ = writeln!(
+            s,
+            "| {role} `{version}` | {} | {} | {}% | {} | {} |",
+            int("requests"),
+            int("errors"),
+            num("error_rate", 100.0),
+            num("p50_ms", 1.0),
+            num("p99_ms", 1.0)
+        );
+    }
+    s.push('\n');
+
+    let _ = writeln!(s, "## Resolution\n");
+    let detected = ev.get("detected_at").and_then(Value::as_str);
+    let delay = detected.and_then(|d| {
+        Some(humantime::parse_rfc3339(&rb.at).ok()?.duration_since(humantime::parse_rfc3339(d).ok()?).ok()?.as_millis())
+    });
+    match (automatic, detected, delay) {
+        (true, Some(d), Some(ms)) => {
+            let _ = writeln!(
+                s,
+                "Automatic rollback at {}, {ms} ms after the failing tick ({d}). The candidate has received no ordinary traffic since; it stays at 0% until `veer retry` or a new candidate version.\n",
+                rb.at
+            );
+        }
+        (true, _, _) => {
+            let _ = writeln!(s, "Automatic rollback at {}.\n", rb.at);
+        }
+        (false, _, _) => {
+            let _ = writeln!(
+                s,
+                "Manual abort at {}. The candidate stays at 0% until `veer retry` or a new candidate version.\n",
+                rb.at
+            );
+        }
+    }
+}
+
+fn impact(s: &mut String, status: &RouteStatus, rollback: Option<&Event>) {
+    let _ = writeln!(s, "## Impact\n");
+    let figures = |role: &str| rollback.and_then(|rb| rb.evidence.pointer(&format!("/{role}/window")).cloned());
+    let cand =
+        figures("candidate").or_else(|| status.candidate.as_ref().and_then(|c| serde_json::to_value(&c.window).ok()));
+    let stable = figures("stable").unwrap_or_else(|| serde_json::to_value(&status.stable.window).unwrap_or_default());
+    let Some(cand) = cand else {
+        let _ = writeln!(s, "No candidate traffic.\n");
+        return;
+    };
+    let get = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let (n, e) = (get(&cand, "total_requests"), get(&cand, "total_errors"));
+    let stable_rate = get(&stable, "error_rate");
+    let excess = (e - n * stable_rate).max(0.0);
+    let _ = writeln!(s, "- Candidate requests served during the rollout: **{n}**, of which **{e}** failed.");
+    let _ = writeln!(s, "- Stable's error rate over the same window: {:.3}%.", stable_rate * 100.0);
+    let _ = writeln!(s, "- Excess errors over what stable would have served: **{excess:.0}**.\n");
+}
+
+fn timeline(s: &mut String, events: &[Event]) {
+    let _ = writeln!(s, "## Timeline\n");
+    if events.is_empty() {
+        let _ = writeln!(s, "No transitions recorded.");
+        return;
+    }
+    let _ = writeln!(s, "| time | event | phase | candidate weight | reason |\n|---|---|---|---|---|");
+    for e in events {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} → {} | {}% | {} |",
+            e.at,
+            e.kind.label(),
+            e.from.label(),
+            e.to.label(),
+            e.candidate_weight,
+            e.reason.replace('|', "\\|")
+        );
+    }
+}

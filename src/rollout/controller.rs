@@ -1,0 +1,279 @@
+//! The controller of one rollout: feeds the judge, drives the machine, and applies every
+//! transition in the one order that is safe — journal first, then traffic.
+//!
+//! A snap back stores weight 0 in the same tick the judge fails the candidate; in-flight
+//! candidate requests finish. If the state directory cannot be written, the controller holds
+//! (no step forward, loud logs) but still serves, and still rolls back: a broken disk never
+//! keeps a bad candidate in front of users.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use metrics::Gauge;
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use super::Phase;
+use super::RolloutState;
+use super::judge::{Judge, Observation, RuleKind, Verdict};
+use super::machine::{Change, Command, EventKind, Machine, Plan};
+use crate::config::RouteConfig;
+use crate::journal::{Event, Journal, JournalError, RouteRecord, timestamp};
+use crate::notify::Notifier;
+use crate::runtime::RouteRuntime;
+use crate::stats::window::{Reading, WindowFigures};
+use crate::telemetry::{JUDGE_EVIDENCE, JUDGE_THRESHOLD, ROLLBACKS_TOTAL, Telemetry};
+
+/// Why a command did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The transition is not allowed now (409).
+    #[error("{0}")]
+    Refused(String),
+    /// The state directory could not record it (503).
+    #[error("not applied: {0}")]
+    Journal(#[from] JournalError),
+}
+
+/// Where the controller sends what it decided.
+pub struct Outputs<'a> {
+    /// The journal.
+    pub journal: &'a Journal,
+    /// Webhooks.
+    pub notifier: &'a Notifier,
+    /// Metric registry.
+    pub telemetry: &'a Telemetry,
+}
+
+/// The controller of one route's rollout.
+pub struct RouteController {
+    rollout: Arc<RolloutState>,
+    config: RouteConfig,
+    machine: Machine,
+    judge: Judge,
+    stable_version: String,
+    evidence_gauges: Vec<(RuleKind, Gauge, Gauge)>,
+}
+
+impl std::fmt::Debug for RouteController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteController")
+            .field("route", &self.config.name)
+            .field("phase", &self.machine.phase())
+            .finish()
+    }
+}
+
+impl RouteController {
+    /// Takes over `rollout`: restores its recorded state when the journal has one for this
+    /// candidate version, otherwise starts the plan. The weight is set before this returns.
+    pub fn new(
+        rollout: Arc<RolloutState>,
+        config: &RouteConfig,
+        runtime: &RouteRuntime,
+        out: &Outputs<'_>,
+        now: Instant,
+    ) -> Self {
+        let plan = Plan::of(&config.rollout);
+        let (machine, judge) = match out.journal.recover(&config.name, rollout.candidate_version()) {
+            Some(rec) => {
+                info!(route = %config.name, candidate = rollout.candidate_version(), phase = rec.machine.phase.label(), step = rec.machine.step, "rollout state recovered");
+                let rollback = (rec.machine.phase == Phase::RolledBack).then(|| rec.last_event.clone());
+                rollout.set_view(|v| {
+                    v.last_transition = Some(rec.last_event.clone());
+                    v.rollback = rollback;
+                });
+                (Machine::restore(plan, rec.machine, now), Judge::restore(&config.rollback, rec.judge))
+            }
+            None => (Machine::new(plan, now), Judge::new(&config.rollback)),
+        };
+        let evidence_gauges = [RuleKind::ErrorRate, RuleKind::Latency, RuleKind::MaxErrorRate, RuleKind::MaxP99]
+            .into_iter()
+            .map(|k| {
+                let g = |name| out.telemetry.route_gauge_with(name, &config.name, "rule", k.label());
+                (k, g(JUDGE_EVIDENCE), g(JUDGE_THRESHOLD))
+            })
+            .collect();
+        let mut c = RouteController {
+            rollout,
+            config: config.clone(),
+            machine,
+            judge,
+            stable_version: runtime.stable.version.clone(),
+            evidence_gauges,
+        };
+        c.publish();
+        c.try_start(now, out);
+        c
+    }
+
+    /// The rollout this controller drives.
+    pub fn rollout(&self) -> &Arc<RolloutState> {
+        &self.rollout
+    }
+
+    fn try_start(&mut self, now: Instant, out: &Outputs<'_>) {
+        let before = self.machine.clone();
+        if let Some(change) = self.machine.start(now)
+            && self.apply(change, json!(null), out).is_err()
+        {
+            self.machine = before;
+        }
+    }
+
+    /// Takes a changed configuration of the same rollout (same candidate version).
+    pub fn reconfigure(&mut self, config: &RouteConfig, runtime: &RouteRuntime, out: &Outputs<'_>, now: Instant) {
+        if *config == self.config && runtime.stable.version == self.stable_version {
+            return;
+        }
+        self.config = config.clone();
+        self.stable_version = runtime.stable.version.clone();
+        self.machine = Machine::restore(Plan::of(&config.rollout), self.machine.state().clone(), now);
+        self.judge = Judge::restore(&config.rollback, self.judge.state().clone());
+        let change = Change {
+            kind: EventKind::Reloaded,
+            from: self.machine.phase(),
+            to: self.machine.phase(),
+            step: self.machine.step(),
+            weight_bp: self.machine.weight_bp(),
+            reason: "configuration reloaded".into(),
+        };
+        let _ = self.apply(change, json!(null), out);
+    }
+
+    /// One tick with the versions' readings.
+    pub fn tick(&mut self, now: Instant, stable: &Reading, candidate: &Reading, out: &Outputs<'_>) {
+        if self.machine.phase() == Phase::Pending {
+            self.try_start(now, out);
+            return;
+        }
+        if !self.machine.judging() {
+            return;
+        }
+        let obs = Observation {
+            stable_tick: &stable.tick,
+            candidate_tick: &candidate.tick,
+            stable_window: &stable.window,
+            candidate_window: &candidate.window,
+            weight_bp: self.rollout.weight_bp(),
+        };
+        let verdict = self.judge.evaluate(&obs);
+        self.publish_judge();
+        let before = self.machine.clone();
+        let Some(change) = self.machine.observe(now, candidate.tick.requests(), &verdict) else { return };
+        let evidence = match &verdict {
+            Verdict::Failing(f) => {
+                self.evidence(f.rule.label(), WindowFigures::of(stable), WindowFigures::of(candidate), now)
+            }
+            _ => json!(null),
+        };
+        if self.apply(change, evidence, out).is_err() {
+            // Hold: the step forward waits until the state dir can record it.
+            self.machine = before;
+        }
+    }
+
+    /// An operator's command.
+    pub fn command(
+        &mut self,
+        cmd: Command,
+        reason: Option<&str>,
+        windows: Option<(WindowFigures, WindowFigures)>,
+        out: &Outputs<'_>,
+        now: Instant,
+    ) -> Result<(), CommandError> {
+        let before = (self.machine.clone(), self.judge.clone());
+        let change = self.machine.command(cmd, now, reason).map_err(|r| CommandError::Refused(r.0))?;
+        if cmd == Command::Retry {
+            self.judge = Judge::new(&self.config.rollback);
+        }
+        let evidence = match (cmd, windows) {
+            (Command::Abort, Some((s, c))) => self.evidence("manual", s, c, now),
+            _ => json!(null),
+        };
+        match self.apply(change, evidence, out) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                (self.machine, self.judge) = before;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn evidence(&self, rule: &str, stable: WindowFigures, candidate: WindowFigures, now: Instant) -> serde_json::Value {
+        let detected = SystemTime::now() - now.elapsed();
+        json!({
+            "rule": rule,
+            "judge": self.judge.figures(),
+            "stable": { "version": self.stable_version, "window": stable },
+            "candidate": { "version": self.rollout.candidate_version(), "window": candidate },
+            "detected_at": timestamp(detected),
+        })
+    }
+
+    /// Journal, then traffic, then everyone else. A rollback goes to traffic even when the
+    /// journal fails; anything else is held.
+    fn apply(&mut self, change: Change, evidence: serde_json::Value, out: &Outputs<'_>) -> Result<(), JournalError> {
+        let event = Event {
+            at: timestamp(SystemTime::now()),
+            route: self.config.name.clone(),
+            kind: change.kind,
+            from: change.from,
+            to: change.to,
+            candidate_weight: f64::from(change.weight_bp) / 100.0,
+            reason: change.reason.clone(),
+            evidence,
+            step: change.step,
+            candidate_version: self.rollout.candidate_version().to_string(),
+            stable_version: self.stable_version.clone(),
+        };
+        let record = RouteRecord {
+            route: self.config.name.clone(),
+            candidate_version: self.rollout.candidate_version().to_string(),
+            machine: self.machine.state().clone(),
+            judge: self.judge.state().clone(),
+            last_event: event.clone(),
+        };
+        if let Err(e) = out.journal.record(&event, &record) {
+            if change.kind != EventKind::RolledBack {
+                error!(route = %self.config.name, kind = change.kind.label(), error = %e, "cannot record the transition; holding the rollout until the state dir is writable");
+                return Err(e);
+            }
+            error!(route = %self.config.name, error = %e, "cannot record the rollback; rolling back anyway");
+        }
+        self.rollout.set_weight_bp(change.weight_bp);
+        if change.kind == EventKind::RolledBack {
+            let rule = event.evidence.get("rule").and_then(|r| r.as_str()).unwrap_or("manual").to_string();
+            warn!(route = %self.config.name, candidate = self.rollout.candidate_version(), %rule, "candidate rolled back to 0%");
+            out.telemetry.route_counter(ROLLBACKS_TOTAL, &self.config.name, "rule", rule).increment(1);
+        } else {
+            info!(route = %self.config.name, kind = change.kind.label(), phase = change.to.label(), weight = event.candidate_weight, "rollout transition");
+        }
+        self.rollout.set_view(|v| {
+            v.last_transition = Some(event.clone());
+            v.rollback = (change.to == Phase::RolledBack).then(|| event.clone());
+        });
+        self.publish();
+        out.notifier.notify(&event);
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let (phase, step) = (self.machine.phase(), self.machine.step());
+        self.rollout.set_view(|v| {
+            v.phase = phase;
+            v.step = step;
+        });
+    }
+
+    fn publish_judge(&self) {
+        let figures = self.judge.figures().clone();
+        for (kind, evidence, threshold) in &self.evidence_gauges {
+            if let Some(r) = figures.rules.iter().find(|r| r.rule == *kind) {
+                evidence.set(r.ln_evidence);
+                threshold.set(r.ln_threshold);
+            }
+        }
+        self.rollout.set_view(|v| v.judge = figures);
+    }
+}

@@ -1,0 +1,156 @@
+//! The judge's statistical promises, measured over many seeded rollouts in virtual time.
+//!
+//! Each test runs the real plan, window and judge through `veer::simulate` and checks a rate:
+//! a healthy candidate is rolled back less often than `α = 1 − confidence`, and a dead one is
+//! caught within a handful of candidate requests. Seeds are fixed, so every figure is
+//! reproducible; the measured rates are printed (`--nocapture`) so they can be reported.
+
+use std::path::Path;
+
+use veer::config::{Config, RouteConfig};
+use veer::simulate::{self, Ending, RunResult, Scenario, Summary};
+
+/// A route with a short plan (five steps of 10 s) so that a thousand rollouts take seconds.
+const SHORT_PLAN: &str = r#"[server]
+listen = "127.0.0.1:8080"
+
+[[routes]]
+name = "web"
+
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9001"]
+
+[routes.candidate]
+version = "v2"
+endpoints = ["127.0.0.1:9002"]
+
+[routes.rollout]
+steps = [1, 5, 25, 50, 100]
+step_interval = "10s"
+min_requests = 10
+
+[routes.rollback]
+window = "30s"
+tick = "100ms"
+confidence = 0.99
+"#;
+
+fn route(extra_rollback: &str) -> RouteConfig {
+    let src = format!("{SHORT_PLAN}{extra_rollback}");
+    let config = Config::parse(Path::new("judge_statistics.toml"), &src).expect("test config is valid");
+    config.routes[0].clone()
+}
+
+/// The short plan with only the comparative error rule armed.
+fn errors_only() -> RouteConfig {
+    let mut r = route("");
+    r.rollback.max_p99_ratio = None;
+    assert!(r.rollback.max_error_rate_increase.is_some() && r.rollback.max_error_rate.is_none());
+    assert!(r.rollback.max_p99.is_none());
+    r
+}
+
+fn alpha(r: &RouteConfig) -> f64 {
+    1.0 - r.rollback.confidence
+}
+
+fn report(what: &str, s: &Summary) {
+    eprintln!(
+        "{what}: {} runs, rollback rate {:.4}, promoted {:.4}, timed out {:.4}, \
+         detect requests p50 {:?} p95 {:?} max {:?}, promote seconds p50 {:?}",
+        s.runs,
+        s.rollback_rate,
+        s.promote_rate,
+        s.timeout_rate,
+        s.detect_requests_p50,
+        s.detect_requests_p95,
+        s.max_candidate_requests,
+        s.promote_seconds_p50
+    );
+}
+
+fn rate(runs: &[RunResult], f: impl Fn(&RunResult) -> bool) -> f64 {
+    runs.iter().filter(|r| f(r)).count() as f64 / runs.len() as f64
+}
+
+#[test]
+fn healthy_candidates_are_rarely_rolled_back_error_rule() {
+    let r = errors_only();
+    let runs = simulate::run_many(&r, Scenario::Healthy, 200.0, 1, 1000);
+    let s = simulate::aggregate(&runs);
+    report("healthy, error rule only, 200 rps", &s);
+    assert_eq!(s.runs, 1000);
+    assert!(s.rollback_rate < alpha(&r), "false rollback rate {} is not below α = {}", s.rollback_rate, alpha(&r));
+    assert_eq!(s.false_rollback_rate, Some(s.rollback_rate));
+    assert!(s.promote_rate >= 0.95, "a judge that never decides would pass trivially: {s:?}");
+}
+
+#[test]
+fn healthy_candidates_are_rarely_rolled_back_error_and_latency_rules() {
+    let r = route("max_p99_ratio = 1.5\n");
+    assert!(simulate::latency_armed(&r.rollback));
+    let runs = simulate::run_many(&r, Scenario::Healthy, 200.0, 10_000, 1000);
+    let s = simulate::aggregate(&runs);
+    report("healthy, error and latency rules, 200 rps", &s);
+    assert!(s.rollback_rate < alpha(&r), "false rollback rate {} is not below α = {}", s.rollback_rate, alpha(&r));
+    assert!(s.promote_rate >= 0.9, "{s:?}");
+}
+
+#[test]
+fn a_failing_candidate_is_caught_within_five_requests() {
+    // Every rule armed (the largest threshold, ln(4/α)), 1% first step.
+    let r = route("max_error_rate = 0.05\nmax_p99 = \"2s\"\nmax_p99_ratio = 1.5\n");
+    assert_eq!(r.rollout.steps_bp[0], 100);
+    for rps in [1000.0, 200.0] {
+        let runs = simulate::run_many(&r, Scenario::Fail, rps, 20_000, 500);
+        let s = simulate::aggregate(&runs);
+        report(&format!("fail, all rules, {rps} rps"), &s);
+        let within_five = rate(&runs, |x| x.ending == Ending::RolledBack && x.candidate_requests <= 5);
+        eprintln!("fail, {rps} rps: caught within 5 candidate requests in {within_five:.4} of runs");
+        assert!(within_five >= 0.99, "only {within_five} of runs caught within 5 candidate requests");
+        assert_eq!(s.detect_rate, Some(1.0));
+    }
+}
+
+#[test]
+fn a_five_percent_error_rate_is_detected() {
+    let r = errors_only();
+    let runs = simulate::run_many(&r, Scenario::Errors5Pct, 1000.0, 30_000, 200);
+    let s = simulate::aggregate(&runs);
+    report("errors-5pct, error rule only, 1000 rps", &s);
+    assert!(s.detect_rate.is_some_and(|d| d >= 0.95), "{s:?}");
+    assert!(runs.iter().filter(|x| x.ending == Ending::RolledBack).all(|x| x.rule.is_some()));
+}
+
+#[test]
+fn runs_are_reproducible_and_returned_in_seed_order() {
+    let r = route("max_p99_ratio = 1.5\n");
+    let many = simulate::run_many(&r, Scenario::Errors5Pct, 500.0, 42, 4);
+    for (i, run) in many.iter().enumerate() {
+        assert_eq!(run.seed, 42 + i as u64);
+        assert_eq!(*run, simulate::run_once(&r, Scenario::Errors5Pct, 500.0, 42 + i as u64));
+    }
+    let first = &many[0].timeline[0];
+    assert_eq!((first.at_s, first.weight_bp), (0.0, 100), "every run starts at the first step");
+}
+
+#[test]
+fn the_contract_fields_are_in_the_json_summary() {
+    let runs = simulate::run_many(&errors_only(), Scenario::Fail, 1000.0, 1, 3);
+    let v = serde_json::to_value(simulate::aggregate(&runs)).expect("serialises");
+    for key in [
+        "scenario",
+        "runs",
+        "rollback_rate",
+        "detect_requests_p50",
+        "detect_requests_p95",
+        "detect_seconds_p50",
+        "excess_errors_p50",
+        "promote_seconds_p50",
+    ] {
+        assert!(v.get(key).is_some(), "{key} missing from {v}");
+    }
+    assert_eq!(v["scenario"], "fail");
+    assert_eq!(v["promote_seconds_p50"], serde_json::Value::Null);
+}
