@@ -41,7 +41,8 @@ fn concurrent(threads: usize, iters: u64, op: Arc<dyn Fn(u64) + Send + Sync>) ->
 }
 
 fn bench(c: &mut Criterion) {
-    let rollout = Arc::new(RolloutState::new("v2", 1000));
+    let rollout = Arc::new(RolloutState::new("v2"));
+    rollout.set_weight_bp(1000);
     let stats = Arc::new(VersionStats::new());
 
     let mut g = c.benchmark_group("hot_path");

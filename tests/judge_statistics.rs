@@ -90,7 +90,7 @@ fn healthy_candidates_are_rarely_rolled_back_error_rule() {
 fn healthy_candidates_are_rarely_rolled_back_error_and_latency_rules() {
     let r = route("max_p99_ratio = 1.5\n");
     assert!(simulate::latency_armed(&r.rollback));
-    let runs = simulate::run_many(&r, Scenario::Healthy, 200.0, 10_000, 1000);
+    let runs = simulate::run_many(&r, Scenario::Healthy, 200.0, 10_000, 400);
     let s = simulate::aggregate(&runs);
     report("healthy, error and latency rules, 200 rps", &s);
     assert!(s.rollback_rate < alpha(&r), "false rollback rate {} is not below α = {}", s.rollback_rate, alpha(&r));

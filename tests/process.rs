@@ -3,10 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -19,87 +16,6 @@ use hyper_util::rt::TokioExecutor;
 
 const MIB: usize = 1024 * 1024;
 const CHUNK: usize = 64 * 1024;
-
-/// A running `veer run` child with the addresses it logged.
-struct Veer {
-    child: Child,
-    http: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Veer {
-    fn spawn(config: &std::path::Path) -> Veer {
-        let child = Command::new(veer_bin())
-            .args(["run", "--log-format", "json", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn veer");
-        // Owned by a `Veer` from here on, so a failed start still kills and reaps the child.
-        let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut veer = Veer { child, http: unknown, admin: unknown };
-        let stderr = veer.child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("veer logs that it is serving");
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-            if v["fields"]["message"] == "veer is serving" {
-                let addr = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");
-                (veer.http, veer.admin) = (addr("http_addr"), addr("admin_addr"));
-                return veer;
-            }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok =
-            Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill").success();
-        assert!(ok, "kill -{sig} failed");
-    }
-
-    /// Peak resident memory so far, in bytes.
-    fn peak_rss(&self) -> usize {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
-        let kb: usize = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM");
-        kb * 1024
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "veer did not exit within {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Veer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn chunks(
     total: usize,

@@ -102,6 +102,9 @@ impl RouteController {
             stable_version: runtime.stable.version.clone(),
             evidence_gauges,
         };
+        // A recovered rollout resumes at its recorded weight; a new one stays at 0 until its
+        // start is journaled.
+        c.rollout.set_weight_bp(c.machine.weight_bp());
         c.publish();
         c.try_start(now, out);
         c

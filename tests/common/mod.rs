@@ -3,8 +3,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -228,4 +230,85 @@ pub fn veer_bin() -> &'static Path {
 /// A GET request with no body for hyper clients that need `Empty`.
 pub fn empty() -> Empty<Bytes> {
     Empty::new()
+}
+
+/// A running `veer run` child with the addresses it logged.
+pub struct Veer {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Veer {
+    pub fn spawn(config: &std::path::Path) -> Veer {
+        let child = Command::new(veer_bin())
+            .args(["run", "--log-format", "json", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn veer");
+        // Owned by a `Veer` from here on, so a failed start still kills and reaps the child.
+        let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut veer = Veer { child, http: unknown, admin: unknown };
+        let stderr = veer.child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("veer logs that it is serving");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if v["fields"]["message"] == "veer is serving" {
+                let addr = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");
+                (veer.http, veer.admin) = (addr("http_addr"), addr("admin_addr"));
+                return veer;
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok =
+            Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill").success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Peak resident memory so far, in bytes.
+    pub fn peak_rss(&self) -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        let kb: usize = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM");
+        kb * 1024
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "veer did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Veer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
