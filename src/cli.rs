@@ -159,22 +159,13 @@ fn simulate(a: &SimulateArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let route = match &a.route {
-        Some(name) => config.route(name),
-        None => config.routes.iter().find(|r| r.candidate.is_some()).or(config.routes.first()),
+    let route = match simulated_route(&config, a) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("veer: {e}");
+            return ExitCode::from(1);
+        }
     };
-    let Some(route) = route else {
-        eprintln!("veer: no route {} in {}", a.route.as_deref().unwrap_or("at all"), a.file.display());
-        return ExitCode::from(1);
-    };
-    if route.rollout.strategy != Strategy::Canary {
-        eprintln!("veer: route {} is blue-green; simulate models weighted canary steps only", route.name);
-        return ExitCode::from(1);
-    }
-    if !(a.rps.is_finite() && a.rps > 0.0) {
-        eprintln!("veer: --rps must be a positive number, not {}", a.rps);
-        return ExitCode::from(1);
-    }
     let out = match a.runs {
         Some(n) => {
             let summary = simulate::aggregate(&simulate::run_many(route, a.scenario, a.rps, a.seed, n));
@@ -190,6 +181,23 @@ fn simulate(a: &SimulateArgs) -> ExitCode {
     }
     print!("{out}");
     ExitCode::SUCCESS
+}
+
+/// The route `veer simulate` runs: `--route`, else the first with a candidate, else the first.
+fn simulated_route<'a>(config: &'a Config, a: &SimulateArgs) -> Result<&'a RouteConfig, String> {
+    let route = match &a.route {
+        Some(name) => config.route(name),
+        None => config.routes.iter().find(|r| r.candidate.is_some()).or(config.routes.first()),
+    };
+    let route =
+        route.ok_or_else(|| format!("no route {} in {}", a.route.as_deref().unwrap_or("at all"), a.file.display()))?;
+    if route.rollout.strategy != Strategy::Canary {
+        return Err(format!("route {} is blue-green; simulate models weighted canary steps only", route.name));
+    }
+    if !(a.rps.is_finite() && a.rps > 0.0) {
+        return Err(format!("--rps must be a positive number, not {}", a.rps));
+    }
+    Ok(route)
 }
 
 fn json(v: &impl serde::Serialize) -> String {

@@ -419,20 +419,6 @@ impl Run {
         if let Verdict::Failing(f) = &verdict {
             self.rule = Some(f.rule);
         }
-        if std::env::var_os("SIMDEBUG").is_some() && c.tick.requests() > 0 {
-            let l = self.judge.figures().rules.iter().find(|r| r.rule == RuleKind::Latency).cloned();
-            let cl = crate::stats::window::Latency(&c.tick.latency);
-            let sl = crate::stats::window::Latency(&s.window.latency);
-            eprintln!(
-                "DBG t={:.1} n_c={} n_s={} c_tick_p50={:?} s_win_q={:?} {:?}",
-                self.seconds(now),
-                c.tick.requests(),
-                s.tick.requests(),
-                cl.quantile_us(0.5),
-                [sl.quantile_us(0.5), sl.quantile_us(0.9), sl.quantile_us(0.99)],
-                l.map(|l| (l.state, l.ln_evidence, l.candidate, l.note))
-            );
-        }
         self.machine.observe(now, n_c, &verdict)
     }
 

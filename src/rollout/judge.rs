@@ -350,7 +350,15 @@ impl Judge {
             note: None,
         };
 
-        if let Some(min_increase) = self.cfg.max_error_rate_increase {
+        // At full weight there is no stable traffic to compare with: the comparative rules'
+        // evidence is frozen and their gates would read an empty stable window.
+        let not_applicable = |mut f: RuleFigures| {
+            f.note = Some("no stable traffic to compare with at 100%".into());
+            f
+        };
+        if self.cfg.max_error_rate_increase.is_some() && alone {
+            rules.push(not_applicable(figure(RuleKind::ErrorRate, self.state.errors.ln_evidence(), rc, rs)));
+        } else if let Some(min_increase) = self.cfg.max_error_rate_increase {
             let mut f = figure(RuleKind::ErrorRate, self.state.errors.ln_evidence(), rc, rs);
             let events = (cw.faults >= MIN_BAD_EVENTS)
                 .then_some(())
@@ -366,8 +374,11 @@ impl Judge {
             rules.push(f);
         }
 
-        if let Some(min_ratio) = self.cfg.max_p99_ratio {
-            let e = log_mean_exp(&self.state.latency.map(|m| m.ln_evidence()));
+        let latency_evidence = log_mean_exp(&self.state.latency.map(|m| m.ln_evidence()));
+        if let (Some(min_ratio), true) = (self.cfg.max_p99_ratio, alone) {
+            rules.push(not_applicable(figure(RuleKind::Latency, latency_evidence, 0.0, min_ratio)));
+        } else if let Some(min_ratio) = self.cfg.max_p99_ratio {
+            let e = latency_evidence;
             let (cl, sl) = (Latency(&cw.latency), Latency(&sw.latency));
             let ratio = QUANTILES
                 .iter()
@@ -441,16 +452,16 @@ impl Judge {
 fn classify(f: &mut RuleFigures, events: Result<(), String>, effect: Result<(), String>) {
     let (e, thr) = (f.ln_evidence, f.ln_threshold);
     f.state = if e >= thr {
-        match (events, effect) {
-            (Ok(()), Ok(())) => RuleState::Fired,
+        match (effect, events) {
             (Err(why), _) => {
-                f.note = Some(why);
-                RuleState::Watching
-            }
-            (Ok(()), Err(why)) => {
                 f.note = Some(why);
                 RuleState::Suppressed
             }
+            (Ok(()), Err(why)) => {
+                f.note = Some(why);
+                RuleState::Watching
+            }
+            (Ok(()), Ok(())) => RuleState::Fired,
         }
     } else if e >= thr / 2.0 {
         RuleState::Watching
@@ -534,6 +545,23 @@ mod tests {
         let guard = j.figures().rules.iter().find(|r| r.rule == RuleKind::MaxErrorRate).expect("guard armed");
         assert!(guard.ln_evidence > guard.ln_threshold, "the absolute test alone would fire");
         assert_eq!(guard.state, RuleState::Suppressed);
+    }
+
+    #[test]
+    fn comparative_rules_rest_at_full_weight() {
+        let mut j = Judge::new(&cfg());
+        j.state.errors.ell = [20.0; 8];
+        let empty = Totals::default();
+        let k = totals(100, 10, 5);
+        let o = Observation {
+            stable_tick: &empty,
+            candidate_tick: &k,
+            stable_window: &empty,
+            candidate_window: &k,
+            weight_bp: FULL_BP,
+        };
+        assert_eq!(j.evaluate(&o), Verdict::Healthy, "frozen evidence neither fires nor holds at 100%");
+        assert_eq!(j.figures().rules[0].state, RuleState::Quiet);
     }
 
     #[test]
