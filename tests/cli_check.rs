@@ -234,11 +234,13 @@ fn missing_file_is_an_error() {
 // === other verbs and usage errors ===
 
 #[test]
-fn stubbed_verb_says_not_implemented() {
-    let out = veer(&["promote", "web"]);
+fn admin_verbs_fail_clearly_when_no_veer_is_running() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let out = veer(&["promote", "web", "--admin", &admin]);
     assert_no_panic(&out);
     assert_exit(&out, 1);
-    assert!(stderr(&out).contains("not implemented yet"), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&admin), "{}", stderr(&out));
 }
 
 #[test]

@@ -2,21 +2,23 @@
 //!
 //! Exit codes: 0 ok, 1 refused or failed (message on stderr), 2 usage error (clap's own).
 
+mod admin_client;
+mod status_view;
+
 use std::fmt::Write as _;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::StatusCode;
 
 use crate::config::{Config, RouteConfig, Strategy};
 use crate::server::{Proxy, run_until_signalled};
-use crate::status::{RouteStatus, VersionStatus};
+use crate::status::RouteStatus;
 use crate::telemetry::{LogFormat, init_logging};
+use admin_client::{AdminArgs, AdminClient};
 
 /// veer: a progressive-delivery proxy.
 #[derive(Debug, Parser)]
@@ -24,17 +26,6 @@ use crate::telemetry::{LogFormat, init_logging};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// How admin-talking commands reach the admin API.
-#[derive(Debug, clap::Args)]
-struct AdminArgs {
-    /// Admin API base URL.
-    #[arg(long, env = "VEER_ADMIN", default_value = "http://127.0.0.1:9901")]
-    admin: String,
-    /// File holding the admin bearer token.
-    #[arg(long, env = "VEER_TOKEN")]
-    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,10 +127,12 @@ pub fn main() -> ExitCode {
         Command::Run { config, log_format } => run(&config, log_format),
         Command::Check { file } => check(&file),
         Command::Status { route, watch, json, admin } => status(route.as_deref(), watch, json, &admin),
-        Command::Promote(_) | Command::Abort(_) | Command::Pause(_) | Command::Resume(_) | Command::Retry(_) => {
-            not_yet("rollout commands (promote, abort, pause, resume, retry) arrive with the rollout controller")
-        }
-        Command::Report { .. } => not_yet("rollout reports arrive with the rollout controller"),
+        Command::Promote(v) => rollout_verb("promote", &v),
+        Command::Abort(v) => rollout_verb("abort", &v),
+        Command::Pause(v) => rollout_verb("pause", &v),
+        Command::Resume(v) => rollout_verb("resume", &v),
+        Command::Retry(v) => rollout_verb("retry", &v),
+        Command::Report { route, admin } => report(&route, &admin),
         Command::Simulate(args) => simulate(&args),
         Command::Demo { .. } => not_yet("the demo arrives with the rollout controller"),
     }
@@ -315,7 +308,19 @@ fn rules(r: &RouteConfig) -> String {
     parts.join(", ")
 }
 
-fn status(route: Option<&str>, watch: bool, json: bool, admin: &AdminArgs) -> ExitCode {
+/// Runs an admin-talking command on a small runtime; errors go to stderr with exit 1.
+fn with_admin<F, Fut>(args: &AdminArgs, f: F) -> ExitCode
+where
+    F: FnOnce(AdminClient) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let client = match AdminClient::new(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("veer: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -323,75 +328,69 @@ fn status(route: Option<&str>, watch: bool, json: bool, admin: &AdminArgs) -> Ex
             return ExitCode::from(1);
         }
     };
-    let path = match route {
-        Some(r) => format!("/api/v1/routes/{r}"),
-        None => "/api/v1/routes".to_string(),
-    };
-    rt.block_on(async {
-        loop {
-            let body = match admin_get(&admin.admin, &path).await {
-                Ok(b) => b,
-                Err(e) if watch => format!("(admin API unreachable: {e}; retrying)"),
-                Err(e) => {
-                    eprintln!("veer: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            let out = if json { body } else { render_status(&body).unwrap_or(body) };
-            if watch {
-                println!("\x1b[2J\x1b[H{out}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            } else {
-                println!("{out}");
-                return ExitCode::SUCCESS;
-            }
+    match rt.block_on(f(client)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("veer: {e}");
+            ExitCode::from(1)
         }
+    }
+}
+
+fn rollout_verb(verb: &str, v: &RolloutVerb) -> ExitCode {
+    let body = v.reason.as_ref().map(|r| serde_json::json!({ "reason": r }).to_string());
+    with_admin(&v.admin, |client| async move {
+        let answer = client.post(&format!("/api/v1/routes/{}/{verb}", v.route), body).await?;
+        if answer.status != StatusCode::OK {
+            return Err(format!("{verb} {}: {} ({})", v.route, answer.error_message(), answer.status));
+        }
+        let status: RouteStatus = serde_json::from_str(&answer.body).map_err(|e| format!("unexpected answer: {e}"))?;
+        print!("{}", status_view::render(&[status], None));
+        Ok(())
     })
 }
 
-fn render_status(body: &str) -> Option<String> {
-    let routes: Vec<RouteStatus> =
-        serde_json::from_str(body).or_else(|_| serde_json::from_str::<RouteStatus>(body).map(|r| vec![r])).ok()?;
-    let mut s = String::new();
-    for r in routes {
-        let step = r.step.map(|i| format!(" step {}/{}", i + 1, r.steps.len())).unwrap_or_default();
-        let _ = writeln!(s, "{}  {}{step}  candidate {:.2}%", r.name, r.phase_label(), r.candidate_weight);
-        let line = |s: &mut String, role: &str, v: &VersionStatus| {
-            let w = &v.window;
-            let p99 = w.p99_ms.map_or("-".into(), |p| format!("{p:.1}ms"));
-            let _ = writeln!(
-                s,
-                "  {role:<9} {:<12} {:>8} req  {:>6.2}% err  p99 {p99}",
-                v.version,
-                w.requests,
-                w.error_rate * 100.0
-            );
-        };
-        line(&mut s, "stable", &r.stable);
-        if let Some(c) = &r.candidate {
-            line(&mut s, "candidate", c);
+fn report(route: &str, admin: &AdminArgs) -> ExitCode {
+    with_admin(admin, |client| async move {
+        let answer = client.get(&format!("/api/v1/routes/{route}/report")).await?;
+        if answer.status != StatusCode::OK {
+            return Err(format!("report {route}: {} ({})", answer.error_message(), answer.status));
         }
-    }
-    Some(s)
+        print!("{}", answer.body);
+        Ok(())
+    })
 }
 
-impl RouteStatus {
-    fn phase_label(&self) -> &'static str {
-        self.phase.label()
-    }
-}
-
-/// GETs `path` from the admin API and returns the body, or a readable error.
-async fn admin_get(base: &str, path: &str) -> Result<String, String> {
-    let url: http::Uri =
-        format!("{}{path}", base.trim_end_matches('/')).parse().map_err(|e| format!("bad admin URL {base:?}: {e}"))?;
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(url.clone()))
-        .await
-        .map_err(|_| format!("{url}: timed out"))?
-        .map_err(|e| format!("{url}: {e}"))?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
-    let text = String::from_utf8_lossy(&body).into_owned();
-    if status.is_success() { Ok(text) } else { Err(format!("{url}: {status}: {}", text.trim())) }
+fn status(route: Option<&str>, watch: bool, json: bool, admin: &AdminArgs) -> ExitCode {
+    let path = route.map_or("/api/v1/routes".to_string(), |r| format!("/api/v1/routes/{r}"));
+    with_admin(admin, |client| async move {
+        let mut rates = status_view::Rates::default();
+        loop {
+            let fetched = client.get(&path).await.and_then(|a| {
+                if a.status == StatusCode::OK {
+                    Ok(a.body)
+                } else {
+                    Err(format!("{} ({})", a.error_message(), a.status))
+                }
+            });
+            let text = match fetched {
+                Ok(body) if json => body,
+                Ok(body) => {
+                    let routes: Vec<RouteStatus> = serde_json::from_str(&body)
+                        .or_else(|_| serde_json::from_str::<RouteStatus>(&body).map(|r| vec![r]))
+                        .map_err(|e| format!("unexpected answer: {e}"))?;
+                    status_view::render(&routes, watch.then_some(&mut rates))
+                }
+                // A watcher survives the admin server restarting: it says so and keeps polling.
+                Err(e) if watch => format!("admin API unreachable ({e}); retrying...\n"),
+                Err(e) => return Err(e),
+            };
+            if !watch {
+                print!("{text}");
+                return Ok(());
+            }
+            print!("\x1b[2J\x1b[H{text}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
 }
