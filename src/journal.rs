@@ -153,6 +153,11 @@ impl Journal {
         Ok(file)
     }
 
+    /// Rewrites the route's state file alone (the judge's evidence between transitions).
+    pub fn checkpoint(&self, record: &RouteRecord) -> Result<(), JournalError> {
+        self.write_record(record).map_err(|e| self.fail(e))
+    }
+
     fn write_record(&self, record: &RouteRecord) -> io::Result<()> {
         let path = self.record_path(&record.route);
         let dir = path.parent().expect("record path has a parent");

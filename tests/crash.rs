@@ -119,3 +119,53 @@ async fn an_unwritable_state_dir_holds_but_serves_and_still_rolls_back() {
     assert_eq!(post(&c, v.admin, "/api/v1/routes/web/abort", &[]).await.status, 200);
     assert_eq!(status(&c, &v).await["phase"], "rolled_back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_judges_evidence_survives_a_crash() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let stable = Upstream::text("stable").await;
+    // The candidate fails its first two requests only: evidence, but not enough to act on.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let cand = Upstream::start(move |_| {
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let mut r = http::Response::new(full("cand"));
+            if n < 2 {
+                *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
+        }
+    })
+    .await;
+    let cfg = ConfigFile::new(&config(stable.addr, cand.addr, "1h").replace("[10, 20, 50, 100]", "[50, 100]"));
+    let c = client();
+    let v = Veer::spawn(&cfg.path);
+    for _ in 0..40 {
+        get(&c, v.http, "/").await;
+    }
+    let evidence = |st: &Value| st["judge"]["rules"][0]["ln_evidence"].as_f64();
+    eventually(Duration::from_secs(10), "the judge has weighed the two errors", || async {
+        evidence(&status(&c, &v).await).is_some_and(|e| e > 0.0)
+    })
+    .await;
+    let state_file = cfg.dir.path().join("state").join("routes").join("web.json");
+    eventually(Duration::from_secs(10), "the evidence is checkpointed", || async {
+        let Ok(b) = std::fs::read(&state_file) else { return false };
+        let rec: Value = serde_json::from_slice(&b).expect("state file is JSON");
+        rec["judge"]["errors"]["ell"][0].as_f64().is_some_and(|e| e != 0.0)
+    })
+    .await;
+    let before = evidence(&status(&c, &v).await).expect("evidence");
+    kill(v);
+
+    let v = Veer::spawn(&cfg.path);
+    eventually(Duration::from_secs(10), "the restarted judge reports", || async {
+        evidence(&status(&c, &v).await).is_some()
+    })
+    .await;
+    let after = evidence(&status(&c, &v).await).expect("evidence");
+    assert!((after - before).abs() < 1e-9, "evidence before the crash {before}, after {after}");
+    assert_eq!(status(&c, &v).await["phase"], "progressing");
+}

@@ -7,7 +7,7 @@
 //! keeps a bad candidate in front of users.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use metrics::Gauge;
 use serde_json::json;
@@ -53,7 +53,13 @@ pub struct RouteController {
     judge: Judge,
     stable_version: String,
     evidence_gauges: Vec<(RuleKind, Gauge, Gauge)>,
+    last_event: Option<Event>,
+    last_checkpoint: Instant,
 }
+
+/// How often the judge's evidence is saved between transitions, so a crash loses at most
+/// this much of it.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for RouteController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,7 +81,9 @@ impl RouteController {
         now: Instant,
     ) -> Self {
         let plan = Plan::of(&config.rollout);
-        let (machine, judge) = match out.journal.recover(&config.name, rollout.candidate_version()) {
+        let recovered = out.journal.recover(&config.name, rollout.candidate_version());
+        let last_event = recovered.as_ref().map(|r| r.last_event.clone());
+        let (machine, judge) = match recovered {
             Some(rec) => {
                 info!(route = %config.name, candidate = rollout.candidate_version(), phase = rec.machine.phase.label(), step = rec.machine.step, "rollout state recovered");
                 let rollback = (rec.machine.phase == Phase::RolledBack).then(|| rec.last_event.clone());
@@ -101,6 +109,8 @@ impl RouteController {
             judge,
             stable_version: runtime.stable.version.clone(),
             evidence_gauges,
+            last_event,
+            last_checkpoint: now,
         };
         // A recovered rollout resumes at its recorded weight; a new one stays at 0 until its
         // start is journaled.
@@ -162,6 +172,7 @@ impl RouteController {
         };
         let verdict = self.judge.evaluate(&obs);
         self.publish_judge();
+        self.checkpoint(now, out);
         let before = self.machine.clone();
         let Some(change) = self.machine.observe(now, candidate.tick.requests(), &verdict) else { return };
         let evidence = match &verdict {
@@ -203,6 +214,28 @@ impl RouteController {
         }
     }
 
+    fn record(&self, last_event: Event) -> RouteRecord {
+        RouteRecord {
+            route: self.config.name.clone(),
+            candidate_version: self.rollout.candidate_version().to_string(),
+            machine: self.machine.state().clone(),
+            judge: self.judge.state().clone(),
+            last_event,
+        }
+    }
+
+    fn checkpoint(&mut self, now: Instant, out: &Outputs<'_>) {
+        if now.saturating_duration_since(self.last_checkpoint) < CHECKPOINT_EVERY {
+            return;
+        }
+        self.last_checkpoint = now;
+        if let Some(e) = &self.last_event
+            && let Err(err) = out.journal.checkpoint(&self.record(e.clone()))
+        {
+            warn!(route = %self.config.name, error = %err, "cannot save the judge's evidence");
+        }
+    }
+
     fn evidence(&self, rule: &str, stable: WindowFigures, candidate: WindowFigures, now: Instant) -> serde_json::Value {
         let detected = SystemTime::now() - now.elapsed();
         json!({
@@ -230,14 +263,7 @@ impl RouteController {
             candidate_version: self.rollout.candidate_version().to_string(),
             stable_version: self.stable_version.clone(),
         };
-        let record = RouteRecord {
-            route: self.config.name.clone(),
-            candidate_version: self.rollout.candidate_version().to_string(),
-            machine: self.machine.state().clone(),
-            judge: self.judge.state().clone(),
-            last_event: event.clone(),
-        };
-        if let Err(e) = out.journal.record(&event, &record) {
+        if let Err(e) = out.journal.record(&event, &self.record(event.clone())) {
             if change.kind != EventKind::RolledBack {
                 error!(route = %self.config.name, kind = change.kind.label(), error = %e, "cannot record the transition; holding the rollout until the state dir is writable");
                 return Err(e);
@@ -245,6 +271,7 @@ impl RouteController {
             error!(route = %self.config.name, error = %e, "cannot record the rollback; rolling back anyway");
         }
         self.rollout.set_weight_bp(change.weight_bp);
+        self.last_event = Some(event.clone());
         if change.kind == EventKind::RolledBack {
             let rule = event.evidence.get("rule").and_then(|r| r.as_str()).unwrap_or("manual").to_string();
             warn!(route = %self.config.name, candidate = self.rollout.candidate_version(), %rule, "candidate rolled back to 0%");
