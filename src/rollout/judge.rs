@@ -246,11 +246,29 @@ pub struct Observation<'a> {
     pub weight_bp: u32,
 }
 
+/// Stable requests a comparative batch needs before it is weighed.
+pub const MIN_BATCH_STABLE: u64 = 20;
+
+/// Tick increments not yet weighed by the comparative e-processes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Batch {
+    weight_bp: u32,
+    n_c: u64,
+    n_s: u64,
+    x_c: u64,
+    x_s: u64,
+    slow_c: [u64; 3],
+    slow_s: [u64; 3],
+    over_c: u64,
+    over_s: u64,
+}
+
 /// The judge of one rollout.
 #[derive(Debug, Clone)]
 pub struct Judge {
     cfg: RollbackConfig,
     state: JudgeState,
+    batch: Batch,
     taus: Option<[u64; 3]>,
     ln_threshold: f64,
     figures: JudgeFigures,
@@ -280,6 +298,7 @@ impl Judge {
         Judge {
             cfg: cfg.clone(),
             state,
+            batch: Batch::default(),
             taus: None,
             ln_threshold: (armed as f64 / alpha).ln(),
             figures: JudgeFigures::default(),
@@ -303,13 +322,22 @@ impl Judge {
 
     /// Feeds one tick and returns the verdict.
     pub fn evaluate(&mut self, o: &Observation<'_>) -> Verdict {
-        let (n_c, n_s) = (o.candidate_tick.requests(), o.stable_tick.requests());
-        let (x_c, x_s) = (o.candidate_tick.faults, o.stable_tick.faults);
-        self.state.errors.two_sample(n_c, n_s, x_c, x_s);
+        let (n_c, x_c) = (o.candidate_tick.requests(), o.candidate_tick.faults);
+        let (cl, sl) = (Latency(&o.candidate_tick.latency), Latency(&o.stable_tick.latency));
+        if o.weight_bp != self.batch.weight_bp {
+            // A batch never spans two weights: its share would mix two splits.
+            self.close_batch(true);
+            self.batch.weight_bp = o.weight_bp;
+        }
+        let b = &mut self.batch;
+        b.n_c += n_c;
+        b.n_s += o.stable_tick.requests();
+        b.x_c += x_c;
+        b.x_s += o.stable_tick.faults;
         if let Some(taus) = self.taus {
-            let (cl, sl) = (Latency(&o.candidate_tick.latency), Latency(&o.stable_tick.latency));
-            for (m, tau) in self.state.latency.iter_mut().zip(taus) {
-                m.two_sample(n_c, n_s, cl.count_above(tau), sl.count_above(tau));
+            for (i, tau) in taus.into_iter().enumerate() {
+                b.slow_c[i] += cl.count_above(tau);
+                b.slow_s[i] += sl.count_above(tau);
             }
         }
         if let Some(p0) = self.cfg.max_error_rate {
@@ -317,17 +345,39 @@ impl Judge {
         }
         if let Some(limit) = self.cfg.max_p99 {
             let us = limit.as_micros() as u64;
-            let slow_c = Latency(&o.candidate_tick.latency).count_above(us);
-            let slow_s = Latency(&o.stable_tick.latency).count_above(us);
-            self.state.p99_guard.one_sample(0.01, n_c, slow_c);
-            self.state.p99_compare.two_sample(n_c, n_s, slow_c, slow_s);
+            let slow = cl.count_above(us);
+            b.over_c += slow;
+            b.over_s += sl.count_above(us);
+            self.state.p99_guard.one_sample(0.01, n_c, slow);
         }
+        self.close_batch(false);
         // τ for the next tick comes from this window, so no tick is judged by its own data.
         let sw = Latency(&o.stable_window.latency);
         if sw.count() > 0 {
             self.taus = Some(QUANTILES.map(|q| sw.quantile_us(q).unwrap_or(0)));
         }
         self.decide(o)
+    }
+
+    /// Comparative updates wait until a batch holds candidate traffic and at least
+    /// [`MIN_BATCH_STABLE`] stable requests: at low rates a 100 ms tick often holds one
+    /// request, and a tick with no stable request (or a share estimated from two requests)
+    /// carries little or no evidence. Batch boundaries depend only on request counts, never on
+    /// outcomes, and a batch never spans a weight change, so the e-process stays valid.
+    fn close_batch(&mut self, force: bool) {
+        let b = self.batch;
+        if b.n_c == 0 || b.n_s < if force { 1 } else { MIN_BATCH_STABLE } {
+            if force {
+                self.batch = Batch { weight_bp: b.weight_bp, ..Batch::default() };
+            }
+            return;
+        }
+        self.state.errors.two_sample(b.n_c, b.n_s, b.x_c, b.x_s);
+        for (i, m) in self.state.latency.iter_mut().enumerate() {
+            m.two_sample(b.n_c, b.n_s, b.slow_c[i], b.slow_s[i]);
+        }
+        self.state.p99_compare.two_sample(b.n_c, b.n_s, b.over_c, b.over_s);
+        self.batch = Batch { weight_bp: b.weight_bp, ..Batch::default() };
     }
 
     fn decide(&mut self, o: &Observation<'_>) -> Verdict {
@@ -612,6 +662,26 @@ mod tests {
             verdict = j.evaluate(&obs(&s, &k, &s, &k));
         }
         assert!(matches!(verdict, Verdict::Failing(Failure { rule: RuleKind::Latency, .. })), "{:?}", j.figures());
+    }
+
+    #[test]
+    fn low_traffic_ticks_are_batched_so_a_failing_candidate_is_still_caught() {
+        // One request per tick, as at 10 requests per second: a candidate tick has no stable
+        // request to compare with, so only batching across ticks can weigh it.
+        let mut j = Judge::new(&cfg());
+        let (mut cw, mut sw) = (Totals::default(), Totals::default());
+        let (none, s1, c1) = (Totals::default(), totals(1, 0, 5), totals(1, 1, 5));
+        for i in 0..400u64 {
+            let candidate_tick = i % 20 == 0;
+            let (s, c) = if candidate_tick { (&none, &c1) } else { (&s1, &none) };
+            sw = add(&sw, s);
+            cw = add(&cw, c);
+            if let Verdict::Failing(_) = j.evaluate(&obs(s, c, &sw, &cw)) {
+                assert!(cw.requests() <= 6, "caught after {} candidate requests", cw.requests());
+                return;
+            }
+        }
+        panic!("never caught: {:?}", j.figures());
     }
 
     #[test]
