@@ -124,6 +124,10 @@ pub struct VersionConfig {
     pub endpoints: Vec<String>,
     /// Speak cleartext HTTP/2 (prior knowledge) to these endpoints.
     pub h2: bool,
+    /// Path of an active HTTP health check (any 2xx is healthy); none means passive only.
+    pub health_path: Option<String>,
+    /// How often the active health check runs.
+    pub health_interval: Duration,
 }
 
 /// How the candidate is brought in.
@@ -191,6 +195,11 @@ pub struct RetryConfig {
     pub on_candidate_failure: bool,
     /// Retries at most this fraction of the route's requests.
     pub budget: f64,
+    /// Largest request body buffered for a replay; bigger bodies are never retried.
+    pub max_body_bytes: usize,
+    /// Also replay POST, PUT, PATCH and DELETE requests (whose bodies fit `max_body_bytes`):
+    /// only for upstreams that make them safe to repeat.
+    pub non_idempotent: bool,
 }
 
 /// `[routes.mirror]`.

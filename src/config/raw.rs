@@ -96,6 +96,8 @@ pub struct RawVersion {
     pub version: Sp<String>,
     pub endpoints: Sp<Vec<Sp<String>>>,
     pub h2: Option<bool>,
+    pub health_path: Option<Sp<String>>,
+    pub health_interval: Option<Sp<String>>,
 }
 
 /// `[routes.rollout]`: the plan.
@@ -146,6 +148,8 @@ pub struct RawOverride {
 pub struct RawRetry {
     pub on_candidate_failure: Option<bool>,
     pub budget: Option<Sp<f64>>,
+    pub max_body_bytes: Option<Sp<i64>>,
+    pub non_idempotent: Option<bool>,
 }
 
 /// `[routes.mirror]`: shadow traffic.

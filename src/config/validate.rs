@@ -226,6 +226,14 @@ impl Validator<'_> {
             retry: r.retry.as_ref().map(|rt| RetryConfig {
                 on_candidate_failure: rt.on_candidate_failure.unwrap_or(true),
                 budget: self.rate(rt.budget.as_ref(), &k("retry.budget"), 0.2),
+                max_body_bytes: self.count(
+                    rt.max_body_bytes.as_ref(),
+                    &k("retry.max_body_bytes"),
+                    64 * 1024,
+                    0,
+                    16 << 20,
+                ),
+                non_idempotent: rt.non_idempotent.unwrap_or(false),
             }),
             mirror: r.mirror.as_ref().map(|m| MirrorConfig {
                 percent: self.percent(m.percent.as_ref(), &k("mirror.percent"), 0.0),
@@ -254,7 +262,25 @@ impl Validator<'_> {
                 }
             }
         }
-        VersionConfig { version: v.version.get_ref().clone(), endpoints, h2: v.h2.unwrap_or(false) }
+        let health_path = match &v.health_path {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                self.err(p, &format!("{key}.health_path"), format!("{:?} must start with '/'", p.get_ref()));
+                None
+            }
+            Some(p) => Some(p.get_ref().clone()),
+            None => None,
+        };
+        VersionConfig {
+            version: v.version.get_ref().clone(),
+            endpoints,
+            h2: v.h2.unwrap_or(false),
+            health_path,
+            health_interval: self.duration(
+                v.health_interval.as_ref(),
+                &format!("{key}.health_interval"),
+                Duration::from_secs(5),
+            ),
+        }
     }
 
     fn rollout(&mut self, r: &RawRollout, key: &str) -> RolloutConfig {

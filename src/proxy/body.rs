@@ -17,7 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::runtime::Role;
+use crate::runtime::{Lane, Role};
 use crate::snapshot::Route;
 use crate::stats::{Class, Outcome};
 
@@ -26,6 +26,7 @@ use crate::stats::{Class, Outcome};
 pub struct Exchange {
     route: Arc<Route>,
     role: Role,
+    lane: Lane,
     endpoint: usize,
     counted: bool,
     start: Instant,
@@ -34,14 +35,14 @@ pub struct Exchange {
 
 impl Exchange {
     /// Starts the accounting of a request that arrived at `start` and goes to `endpoint`.
-    pub fn begin(route: Arc<Route>, role: Role, endpoint: usize, start: Instant) -> Self {
+    pub fn begin(route: Arc<Route>, role: Role, lane: Lane, endpoint: usize, start: Instant) -> Self {
         let pool = route.pool(role);
         // In-flight counts only steer the choice between several endpoints.
         let counted = pool.endpoints().len() > 1;
         if counted {
             pool.get(endpoint).begin();
         }
-        Exchange { route, role, endpoint, counted, start, settled: false }
+        Exchange { route, role, lane, endpoint, counted, start, settled: false }
     }
 
     /// The endpoint it went to.
@@ -75,7 +76,7 @@ impl Exchange {
         if !self.settled {
             self.settled = true;
             let latency = self.start.elapsed();
-            self.route.version(self.role).stats.record(Outcome { class, fault, latency });
+            self.route.version(self.role).lane(self.lane).record(Outcome { class, fault, latency });
         }
     }
 }

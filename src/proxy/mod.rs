@@ -25,7 +25,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
-use crate::runtime::Role;
+use crate::runtime::{Lane, Role};
 use crate::server::Shared;
 use crate::snapshot::Route;
 use crate::stats::Class;
@@ -66,7 +66,7 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
             return Ok(local(StatusCode::SERVICE_UNAVAILABLE, "veer: no healthy endpoint\n"));
         }
     };
-    let exchange = Exchange::begin(route, role, endpoint, start);
+    let exchange = Exchange::begin(route, role, Lane::Judged, endpoint, start);
     let mut resp = forward(&conn, exchange, req, timeout).await;
     if expose_role {
         resp.headers_mut().insert(ROLE_HEADER, HeaderValue::from_static(role.label()));

@@ -188,6 +188,17 @@ impl Totals {
         self.classes.iter().sum()
     }
 
+    /// `self + other`: two sets of counters as one.
+    pub fn plus(mut self, other: &Totals) -> Totals {
+        let add = |a: &mut [u64], b: &[u64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        add(&mut self.classes, &other.classes);
+        self.faults += other.faults;
+        add(&mut self.latency, &other.latency);
+        add(&mut self.prom_count, &other.prom_count);
+        add(&mut self.prom_sum_us, &other.prom_sum_us);
+        self
+    }
+
     /// `self − earlier`, saturating (counters are monotone, so this is the traffic in between).
     pub fn since(&self, earlier: &Totals) -> Totals {
         let sub = |a: &[u64], b: &[u64], out: &mut [u64]| {
