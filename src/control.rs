@@ -222,6 +222,10 @@ impl ControlPlane {
             }
             self.due.insert(name.clone(), now + route.config.rollback.tick);
             let readings = read(route, now);
+            route.policy.assign.next_tick();
+            if let (Some(retry), Some((stable, candidate))) = (&route.policy.retry, &readings) {
+                retry.deposit(stable.tick.requests() + candidate.tick.requests());
+            }
             if let (Some(c), Some((stable, candidate))) = (self.controllers.get_mut(name), &readings) {
                 c.tick(now, stable, candidate, &out);
             }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod journal;
 pub mod notify;
+pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod report;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::{Config, RouteConfig, VersionConfig};
+use crate::policy::RoutePolicy;
 use crate::rollout::RolloutState;
 use crate::router::Router;
 use crate::runtime::{Role, RouteRuntime, VersionRuntime};
@@ -38,6 +39,8 @@ pub struct Route {
     pub stable: Pool,
     /// Candidate endpoints.
     pub candidate: Option<Pool>,
+    /// Traffic policies prepared for this generation.
+    pub policy: RoutePolicy,
     inflight: AtomicUsize,
 }
 
@@ -80,6 +83,7 @@ impl Snapshot {
                 runtime,
                 stable: pool(&rc.stable)?,
                 candidate: rc.candidate.as_ref().map(pool).transpose()?,
+                policy: RoutePolicy::new(rc, telemetry),
                 inflight: AtomicUsize::new(0),
             }));
         }

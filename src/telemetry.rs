@@ -33,6 +33,12 @@ pub const ROLLBACKS_TOTAL: &str = "veer_rollbacks_total";
 pub const JUDGE_EVIDENCE: &str = "veer_judge_log_evidence";
 /// `veer_judge_log_threshold{route, rule}`: the `ln E` at which the rule fires.
 pub const JUDGE_THRESHOLD: &str = "veer_judge_log_threshold";
+/// `veer_retries_total{route, outcome}`.
+pub const RETRIES_TOTAL: &str = "veer_retries_total";
+/// `veer_mirrored_requests_total{route, class}`.
+pub const MIRRORED_TOTAL: &str = "veer_mirrored_requests_total";
+/// `veer_mirror_mismatches_total{route}`.
+pub const MIRROR_MISMATCHES: &str = "veer_mirror_mismatches_total";
 /// `veer_config_reloads_total{outcome}`.
 pub const CONFIG_RELOADS: &str = "veer_config_reloads_total";
 
@@ -74,6 +80,12 @@ impl Telemetry {
                 ROLLBACKS_TOTAL,
                 "Candidates snapped back to 0%, by the rule that tripped (manual for an operator's abort)."
             );
+            metrics::describe_counter!(RETRIES_TOTAL, "Failed candidate attempts re-sent to stable, by outcome.");
+            metrics::describe_counter!(
+                MIRRORED_TOTAL,
+                "Requests copied to the candidate, by the class of its answer (dropped: queue full)."
+            );
+            metrics::describe_counter!(MIRROR_MISMATCHES, "Mirrored answers that differed from the primary answer.");
             metrics::describe_gauge!(JUDGE_EVIDENCE, "The judge's evidence against the candidate, ln E, per rule.");
             metrics::describe_gauge!(
                 JUDGE_THRESHOLD,
@@ -107,6 +119,12 @@ impl Telemetry {
     pub fn route_gauge_with(&self, name: &'static str, route: &str, label: &'static str, value: &'static str) -> Gauge {
         let r = route.to_string();
         self.with(|| metrics::gauge!(name, "route" => r, label => value))
+    }
+
+    /// A per-route counter.
+    pub fn route_total(&self, name: &'static str, route: &str) -> Counter {
+        let r = route.to_string();
+        self.with(|| metrics::counter!(name, "route" => r))
     }
 
     /// A per-route counter with one more label.

@@ -16,7 +16,9 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use tokio::sync::oneshot;
 
+use crate::policy::mirror::Answer;
 use crate::runtime::{Lane, Role};
 use crate::snapshot::Route;
 use crate::stats::{Class, Outcome};
@@ -61,6 +63,16 @@ impl Exchange {
         self.endpoint = endpoint;
     }
 
+    /// When the request arrived.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Which counters it goes to.
+    pub fn lane(&self) -> Lane {
+        self.lane
+    }
+
     /// Which version served it.
     pub fn role(&self) -> Role {
         self.role
@@ -92,12 +104,32 @@ impl Drop for Exchange {
     }
 }
 
+/// Reports a primary answer to a mirrored copy waiting to compare with it.
+#[derive(Debug)]
+pub struct Tap {
+    tx: oneshot::Sender<Answer>,
+    crc: Option<crc32fast::Hasher>,
+}
+
+impl Tap {
+    /// A tap sending to `tx`; with `digest`, the body's CRC32 is computed as it streams.
+    pub fn new(tx: oneshot::Sender<Answer>, digest: bool) -> Tap {
+        Tap { tx, crc: digest.then(crc32fast::Hasher::new) }
+    }
+
+    /// Reports the primary answer's class (and digest, if computed).
+    pub fn finish(self, class: Class) {
+        let _ = self.tx.send(Answer { class, digest: self.crc.map(|c| c.finalize()) });
+    }
+}
+
 pin_project_lite::pin_project! {
     /// An upstream response body that settles its [`Exchange`] when it ends.
     pub struct RecordingBody {
         #[pin]
         inner: Incoming,
         exchange: Option<Exchange>,
+        tap: Option<Tap>,
         class: Class,
         fault: bool,
         grpc: bool,
@@ -107,14 +139,24 @@ pin_project_lite::pin_project! {
 impl RecordingBody {
     /// Wraps `inner`, the body of a response with status class `class`. `fault` is what the
     /// head already says (5xx, gRPC failure in headers); `grpc` means trailers are checked.
-    pub fn new(inner: Incoming, mut exchange: Exchange, class: Class, fault: bool, grpc: bool) -> Self {
+    pub fn new(
+        inner: Incoming,
+        mut exchange: Exchange,
+        class: Class,
+        fault: bool,
+        grpc: bool,
+        mut tap: Option<Tap>,
+    ) -> Self {
         let exchange = if inner.is_end_stream() {
             exchange.settle(class, fault);
+            if let Some(t) = tap.take() {
+                t.finish(class);
+            }
             None
         } else {
             Some(exchange)
         };
-        RecordingBody { inner, exchange, class, fault, grpc }
+        RecordingBody { inner, exchange, tap, class, fault, grpc }
     }
 }
 
@@ -127,6 +169,9 @@ impl Body for RecordingBody {
         let polled = ready!(this.inner.as_mut().poll_frame(cx));
         let (class, fault) = match &polled {
             Some(Ok(frame)) => {
+                if let (Some(data), Some(Tap { crc: Some(crc), .. })) = (frame.data_ref(), this.tap.as_mut()) {
+                    crc.update(data);
+                }
                 if *this.grpc
                     && let Some(t) = frame.trailers_ref()
                 {
@@ -142,6 +187,9 @@ impl Body for RecordingBody {
         };
         if let Some(mut ex) = this.exchange.take() {
             ex.settle(class, fault);
+        }
+        if let Some(t) = this.tap.take() {
+            t.finish(class);
         }
         Poll::Ready(polled)
     }

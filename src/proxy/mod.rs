@@ -1,35 +1,46 @@
-//! The per-request path: route → pick version → pick endpoint → forward → record.
+//! The per-request path: route → assign a version → pick an endpoint → forward → record.
 //!
 //! The lifecycle of one request, in order:
 //! 1. **route**: Host and path select a route of the current snapshot (none: 404);
 //! 2. **admit**: the route's `max_inflight` bound (full: 503);
-//! 3. **split**: the rollout's weight picks stable or candidate;
-//! 4. **endpoint**: power of two choices among the version's available endpoints
-//!    (none: the candidate's share falls back to stable; stable has none: 503);
+//! 3. **assign**: override header, sticky user, or the weighted split
+//!    ([`crate::policy::assign`]); a bad override value is a 400;
+//! 4. **endpoint**: power of two choices among the version's available endpoints; a candidate
+//!    with none is charged the failure and stable serves the request; stable with none: 503;
 //! 5. **forward**: headers rewritten, body streamed, `request_timeout` on the response head
-//!    (timeout: 504, connect failure: 502, after one more endpoint for bodyless requests);
-//! 6. **record**: the outcome is settled when the response body ends ([`body`]).
+//!    (timeout: 504, connect failure: 502) — [`attempt`];
+//! 6. **shield**: a replayable request that failed on the candidate is re-sent to stable
+//!    within the retry budget ([`crate::policy::retry`]); a share of stable's idempotent
+//!    requests is copied to the candidate ([`crate::policy::mirror`]);
+//! 7. **record**: the outcome is settled when the response body ends ([`body`]).
 //!
-//! Nothing here takes a lock or reads configuration except through the snapshot.
+//! Nothing here takes a lock or reads configuration except through the snapshot; the
+//! policies cost nothing on routes that do not configure them.
 
+mod attempt;
 pub mod body;
 pub mod headers;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use tracing::{debug, warn};
+use tokio::sync::oneshot;
 
+use crate::policy::assign::Assignment;
+use crate::policy::mirror;
+use crate::policy::retry::{RetryOutcome, RetryPolicy};
 use crate::runtime::{Lane, Role};
 use crate::server::Shared;
 use crate::snapshot::Route;
-use crate::stats::Class;
-use body::{Exchange, ProxyBody, RecordingBody};
+use crate::stats::{Class, Outcome};
+use body::{Exchange, ProxyBody, Tap};
 
 /// Response header naming the version that answered, when `expose_role_header` is on.
 pub const ROLE_HEADER: &str = "x-veer-role";
@@ -59,43 +70,149 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
     if !route.admit() {
         return Ok(local(StatusCode::SERVICE_UNAVAILABLE, "veer: route is at max_inflight\n"));
     }
-    let (role, endpoint) = match pick(&route) {
-        Some(p) => p,
-        None => {
+    let assignment = match route.policy.assign.assign(&route, req.headers()) {
+        Ok(a) => a,
+        Err(e) => {
             route.release();
-            return Ok(local(StatusCode::SERVICE_UNAVAILABLE, "veer: no healthy endpoint\n"));
+            return Ok(text(StatusCode::BAD_REQUEST, format!("veer: {e}\n")));
         }
     };
-    let exchange = Exchange::begin(route, role, Lane::Judged, endpoint, start);
-    let mut resp = forward(&conn, exchange, req, timeout).await;
-    if expose_role {
+    let Some((role, lane, endpoint)) = endpoint_for(&route, assignment, start) else {
+        route.release();
+        return Ok(local(StatusCode::SERVICE_UNAVAILABLE, "veer: no healthy endpoint\n"));
+    };
+    let ex = Exchange::begin(route, role, lane, endpoint, start);
+    let mut resp = forward(&conn, ex, req, timeout).await;
+    if expose_role && let Some(role) = resp.extensions().get::<Role>().copied() {
         resp.headers_mut().insert(ROLE_HEADER, HeaderValue::from_static(role.label()));
     }
     Ok(resp)
 }
 
-/// Split, then an endpoint of the chosen version.
+/// The endpoint for an assignment. A candidate with no available endpoint fails the request
+/// from the judge's point of view, and stable serves it.
 #[inline]
-fn pick(route: &Route) -> Option<(Role, usize)> {
-    if let Some(rollout) = route.rollout()
-        && rollout.pick_candidate()
-        && let Some(i) = route.pool(Role::Candidate).pick(None)
-    {
-        return Some((Role::Candidate, i));
+fn endpoint_for(route: &Route, a: Assignment, start: Instant) -> Option<(Role, Lane, usize)> {
+    if a.role == Role::Candidate {
+        if let Some(i) = route.pool(Role::Candidate).pick(None) {
+            return Some((Role::Candidate, a.lane, i));
+        }
+        let failure = Outcome { class: Class::Error, fault: true, latency: start.elapsed() };
+        route.version(Role::Candidate).lane(a.lane).record(failure);
+        return route.stable.pick(None).map(|i| (Role::Stable, Lane::Side, i));
     }
-    route.stable.pick(None).map(|i| (Role::Stable, i))
+    route.stable.pick(None).map(|i| (Role::Stable, a.lane, i))
 }
 
 async fn forward(
     conn: &ConnInfo,
     mut ex: Exchange,
     mut req: Request<Incoming>,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Response<ProxyBody> {
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let pool = ex.route().pool(ex.role());
+    prepare(&mut parts, conn, upgrade);
+    let route = ex.route().clone();
+    let (role, judged) = (ex.role(), ex.lane() == Lane::Judged);
+    let empty = http_body::Body::is_end_stream(&body);
+
+    let tap = match (&route.policy.mirror, role, judged, upgrade) {
+        (Some(m), Role::Stable, true, false) => m.copy(&parts.method, &parts.uri, &parts.headers, empty).map(|copy| {
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(mirror::run(route.clone(), conn.shared.clients.clone(), copy, rx, timeout));
+            Tap::new(tx, m.compare_body)
+        }),
+        _ => None,
+    };
+    let retry = match (&route.policy.retry, role, judged, upgrade) {
+        (Some(r), Role::Candidate, true, false) if r.replayable(&parts.method, &parts.headers, empty) => Some(r),
+        _ => None,
+    };
+
+    let Some(policy) = retry else {
+        let clients = &conn.shared.clients;
+        return match attempt::send(clients, &mut ex, parts, Either::Left(body), timeout).await {
+            Ok(resp) => tagged(attempt::respond(ex, resp, client_upgrade, tap), role),
+            Err(f) => {
+                if let Some(t) = tap {
+                    t.finish(Class::Error);
+                }
+                tagged(f.response, role)
+            }
+        };
+    };
+    let buffered = match Limited::new(body, policy.max_body_bytes()).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return local(StatusCode::BAD_REQUEST, "veer: request body does not match its Content-Length\n"),
+    };
+    shielded(conn, ex, parts, buffered, policy, timeout).await
+}
+
+/// A candidate attempt whose failure is re-sent to stable within the budget.
+async fn shielded(
+    conn: &ConnInfo,
+    mut ex: Exchange,
+    parts: Parts,
+    body: Bytes,
+    policy: &RetryPolicy,
+    timeout: Duration,
+) -> Response<ProxyBody> {
+    let clients = &conn.shared.clients;
+    let replay = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
+    let failed = match attempt::send(clients, &mut ex, parts, Either::Right(Full::new(body.clone())), timeout).await {
+        Ok(resp) if !resp.status().is_server_error() => {
+            return tagged(attempt::respond(ex, resp, None, None), Role::Candidate);
+        }
+        Ok(resp) if !policy.withdraw() => {
+            policy.count(RetryOutcome::BudgetExhausted);
+            return tagged(attempt::respond(ex, resp, None, None), Role::Candidate);
+        }
+        Ok(resp) => {
+            // The candidate answered 5xx: it is judged for it, and the user gets stable's answer.
+            ex.settle(Class::of_status(resp.status()), true);
+            drop(resp);
+            None
+        }
+        Err(f) if !policy.withdraw() => {
+            policy.count(RetryOutcome::BudgetExhausted);
+            Some(f)
+        }
+        Err(_) => None,
+    };
+    if let Some(f) = failed {
+        return tagged(f.response, Role::Candidate);
+    }
+    let route = ex.route().clone();
+    let start = ex.start();
+    drop(ex);
+    let Some(endpoint) = route.stable.pick(None) else {
+        policy.count(RetryOutcome::Failed);
+        return local(StatusCode::SERVICE_UNAVAILABLE, "veer: no healthy endpoint\n");
+    };
+    let mut stable = Exchange::begin(route, Role::Stable, Lane::Side, endpoint, start);
+    let (method, uri, headers) = replay;
+    let mut req = Request::new(Either::Right(Full::new(body)));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let (parts, body) = req.into_parts();
+    match attempt::send(clients, &mut stable, parts, body, timeout).await {
+        Ok(resp) => {
+            policy.count(if resp.status().is_server_error() { RetryOutcome::Failed } else { RetryOutcome::Recovered });
+            tagged(attempt::respond(stable, resp, None, None), Role::Stable)
+        }
+        Err(f) => {
+            policy.count(RetryOutcome::Failed);
+            tagged(f.response, Role::Stable)
+        }
+    }
+}
+
+/// Rewrites the request head for the upstream: Host kept (or rebuilt from the HTTP/2
+/// authority), hop-by-hop headers removed, `X-Forwarded-*` set.
+fn prepare(parts: &mut Parts, conn: &ConnInfo, upgrade: bool) {
     if !parts.headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
@@ -104,115 +221,20 @@ async fn forward(
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     let host = parts.headers.get(header::HOST).cloned();
     headers::set_forwarded(&mut parts.headers, &conn.client_ip, conn.proto, host.as_ref());
-    parts.version = if pool.h2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let path = parts.uri.path_and_query().cloned();
-    // A bodyless request that hits a refusing endpoint can go to another one: nothing was sent.
-    let replay = (pool.endpoints().len() > 1 && http_body::Body::is_end_stream(&body))
-        .then(|| (parts.method.clone(), parts.headers.clone()));
-
-    let mut endpoint = ex.endpoint();
-    parts.uri = upstream_uri(&pool.get(endpoint).authority, path.as_ref());
-    let client = conn.shared.clients.for_pool(pool);
-    let mut result =
-        tokio::time::timeout(timeout, client.request(Request::from_parts(parts, Either::Left(body)))).await;
-
-    if let (Ok(Err(e)), Some((method, headers))) = (&result, replay)
-        && e.is_connect()
-    {
-        let failed = endpoint;
-        let next = {
-            let pool = ex.route().pool(ex.role());
-            pool.get(failed).connect_failed();
-            pool.pick(Some(failed))
-        };
-        if let Some(next) = next {
-            ex.move_to(next);
-            endpoint = next;
-            let pool = ex.route().pool(ex.role());
-            debug!(route = %ex.route().config.name, failed = %pool.get(failed).addr, next = %pool.get(next).addr, "connect failed; trying another endpoint");
-            let mut retry = Request::new(Either::Right(Full::default()));
-            *retry.method_mut() = method;
-            *retry.headers_mut() = headers;
-            *retry.version_mut() = if pool.h2 { Version::HTTP_2 } else { Version::HTTP_11 };
-            *retry.uri_mut() = upstream_uri(&pool.get(next).authority, path.as_ref());
-            result = tokio::time::timeout(timeout, client.request(retry)).await;
-        }
-    }
-
-    let pool = ex.route().pool(ex.role());
-    let mut resp = match result {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
-            let ep = pool.get(endpoint);
-            if e.is_connect() {
-                ep.connect_failed();
-            }
-            warn!(route = %ex.route().config.name, role = ex.role().label(), endpoint = %ep.addr, error = %error_chain(&e), "upstream request failed");
-            ex.settle(Class::Error, true);
-            return local(StatusCode::BAD_GATEWAY, "veer: upstream connection failed\n");
-        }
-        Err(_) => {
-            warn!(route = %ex.route().config.name, role = ex.role().label(), endpoint = %pool.get(endpoint).addr, "upstream timed out");
-            ex.settle(Class::Error, true);
-            return local(StatusCode::GATEWAY_TIMEOUT, "veer: upstream timed out\n");
-        }
-    };
-    pool.get(endpoint).succeeded();
-
-    let status = resp.status();
-    let class = Class::of_status(status);
-    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(splice(client_upgrade, upstream_upgrade));
-    }
-    let grpc = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let fault = class == Class::ServerError || (grpc && body::grpc_fault(resp.headers()));
-    let (mut parts, incoming) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, switching);
-    if switching {
-        // The upgraded stream is the client's now; the exchange ends with the switch.
-        ex.settle(class, false);
-    }
-    let body = RecordingBody::new(incoming, ex, class, fault, grpc);
-    Response::from_parts(parts, Either::Left(body))
 }
 
-fn upstream_uri(authority: &http::uri::Authority, path: Option<&http::uri::PathAndQuery>) -> Uri {
-    let mut p = http::uri::Parts::default();
-    p.scheme = Some(http::uri::Scheme::HTTP);
-    p.authority = Some(authority.clone());
-    p.path_and_query = Some(path.cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-    Uri::from_parts(p).expect("scheme, authority and path are set")
-}
-
-/// Joins the two halves of an upgraded connection until either side closes.
-async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    match tokio::try_join!(client, upstream) {
-        Ok((c, u)) => {
-            let mut c = hyper_util::rt::TokioIo::new(c);
-            let mut u = hyper_util::rt::TokioIo::new(u);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                debug!(error = %e, "upgraded connection ended with an error");
-            }
-        }
-        Err(e) => debug!(error = %e, "protocol upgrade failed"),
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+/// Marks which version answered (for `x-veer-role`).
+fn tagged(mut r: Response<ProxyBody>, role: Role) -> Response<ProxyBody> {
+    r.extensions_mut().insert(role);
+    r
 }
 
 /// A short plain-text response generated by veer.
 pub fn local(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    self::text(status, text)
+}
+
+fn text(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut r = Response::new(body::local_body(text));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
