@@ -118,12 +118,15 @@ async fn forward(
     let (role, judged) = (ex.role(), ex.lane() == Lane::Judged);
     let empty = http_body::Body::is_end_stream(&body);
 
+    let live = route.rollout().is_some_and(|r| r.is_live());
     let tap = match (&route.policy.mirror, role, judged, upgrade) {
-        (Some(m), Role::Stable, true, false) => m.copy(&parts.method, &parts.uri, &parts.headers, empty).map(|copy| {
-            let (tx, rx) = oneshot::channel();
-            tokio::spawn(mirror::run(route.clone(), conn.shared.clients.clone(), copy, rx, timeout));
-            Tap::new(tx, m.compare_body)
-        }),
+        (Some(m), Role::Stable, true, false) if live => {
+            m.copy(&parts.method, &parts.uri, &parts.headers, empty).map(|copy| {
+                let (tx, rx) = oneshot::channel();
+                tokio::spawn(mirror::run(route.clone(), conn.shared.clients.clone(), copy, rx, timeout));
+                Tap::new(tx, m.compare_body)
+            })
+        }
         _ => None,
     };
     let retry = match (&route.policy.retry, role, judged, upgrade) {

@@ -9,7 +9,7 @@ pub mod judge;
 pub mod machine;
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +84,7 @@ pub struct RolloutState {
     weight_bp: AtomicU32,
     splitter: Splitter,
     view: Mutex<RolloutView>,
+    live: AtomicBool,
 }
 
 impl RolloutState {
@@ -94,6 +95,7 @@ impl RolloutState {
             candidate_version: candidate_version.to_string(),
             weight_bp: AtomicU32::new(0),
             splitter: Splitter::new(),
+            live: AtomicBool::new(false),
             view: Mutex::new(RolloutView {
                 phase: Phase::Pending,
                 step: None,
@@ -111,7 +113,17 @@ impl RolloutState {
 
     /// Publishes a new view (control plane only).
     pub fn set_view(&self, f: impl FnOnce(&mut RolloutView)) {
-        f(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut view);
+        let live = matches!(view.phase, Phase::Progressing | Phase::Paused | Phase::Preview | Phase::Baking);
+        self.live.store(live, Ordering::Relaxed);
+    }
+
+    /// True while the candidate is being rolled out (not pending, promoted or rolled back):
+    /// the data plane mirrors to it only then.
+    #[inline]
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Relaxed)
     }
 
     /// The candidate version this rollout is about.
