@@ -3,6 +3,7 @@
 //! Exit codes: 0 ok, 1 refused or failed (message on stderr), 2 usage error (clap's own).
 
 mod admin_client;
+mod demo;
 mod status_view;
 
 use std::fmt::Write as _;
@@ -76,11 +77,11 @@ enum Command {
     },
     /// Run a config's plan and judge against synthetic traffic in virtual time.
     Simulate(SimulateArgs),
-    /// A self-contained show on loopback.
+    /// A self-contained show on loopback: a candidate goes bad and is snapped back.
     Demo {
-        /// Other options, accepted for forward compatibility.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        rest: Vec<String>,
+        /// How the candidate misbehaves.
+        #[arg(long, value_enum, default_value = "errors")]
+        scenario: demo::DemoScenario,
     },
 }
 
@@ -134,13 +135,26 @@ pub fn main() -> ExitCode {
         Command::Retry(v) => rollout_verb("retry", &v),
         Command::Report { route, admin } => report(&route, &admin),
         Command::Simulate(args) => simulate(&args),
-        Command::Demo { .. } => not_yet("the demo arrives with the rollout controller"),
+        Command::Demo { scenario } => run_demo(scenario),
     }
 }
 
-fn not_yet(what: &str) -> ExitCode {
-    eprintln!("veer: not implemented yet: {what}");
-    ExitCode::from(1)
+fn run_demo(scenario: demo::DemoScenario) -> ExitCode {
+    init_logging(LogFormat::Text);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("veer: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(demo::run(scenario)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("veer: demo: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn simulate(a: &SimulateArgs) -> ExitCode {
