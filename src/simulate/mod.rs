@@ -41,6 +41,8 @@ use crate::split::{FULL_BP, Splitter};
 use crate::stats::window::{Reading, Window};
 use crate::stats::{Class, Totals, buckets};
 
+pub mod flagger;
+
 /// Stable's fault rate, and every candidate's unless its scenario says otherwise: a real
 /// service is never error-free, and the judge must not mistake shared noise for a regression.
 pub const BACKGROUND_ERROR_RATE: f64 = 0.01;
@@ -78,12 +80,33 @@ pub enum Scenario {
     /// The slowest 2% of candidate requests (above the distribution's p98) take 20 ms more.
     #[serde(rename = "tail-20ms")]
     Tail20Ms,
+    /// Healthy, but both versions fail 20% of requests (a noisy shared dependency).
+    #[serde(rename = "healthy-shared-20pct")]
+    Shared20Pct,
+    /// Healthy, but a 20 s outage downstream makes both versions fail 30% of requests
+    /// (from 60 s to 80 s into the rollout).
+    #[serde(rename = "shared-outage")]
+    SharedOutage,
+    /// Healthy until the 25% step, then every candidate request fails.
+    #[serde(rename = "fail-at-25pct")]
+    FailAt25,
 }
+
+/// When the `shared-outage` scenario's outage runs, in seconds from the start.
+const OUTAGE: std::ops::Range<f64> = 60.0..80.0;
 
 impl Scenario {
     /// Every scenario, for help texts and sweeps.
-    pub const ALL: [Scenario; 5] =
-        [Scenario::Healthy, Scenario::Fail, Scenario::Errors5Pct, Scenario::Latency15x, Scenario::Tail20Ms];
+    pub const ALL: [Scenario; 8] = [
+        Scenario::Healthy,
+        Scenario::Fail,
+        Scenario::Errors5Pct,
+        Scenario::Latency15x,
+        Scenario::Tail20Ms,
+        Scenario::Shared20Pct,
+        Scenario::SharedOutage,
+        Scenario::FailAt25,
+    ];
 
     /// The name used on the command line and in JSON.
     pub fn label(self) -> &'static str {
@@ -93,22 +116,44 @@ impl Scenario {
             Scenario::Errors5Pct => "errors-5pct",
             Scenario::Latency15x => "latency-1.5x",
             Scenario::Tail20Ms => "tail-20ms",
+            Scenario::Shared20Pct => "healthy-shared-20pct",
+            Scenario::SharedOutage => "shared-outage",
+            Scenario::FailAt25 => "fail-at-25pct",
         }
     }
 
-    /// The candidate's fault rate under this scenario.
+    /// The error rate both versions share at `t_s` seconds into the rollout.
+    pub fn background_error_rate(self, t_s: f64) -> f64 {
+        match self {
+            Scenario::Shared20Pct => 0.20,
+            Scenario::SharedOutage if OUTAGE.contains(&t_s) => 0.30,
+            _ => BACKGROUND_ERROR_RATE,
+        }
+    }
+
+    /// The candidate's fault rate once its fault has begun (see [`Scenario::fault_begins`]).
     pub fn candidate_error_rate(self) -> f64 {
         match self {
-            Scenario::Fail => 1.0,
+            Scenario::Fail | Scenario::FailAt25 => 1.0,
             Scenario::Errors5Pct => 0.05,
-            Scenario::Healthy | Scenario::Latency15x | Scenario::Tail20Ms => BACKGROUND_ERROR_RATE,
+            _ => BACKGROUND_ERROR_RATE,
         }
     }
 
-    /// True when a rollback is the right answer (every scenario but `healthy`), which decides
-    /// whether a rollback counts as a detection or a false alarm.
+    /// True when the candidate's fault is under way at weight `weight_bp`: from the start for
+    /// most regressions, from the 25% step for `fail-at-25pct`, never for the healthy ones.
+    pub fn fault_begins(self, weight_bp: u32) -> bool {
+        match self {
+            Scenario::Healthy | Scenario::Shared20Pct | Scenario::SharedOutage => false,
+            Scenario::FailAt25 => weight_bp >= 2500,
+            _ => true,
+        }
+    }
+
+    /// True when a rollback is the right answer, which decides whether a rollback counts as a
+    /// detection or a false alarm.
     pub fn is_regression(self) -> bool {
-        self != Scenario::Healthy
+        !matches!(self, Scenario::Healthy | Scenario::Shared20Pct | Scenario::SharedOutage)
     }
 }
 
@@ -197,9 +242,13 @@ pub struct RunResult {
     pub stable_requests: u64,
     /// Stable requests that failed.
     pub stable_errors: u64,
-    /// Candidate errors beyond what stable would have produced for the same requests:
-    /// `candidate_errors − candidate_requests × BACKGROUND_ERROR_RATE`. What users paid.
+    /// Candidate errors beyond what the shared background would have produced for the same
+    /// requests. What users paid.
     pub excess_errors: f64,
+    /// Seconds into the rollout when the candidate's fault began (`None`: it never did).
+    pub fault_start_s: Option<f64>,
+    /// Candidate requests served from the fault's start to the end of the run.
+    pub detect_requests: Option<u64>,
     /// Every transition, in order.
     pub timeline: Vec<Transition>,
     /// For a timed-out run, the rule the judge was holding on at the end and why, from its
@@ -235,6 +284,18 @@ pub fn run_once(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64) ->
 /// Runs `runs` rollouts with seeds `seed, seed + 1, …` on every core and returns them in seed
 /// order: the input of [`aggregate`], deterministic whatever the core count.
 pub fn run_many(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64, runs: u64) -> Vec<RunResult> {
+    run_many_with(run_once, route, scenario, rps, seed, runs)
+}
+
+/// [`run_many`] with another way of running one rollout (e.g. [`flagger::run_once`]).
+pub fn run_many_with(
+    run: fn(&RouteConfig, Scenario, f64, u64) -> RunResult,
+    route: &RouteConfig,
+    scenario: Scenario,
+    rps: f64,
+    seed: u64,
+    runs: u64,
+) -> Vec<RunResult> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = usize::try_from(runs).unwrap_or(usize::MAX).clamp(1, cores);
     let mut all: Vec<(u64, RunResult)> = std::thread::scope(|s| {
@@ -243,7 +304,7 @@ pub fn run_many(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64, ru
                 s.spawn(move || {
                     (w as u64..runs)
                         .step_by(workers)
-                        .map(|i| (i, run_once(route, scenario, rps, seed.wrapping_add(i))))
+                        .map(|i| (i, run(route, scenario, rps, seed.wrapping_add(i))))
                         .collect::<Vec<_>>()
                 })
             })
@@ -272,14 +333,13 @@ enum Role {
 }
 
 impl Traffic {
-    fn new(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64) -> Traffic {
+    fn new(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64, sample_latency: bool) -> Traffic {
         let median_us = MEDIAN_LATENCY.as_micros() as f64;
         let mean = rps * route.rollback.tick.as_secs_f64();
         Traffic {
             rng: StdRng::seed_from_u64(seed),
             arrivals: Poisson::new(mean).expect("a positive finite arrival rate"),
-            latency: latency_armed(&route.rollback)
-                .then(|| LogNormal::new(median_us.ln(), LATENCY_SIGMA).expect("valid lognormal")),
+            latency: sample_latency.then(|| LogNormal::new(median_us.ln(), LATENCY_SIGMA).expect("valid lognormal")),
             scenario,
             tail_from_us: median_us * (LATENCY_SIGMA * Z_98).exp(),
         }
@@ -289,11 +349,13 @@ impl Traffic {
         self.arrivals.sample(&mut self.rng) as u64
     }
 
-    /// Serves `n` requests of `role` and adds their outcomes to the cumulative `t`.
-    fn serve(&mut self, t: &mut Totals, n: u64, role: Role) {
+    /// Serves `n` requests of `role` at `t_s` seconds and adds their outcomes to the
+    /// cumulative `t`; `faulty` says whether the candidate's fault is under way.
+    fn serve(&mut self, t: &mut Totals, n: u64, role: Role, t_s: f64, faulty: bool) {
+        let background = self.scenario.background_error_rate(t_s);
         let rate = match role {
-            Role::Stable => BACKGROUND_ERROR_RATE,
-            Role::Candidate => self.scenario.candidate_error_rate(),
+            Role::Candidate if faulty => self.scenario.candidate_error_rate().max(background),
+            _ => background,
         };
         let faults = Binomial::new(n, rate).map_or(0, |b| b.sample(&mut self.rng));
         t.classes[Class::Success as usize] += n - faults;
@@ -302,7 +364,8 @@ impl Traffic {
         if let Some(dist) = self.latency {
             for _ in 0..n {
                 let base = dist.sample(&mut self.rng);
-                t.latency[buckets::index(self.shape(base, role))] += 1;
+                let us = if faulty { self.shape(base, role) } else { base as u64 };
+                t.latency[buckets::index(us)] += 1;
             }
         }
     }
@@ -350,13 +413,17 @@ struct Run {
     scenario: Scenario,
     seed: u64,
     rps: f64,
+    /// When the candidate's fault began, and its request count then.
+    fault_start: Option<(Instant, u64)>,
+    /// Candidate errors the shared background alone would have caused.
+    background_errors: f64,
 }
 
 impl Run {
     fn new(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64) -> Run {
         let t0 = Instant::now();
         let plan = Plan { auto_promote: true, ..Plan::of(&route.rollout) };
-        let mut traffic = Traffic::new(route, scenario, rps, seed);
+        let mut traffic = Traffic::new(route, scenario, rps, seed, latency_armed(&route.rollback));
         let phase = traffic.rng.random_range(0..FULL_BP);
         let window = route.rollback.window;
         let mut run = Run {
@@ -374,6 +441,8 @@ impl Run {
             scenario,
             seed,
             rps,
+            fault_start: None,
+            background_errors: 0.0,
         };
         let started = run.machine.start(t0).expect("a new machine starts");
         run.record(t0, started);
@@ -404,10 +473,16 @@ impl Run {
     /// and machine, in the controller's order.
     fn step(&mut self, now: Instant) -> Option<Change> {
         let weight_bp = self.machine.weight_bp();
+        let t_s = self.seconds(now);
+        if self.fault_start.is_none() && self.scenario.fault_begins(weight_bp) {
+            self.fault_start = Some((now, self.candidate.totals.requests()));
+        }
+        let faulty = self.fault_start.is_some();
         let n = self.traffic.arrivals();
         let n_c = (0..n).filter(|_| self.splitter.pick_candidate(weight_bp)).count() as u64;
-        self.traffic.serve(&mut self.stable.totals, n - n_c, Role::Stable);
-        self.traffic.serve(&mut self.candidate.totals, n_c, Role::Candidate);
+        self.traffic.serve(&mut self.stable.totals, n - n_c, Role::Stable, t_s, false);
+        self.traffic.serve(&mut self.candidate.totals, n_c, Role::Candidate, t_s, faulty);
+        self.background_errors += n_c as f64 * self.scenario.background_error_rate(t_s);
         let (s, c) = (self.stable.read(now), self.candidate.read(now));
         let verdict = self.judge.evaluate(&Observation {
             stable_tick: &s.tick,
@@ -457,7 +532,9 @@ impl Run {
             candidate_errors: c.faults,
             stable_requests: s.requests(),
             stable_errors: s.faults,
-            excess_errors: c.faults as f64 - c.requests() as f64 * BACKGROUND_ERROR_RATE,
+            excess_errors: c.faults as f64 - self.background_errors,
+            fault_start_s: self.fault_start.map(|(t, _)| self.seconds(t)),
+            detect_requests: self.fault_start.map(|(_, n)| c.requests() - n),
             held_by: (ending == Ending::TimedOut).then(|| held_by(&self.judge)).flatten(),
             timeline: self.timeline,
         }
@@ -497,11 +574,11 @@ pub struct Summary {
     pub promote_rate: f64,
     /// Runs that hit the time cap.
     pub timeout_rate: f64,
-    /// Median candidate requests served up to the rollback.
+    /// Median candidate requests served from the fault's start up to the rollback.
     pub detect_requests_p50: Option<f64>,
     /// 95th percentile of the same.
     pub detect_requests_p95: Option<f64>,
-    /// Median seconds from start to rollback.
+    /// Median seconds from the fault's start to rollback.
     pub detect_seconds_p50: Option<f64>,
     /// 95th percentile of the same.
     pub detect_seconds_p95: Option<f64>,
@@ -521,8 +598,8 @@ pub fn aggregate(runs: &[RunResult]) -> Summary {
     let scenario = first.map_or(Scenario::Healthy, |r| r.scenario);
     let rate = |e: Ending| runs.iter().filter(|r| r.ending == e).count() as f64 / runs.len().max(1) as f64;
     let rolled: Vec<&RunResult> = runs.iter().filter(|r| r.ending == Ending::RolledBack).collect();
-    let detect_requests = sorted(rolled.iter().map(|r| r.candidate_requests as f64));
-    let detect_seconds = sorted(rolled.iter().map(|r| r.seconds));
+    let detect_requests = sorted(rolled.iter().map(|r| r.detect_requests.unwrap_or(r.candidate_requests) as f64));
+    let detect_seconds = sorted(rolled.iter().map(|r| r.seconds - r.fault_start_s.unwrap_or(0.0)));
     let excess = sorted(rolled.iter().map(|r| r.excess_errors));
     let promote_seconds = sorted(runs.iter().filter(|r| r.ending == Ending::Promoted).map(|r| r.seconds));
     let rollback_rate = rate(Ending::RolledBack);
@@ -702,7 +779,7 @@ mod tests {
 
     fn served(scenario: Scenario, role: Role, n: u64) -> Totals {
         let mut t = Totals::default();
-        traffic(scenario).serve(&mut t, n, role);
+        traffic(scenario).serve(&mut t, n, role, 0.0, true);
         t
     }
 
