@@ -9,7 +9,8 @@
 //!
 //! - data plane: [`server`] (listeners, connections, drain) → [`proxy`] (per request) →
 //!   [`router`], [`split`], [`upstream`] → [`stats`] (outcome recording);
-//! - control plane: [`control`] (tick loop, windows, metrics), [`reload`], [`admin`];
+//! - control plane: [`control`] (tick loop, windows, metrics), [`reload`], [`admin`],
+//!   [`health`] (active endpoint checks);
 //! - shared vocabulary: [`config`], [`snapshot`] (one immutable generation, published with
 //!   `arc-swap`), [`runtime`] and [`rollout`] (state that survives reloads), [`status`].
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod health;
 pub mod journal;
 pub mod notify;
 pub mod policy;

@@ -179,6 +179,7 @@ impl Proxy {
             tasks.spawn(accept_loop(l, true, shared.clone(), connections.clone(), shutdown.subscribe()));
         }
         tasks.spawn(admin::serve(admin_listener, shared.clone()));
+        tasks.spawn(crate::health::run(shared.clone()));
         info!(%http_addr, tls = ?tls_addr, %admin_addr, routes = config.routes.len(), "veer is serving");
         Ok(Proxy {
             shared,

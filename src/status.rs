@@ -58,6 +58,10 @@ pub struct VersionStatus {
     pub endpoints: Vec<String>,
     /// Rolling-window figures.
     pub window: WindowFigures,
+    /// Endpoints skipped right now: failing their health check or backing off after a
+    /// refused connection.
+    #[serde(default)]
+    pub unhealthy_endpoints: Vec<String>,
 }
 
 /// A rollout state change.
@@ -80,6 +84,7 @@ impl RouteStatus {
             version: v.version.clone(),
             endpoints: endpoints.to_vec(),
             window: v.figures(),
+            unhealthy_endpoints: route.pool(v.role).unavailable(),
         };
         let cfg = &route.config;
         let (phase, step, weight) = position(route);

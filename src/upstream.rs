@@ -5,10 +5,11 @@
 //! endpoints at random and use the less busy one. That keeps a slow endpoint from gathering
 //! a queue without any shared state beyond one counter per endpoint. An endpoint that refuses
 //! a connection is skipped for a backoff that doubles with each consecutive failure (100 ms
-//! up to 10 s); after it, one request probes it again.
+//! up to 10 s); after it, one request probes it again. An endpoint whose active health check
+//! fails ([`crate::health`]) is skipped until a later check passes.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,6 +30,8 @@ pub struct Endpoint {
     inflight: AtomicUsize,
     down_until_ms: AtomicU64,
     failures: AtomicU32,
+    /// Set while the active health check fails; only the checker writes it.
+    check_failed: AtomicBool,
 }
 
 fn millis_now() -> u64 {
@@ -45,6 +48,7 @@ impl Endpoint {
             inflight: AtomicUsize::new(0),
             down_until_ms: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            check_failed: AtomicBool::new(false),
         })
     }
 
@@ -53,11 +57,30 @@ impl Endpoint {
         self.inflight.load(Ordering::Relaxed)
     }
 
-    /// False while the endpoint is in its backoff after refusing connections.
+    /// False while the endpoint is in its backoff after refusing connections, or while its
+    /// active health check fails.
     #[inline]
     pub fn available(&self) -> bool {
+        if self.check_failed.load(Ordering::Relaxed) {
+            return false;
+        }
         let until = self.down_until_ms.load(Ordering::Relaxed);
         until == 0 || millis_now() >= until
+    }
+
+    /// False while the active health check fails (always true without one).
+    pub fn check_passing(&self) -> bool {
+        !self.check_failed.load(Ordering::Relaxed)
+    }
+
+    /// Records the outcome of an active health check; true when that changed the endpoint's
+    /// check state. Writes only on a change, so repeated results cost the hot path nothing.
+    pub fn set_check_passing(&self, passing: bool) -> bool {
+        if self.check_failed.load(Ordering::Relaxed) != passing {
+            return false;
+        }
+        self.check_failed.store(!passing, Ordering::Relaxed);
+        true
     }
 
     /// Counts a request starting; pair with [`Endpoint::end`].
@@ -109,6 +132,12 @@ impl Pool {
     /// Endpoint `i`.
     pub fn get(&self, i: usize) -> &Endpoint {
         &self.endpoints[i]
+    }
+
+    /// Addresses of the endpoints [`Pool::pick`] skips right now (backing off or failing
+    /// their health check).
+    pub fn unavailable(&self) -> Vec<String> {
+        self.endpoints.iter().filter(|e| !e.available()).map(|e| e.addr.clone()).collect()
     }
 
     /// The endpoint for the next request, or `None` when every endpoint is backing off.
@@ -186,6 +215,31 @@ mod tests {
         p.get(2).succeeded();
         assert_eq!(p.pick(None), Some(2));
         assert_eq!(p.pick(Some(2)), None);
+    }
+
+    #[test]
+    fn a_failing_health_check_ejects_until_a_check_passes() {
+        let p = Pool::new(&["127.0.0.1:1".into(), "127.0.0.1:2".into()], false).expect("valid");
+        let e = p.get(0);
+        assert!(e.check_passing() && e.available());
+        assert!(e.set_check_passing(false), "a change is reported");
+        assert!(!e.set_check_passing(false), "a repeated result is not");
+        assert!(!e.available() && !e.check_passing());
+        assert!((0..200).all(|_| p.pick(None) == Some(1)));
+        assert_eq!(p.unavailable(), vec!["127.0.0.1:1".to_string()]);
+        // Traffic does not re-admit it: only a passing check does.
+        e.succeeded();
+        assert!(!e.available());
+        assert!(e.set_check_passing(true));
+        assert!(e.available() && p.unavailable().is_empty());
+        // Each mechanism ejects on its own; both must clear.
+        e.connect_failed();
+        e.set_check_passing(false);
+        assert!(!e.available());
+        e.set_check_passing(true);
+        assert!(!e.available(), "still backing off after the refused connection");
+        e.succeeded();
+        assert!(e.available());
     }
 
     #[test]

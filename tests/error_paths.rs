@@ -184,3 +184,47 @@ async fn reload_needs_the_admin_token_when_one_is_configured() {
     assert_eq!(get(&c, admin, "/api/v1/routes").await.status, 200, "reads need no token");
     proxy.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn veer_is_never_an_open_proxy() {
+    let stable = Upstream::text("stable").await;
+    let cfg = ConfigFile::new(&route(stable.addr, None, ""));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let addr = proxy.http_addr();
+    let connect = raw_exchange(addr, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n").await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect:?}");
+    let foreign = raw_exchange(addr, b"GET http://evil.example/ HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n").await;
+    assert!(foreign.starts_with("HTTP/1.1 400"), "{foreign:?}");
+    let same = raw_exchange(addr, b"GET http://shop.example/x HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n").await;
+    assert!(same.starts_with("HTTP/1.1 200") && same.ends_with("stable"), "{same:?}");
+    assert_eq!(stable.hits(), 1, "only the well-formed request reached the upstream");
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_pauses_accept_instead_of_failing() {
+    let stable = Upstream::text("stable").await;
+    let body = format!("[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n{}", route(stable.addr, None, ""));
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let addr = proxy.http_addr();
+    // Two idle keep-alive connections take both slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).await.expect("answer");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    // A third connection is accepted by the kernel but not served while both slots are taken.
+    let mut third = tokio::spawn(async move { raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await });
+    // A bounded look for something that must not happen.
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut third).await;
+    assert!(early.is_err(), "the third connection was served while two were held");
+    drop(held.pop());
+    let answer = tokio::time::timeout(Duration::from_secs(5), third).await.expect("served once a slot frees").expect("join");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    proxy.drain().await;
+}

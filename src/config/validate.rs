@@ -143,10 +143,18 @@ impl Validator<'_> {
     }
 
     fn admin(&mut self, a: RawAdmin) -> AdminConfig {
-        AdminConfig {
+        let admin = AdminConfig {
             listen: self.addr(a.listen.as_ref(), "admin.listen", "127.0.0.1:9901"),
             token_file: a.token_file.as_ref().map(|t| self.path(t)),
+        };
+        // Anyone who can reach the admin API can abort or promote a rollout: off loopback, a
+        // token is mandatory.
+        if let (Some(l), None) = (&a.listen, &admin.token_file)
+            && !admin.listen.ip().is_loopback()
+        {
+            self.err(l, "admin.listen", format!("{} is reachable from other hosts: set admin.token_file so mutating calls need a token, or listen on 127.0.0.1", admin.listen));
         }
+        admin
     }
 
     fn notify(&mut self, i: usize, n: RawNotify) -> NotifyConfig {
@@ -615,7 +623,7 @@ endpoints = ["127.0.0.1:9002"]
     #[test]
     fn unreachable_routes_and_clashing_listeners_are_errors() {
         let first =
-            BASE.replace("\"web\"", "\"a\"").replace("[[routes]]", "[admin]\nlisten = \"0.0.0.0:8080\"\n[[routes]]");
+            BASE.replace("\"web\"", "\"a\"").replace("[[routes]]", "[admin]\nlisten = \"0.0.0.0:8080\"\ntoken_file = \"t\"\n[[routes]]");
         let d = errs(&(first + &BASE.replace("\"web\"", "\"b\"")));
         let keys: Vec<&str> = d.iter().map(|d| d.key.as_str()).collect();
         assert_eq!(keys, ["admin.listen", "routes[1].path_prefix"], "{d:?}");
@@ -632,6 +640,13 @@ endpoints = ["127.0.0.1:9002"]
     fn steps_below_weight_resolution_are_rejected() {
         let d = errs(&format!("{BASE}[routes.rollout]\nsteps = [0.001, 100]\n"));
         assert!(d[0].message.contains("resolution"), "{d:?}");
+    }
+
+    #[test]
+    fn a_public_admin_listener_needs_a_token() {
+        let d = errs(&format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{BASE}"));
+        assert_eq!((d[0].key.as_str(), d[0].line), ("admin.listen", 2));
+        assert!(parse(Path::new("t.toml"), &format!("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"t\"\n{BASE}")).is_ok());
     }
 
     #[test]

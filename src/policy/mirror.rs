@@ -78,9 +78,8 @@ impl MirrorPolicy {
     /// A copy of this request, if it is to be mirrored: an idempotent, bodyless request picked
     /// by the configured share, with a free slot (otherwise it is dropped and counted).
     pub fn copy(&self, method: &Method, uri: &Uri, headers: &HeaderMap, body_is_empty: bool) -> Option<Copy> {
-        if !(body_is_empty && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS))
-            || !self.picker.pick_candidate(self.weight_bp)
-        {
+        let eligible = body_is_empty && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+        if !(eligible && self.picker.pick_candidate(self.weight_bp)) {
             return None;
         }
         match self.slots.clone().try_acquire_owned() {

@@ -59,6 +59,9 @@ pub struct ConnInfo {
 /// Handles one request; never fails (errors become responses).
 pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
+    if let Some(refusal) = not_for_a_reverse_proxy(&req) {
+        return Ok(refusal);
+    }
     let (route, expose_role, timeout) = {
         let snap = conn.shared.snapshot();
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host());
@@ -87,6 +90,23 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
         resp.headers_mut().insert(ROLE_HEADER, HeaderValue::from_static(role.label()));
     }
     Ok(resp)
+}
+
+/// veer is never an open proxy: `CONNECT` is refused, and an absolute-form request line
+/// must name the same host as its `Host` header (the upstream only ever sees the path).
+fn not_for_a_reverse_proxy(req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    if req.method() == http::Method::CONNECT {
+        return Some(local(StatusCode::METHOD_NOT_ALLOWED, "veer: CONNECT is not supported: this is a reverse proxy\n"));
+    }
+    let absolute = req.version() < Version::HTTP_2 && req.uri().authority().is_some();
+    if absolute {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(crate::router::strip_port);
+        let target = req.uri().host().unwrap_or("");
+        if !host.is_some_and(|h| h.eq_ignore_ascii_case(target)) {
+            return Some(local(StatusCode::BAD_REQUEST, "veer: absolute-form request for another host: this is not a forward proxy\n"));
+        }
+    }
+    None
 }
 
 /// The endpoint for an assignment. A candidate with no available endpoint fails the request
