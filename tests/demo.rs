@@ -20,9 +20,19 @@ fn demo(scenario: &str) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_shows_a_bad_candidate_snapped_back_and_prints_the_report() {
-    let (ok, out) = tokio::time::timeout(Duration::from_secs(120), tokio::task::spawn_blocking(|| demo("errors"))).await.expect("the demo ends by itself").expect("join");
+    let (ok, out) = tokio::time::timeout(Duration::from_secs(120), tokio::task::spawn_blocking(|| demo("errors")))
+        .await
+        .expect("the demo ends by itself")
+        .expect("join");
     assert!(ok, "{out}");
-    for needle in ["candidate   5.0%", "the candidate goes bad", "rolled_back", "# Rollout report: shop", "## Timeline", "rolled back after"] {
+    for needle in [
+        "candidate   5.0%",
+        "the candidate goes bad",
+        "rolled_back",
+        "# Rollout report: shop",
+        "## Timeline",
+        "rolled back after",
+    ] {
         assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
     }
     assert!(!out.contains("\x1b[2J"), "no screen redraws when stdout is not a terminal");

@@ -191,11 +191,17 @@ async fn veer_is_never_an_open_proxy() {
     let cfg = ConfigFile::new(&route(stable.addr, None, ""));
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let addr = proxy.http_addr();
-    let connect = raw_exchange(addr, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n").await;
+    let connect =
+        raw_exchange(addr, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n")
+            .await;
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect:?}");
-    let foreign = raw_exchange(addr, b"GET http://evil.example/ HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n").await;
+    let foreign =
+        raw_exchange(addr, b"GET http://evil.example/ HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n")
+            .await;
     assert!(foreign.starts_with("HTTP/1.1 400"), "{foreign:?}");
-    let same = raw_exchange(addr, b"GET http://shop.example/x HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n").await;
+    let same =
+        raw_exchange(addr, b"GET http://shop.example/x HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n")
+            .await;
     assert!(same.starts_with("HTTP/1.1 200") && same.ends_with("stable"), "{same:?}");
     assert_eq!(stable.hits(), 1, "only the well-formed request reached the upstream");
     proxy.drain().await;
@@ -204,7 +210,10 @@ async fn veer_is_never_an_open_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_pauses_accept_instead_of_failing() {
     let stable = Upstream::text("stable").await;
-    let body = format!("[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n{}", route(stable.addr, None, ""));
+    let body = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        route(stable.addr, None, "")
+    );
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let addr = proxy.http_addr();
@@ -219,12 +228,16 @@ async fn max_connections_pauses_accept_instead_of_failing() {
         held.push(s);
     }
     // A third connection is accepted by the kernel but not served while both slots are taken.
-    let mut third = tokio::spawn(async move { raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await });
+    let mut third =
+        tokio::spawn(
+            async move { raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await },
+        );
     // A bounded look for something that must not happen.
     let early = tokio::time::timeout(Duration::from_millis(300), &mut third).await;
     assert!(early.is_err(), "the third connection was served while two were held");
     drop(held.pop());
-    let answer = tokio::time::timeout(Duration::from_secs(5), third).await.expect("served once a slot frees").expect("join");
+    let answer =
+        tokio::time::timeout(Duration::from_secs(5), third).await.expect("served once a slot frees").expect("join");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     proxy.drain().await;
 }

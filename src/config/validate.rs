@@ -622,8 +622,9 @@ endpoints = ["127.0.0.1:9002"]
 
     #[test]
     fn unreachable_routes_and_clashing_listeners_are_errors() {
-        let first =
-            BASE.replace("\"web\"", "\"a\"").replace("[[routes]]", "[admin]\nlisten = \"0.0.0.0:8080\"\ntoken_file = \"t\"\n[[routes]]");
+        let first = BASE
+            .replace("\"web\"", "\"a\"")
+            .replace("[[routes]]", "[admin]\nlisten = \"0.0.0.0:8080\"\ntoken_file = \"t\"\n[[routes]]");
         let d = errs(&(first + &BASE.replace("\"web\"", "\"b\"")));
         let keys: Vec<&str> = d.iter().map(|d| d.key.as_str()).collect();
         assert_eq!(keys, ["admin.listen", "routes[1].path_prefix"], "{d:?}");
@@ -646,7 +647,10 @@ endpoints = ["127.0.0.1:9002"]
     fn a_public_admin_listener_needs_a_token() {
         let d = errs(&format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{BASE}"));
         assert_eq!((d[0].key.as_str(), d[0].line), ("admin.listen", 2));
-        assert!(parse(Path::new("t.toml"), &format!("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"t\"\n{BASE}")).is_ok());
+        assert!(
+            parse(Path::new("t.toml"), &format!("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"t\"\n{BASE}"))
+                .is_ok()
+        );
     }
 
     #[test]

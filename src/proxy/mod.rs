@@ -92,18 +92,27 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
     Ok(resp)
 }
 
-/// veer is never an open proxy: `CONNECT` is refused, and an absolute-form request line
-/// must name the same host as its `Host` header (the upstream only ever sees the path).
+/// Requests a reverse proxy must not pass on: `CONNECT` (veer is never an open proxy) and an
+/// absolute-form request line naming another host than its `Host` header. (Conflicting body
+/// framings never get here: hyper rejects duplicate `Content-Length`s, and with both
+/// `Transfer-Encoding` and `Content-Length` it reads the chunked body, drops the length and
+/// closes the connection after the answer, so nothing can ride along.)
 fn not_for_a_reverse_proxy(req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
     if req.method() == http::Method::CONNECT {
-        return Some(local(StatusCode::METHOD_NOT_ALLOWED, "veer: CONNECT is not supported: this is a reverse proxy\n"));
+        return Some(local(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "veer: CONNECT is not supported: this is a reverse proxy\n",
+        ));
     }
     let absolute = req.version() < Version::HTTP_2 && req.uri().authority().is_some();
     if absolute {
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(crate::router::strip_port);
         let target = req.uri().host().unwrap_or("");
         if !host.is_some_and(|h| h.eq_ignore_ascii_case(target)) {
-            return Some(local(StatusCode::BAD_REQUEST, "veer: absolute-form request for another host: this is not a forward proxy\n"));
+            return Some(local(
+                StatusCode::BAD_REQUEST,
+                "veer: absolute-form request for another host: this is not a forward proxy\n",
+            ));
         }
     }
     None
