@@ -18,7 +18,7 @@ use tracing::error;
 use crate::journal::Journal;
 use crate::notify::Notifier;
 use crate::rollout::Phase;
-use crate::rollout::controller::{CommandError, Outputs, RouteController};
+use crate::rollout::controller::{CommandError, MirrorReading, Outputs, RouteController};
 use crate::rollout::machine::Command;
 use crate::server::Shared;
 use crate::snapshot::{Route, Snapshot};
@@ -223,11 +223,11 @@ impl ControlPlane {
             self.due.insert(name.clone(), now + route.config.rollback.tick);
             let readings = read(route, now);
             route.policy.assign.next_tick();
-            if let (Some(retry), Some((stable, candidate))) = (&route.policy.retry, &readings) {
+            if let (Some(retry), Some((stable, candidate, _))) = (&route.policy.retry, &readings) {
                 retry.deposit(stable.tick.requests() + candidate.tick.requests());
             }
-            if let (Some(c), Some((stable, candidate))) = (self.controllers.get_mut(name), &readings) {
-                c.tick(now, stable, candidate, &out);
+            if let (Some(c), Some((stable, candidate, mirror))) = (self.controllers.get_mut(name), &readings) {
+                c.tick(now, stable, candidate, mirror, &out);
             }
             if let Some(g) = self.gauges.get(name) {
                 let (phase, _, weight) = position(route);
@@ -273,12 +273,17 @@ impl ControlPlane {
     }
 }
 
-/// Ticks both versions' windows; `None` for routes without candidate.
-fn read(route: &Route, now: Instant) -> Option<(Reading, Reading)> {
+/// Ticks both versions' windows, and the candidate's mirror window when the route mirrors;
+/// `None` for routes without candidate.
+fn read(route: &Route, now: Instant) -> Option<(Reading, Reading, MirrorReading)> {
     let window = route.config.rollback.window;
     let stable = route.runtime.stable.tick(now, window);
     let (_, cand) = route.runtime.candidate.as_ref()?;
-    Some((stable, cand.tick(now, window)))
+    let mirror = match route.policy.mirror {
+        Some(_) => MirrorReading::of(cand, now, window),
+        None => MirrorReading::counters(cand),
+    };
+    Some((stable, cand.tick(now, window), mirror))
 }
 
 /// Pushes pending metric increments of every version (right before a scrape).

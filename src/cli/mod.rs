@@ -318,6 +318,9 @@ fn rules(r: &RouteConfig) -> String {
     if let Some(x) = rb.max_p99_ratio {
         parts.push(format!("p99 <= {x}x stable"));
     }
+    if let Some(x) = r.mirror.as_ref().and_then(|m| m.max_mismatch_rate) {
+        parts.push(format!("mirror mismatches <= {}%", x * 100.0));
+    }
     parts.push(format!("confidence {}", rb.confidence));
     parts.join(", ")
 }

@@ -5,8 +5,13 @@
 //! candidate requests finish. If the state directory cannot be written, the controller holds
 //! (no step forward, loud logs) but still serves, and still rolls back: a broken disk never
 //! keeps a bad candidate in front of users.
+//!
+//! In a blue-green preview the judge reads the candidate's mirrored traffic. At the switch to
+//! 100% the controller freezes stable's window into the judge's baseline (saved with the
+//! evidence, and in the switch event) so the bake is judged against stable from before it.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use metrics::Gauge;
@@ -15,14 +20,53 @@ use tracing::{error, info, warn};
 
 use super::Phase;
 use super::RolloutState;
-use super::judge::{Judge, Observation, RuleKind, Verdict};
+use super::judge::{Baseline, Judge, JudgeState, Observation, RuleKind, Verdict};
 use super::machine::{Change, Command, EventKind, Machine, Plan};
 use crate::config::RouteConfig;
 use crate::journal::{Event, Journal, JournalError, RouteRecord, timestamp};
 use crate::notify::Notifier;
-use crate::runtime::RouteRuntime;
+use crate::runtime::{RouteRuntime, VersionRuntime};
+use crate::stats::Totals;
 use crate::stats::window::{Reading, WindowFigures};
 use crate::telemetry::{JUDGE_EVIDENCE, JUDGE_THRESHOLD, ROLLBACKS_TOTAL, Telemetry};
+
+/// The candidate's mirrored traffic as read at one tick.
+#[derive(Debug, Clone)]
+pub struct MirrorReading {
+    /// The mirror lane's window and tick increment.
+    pub reading: Reading,
+    /// Mirrored answers compared with stable's so far (monotone).
+    pub compared: u64,
+    /// Of those, the ones that differed (monotone).
+    pub mismatched: u64,
+}
+
+impl MirrorReading {
+    /// Ticks the candidate's mirror window and reads its pair counters.
+    pub fn of(candidate: &VersionRuntime, now: Instant, window: Duration) -> MirrorReading {
+        MirrorReading {
+            reading: candidate.tick_mirror(now, window),
+            compared: candidate.mirror_pairs.compared.load(Ordering::Relaxed),
+            mismatched: candidate.mirror_pairs.mismatched.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The pair counters alone, for a route that does not mirror (its mirror window is not
+    /// worth a tick).
+    pub fn counters(candidate: &VersionRuntime) -> MirrorReading {
+        let zero = Totals::default;
+        MirrorReading {
+            reading: Reading { window: zero(), tick: zero(), total: zero() },
+            compared: candidate.mirror_pairs.compared.load(Ordering::Relaxed),
+            mismatched: candidate.mirror_pairs.mismatched.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The judge of a route: its rollback rules plus the mirror rule when configured.
+fn judge_of(config: &RouteConfig, state: JudgeState) -> Judge {
+    Judge::restore(&config.rollback, state).with_mirror_limit(config.mirror.as_ref().and_then(|m| m.max_mismatch_rate))
+}
 
 /// Why a command did not apply.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +99,8 @@ pub struct RouteController {
     evidence_gauges: Vec<(RuleKind, Gauge, Gauge)>,
     last_event: Option<Event>,
     last_checkpoint: Instant,
+    /// The mirror pair counters at the previous tick, to feed the judge increments.
+    last_pairs: (u64, u64),
 }
 
 /// How often the judge's evidence is saved between transitions, so a crash loses at most
@@ -91,11 +137,21 @@ impl RouteController {
                     v.last_transition = Some(rec.last_event.clone());
                     v.rollback = rollback;
                 });
-                (Machine::restore(plan, rec.machine, now), Judge::restore(&config.rollback, rec.judge))
+                let mut judge = judge_of(config, rec.judge);
+                if rec.machine.phase == Phase::Baking && judge.baseline().is_none() {
+                    // A crash between the journal line and the state file: the switch event
+                    // carries the baseline too.
+                    let recorded = rec.last_event.evidence.get("baseline").cloned();
+                    judge.set_baseline(recorded.and_then(|b| serde_json::from_value(b).ok()));
+                }
+                (Machine::restore(plan, rec.machine, now), judge)
             }
-            None => (Machine::new(plan, now), Judge::new(&config.rollback)),
+            None => (Machine::new(plan, now), judge_of(config, JudgeState::default())),
         };
-        let evidence_gauges = [RuleKind::ErrorRate, RuleKind::Latency, RuleKind::MaxErrorRate, RuleKind::MaxP99]
+        let last_pairs = runtime.candidate.as_ref().map_or((0, 0), |(_, v)| {
+            (v.mirror_pairs.compared.load(Ordering::Relaxed), v.mirror_pairs.mismatched.load(Ordering::Relaxed))
+        });
+        let evidence_gauges = RuleKind::ALL
             .into_iter()
             .map(|k| {
                 let g = |name| out.telemetry.route_gauge_with(name, &config.name, "rule", k.label());
@@ -111,6 +167,7 @@ impl RouteController {
             evidence_gauges,
             last_event,
             last_checkpoint: now,
+            last_pairs,
         };
         // A recovered rollout resumes at its recorded weight; a new one stays at 0 until its
         // start is journaled.
@@ -142,7 +199,7 @@ impl RouteController {
         self.config = config.clone();
         self.stable_version = runtime.stable.version.clone();
         self.machine = Machine::restore(Plan::of(&config.rollout), self.machine.state().clone(), now);
-        self.judge = Judge::restore(&config.rollback, self.judge.state().clone());
+        self.judge = judge_of(config, self.judge.state().clone());
         let change = Change {
             kind: EventKind::Reloaded,
             from: self.machine.phase(),
@@ -154,8 +211,18 @@ impl RouteController {
         let _ = self.apply(change, json!(null), out);
     }
 
-    /// One tick with the versions' readings.
-    pub fn tick(&mut self, now: Instant, stable: &Reading, candidate: &Reading, out: &Outputs<'_>) {
+    /// One tick with the versions' readings and the candidate's mirrored traffic.
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        stable: &Reading,
+        candidate: &Reading,
+        mirror: &MirrorReading,
+        out: &Outputs<'_>,
+    ) {
+        let pairs =
+            (mirror.compared.saturating_sub(self.last_pairs.0), mirror.mismatched.saturating_sub(self.last_pairs.1));
+        self.last_pairs = (mirror.compared, mirror.mismatched);
         if self.machine.phase() == Phase::Pending {
             self.try_start(now, out);
             return;
@@ -163,27 +230,50 @@ impl RouteController {
         if !self.machine.judging() {
             return;
         }
+        // In preview the candidate has no judged traffic of its own: its mirrored answers are
+        // what it is judged on, and what counts toward `min_requests`.
+        let preview = self.machine.phase() == Phase::Preview;
+        let judged = if preview { &mirror.reading } else { candidate };
         let obs = Observation {
             stable_tick: &stable.tick,
-            candidate_tick: &candidate.tick,
+            candidate_tick: &judged.tick,
             stable_window: &stable.window,
-            candidate_window: &candidate.window,
+            candidate_window: &judged.window,
             weight_bp: self.rollout.weight_bp(),
+            mirror_compared: pairs.0,
+            mirror_mismatched: pairs.1,
         };
         let verdict = self.judge.evaluate(&obs);
         self.publish_judge();
         self.checkpoint(now, out);
-        let before = self.machine.clone();
-        let Some(change) = self.machine.observe(now, candidate.tick.requests(), &verdict) else { return };
-        let evidence = match &verdict {
+        let before = (self.machine.clone(), self.judge.baseline().cloned());
+        let Some(change) = self.machine.observe(now, judged.tick.requests(), &verdict) else { return };
+        let mut evidence = match &verdict {
             Verdict::Failing(f) => {
-                self.evidence(f.rule.label(), WindowFigures::of(stable), WindowFigures::of(candidate), now)
+                self.evidence(f.rule.label(), WindowFigures::of(stable), WindowFigures::of(judged), now)
             }
             _ => json!(null),
         };
+        if preview && evidence.is_object() {
+            evidence["candidate"]["traffic"] = json!("mirrored");
+        }
+        if change.to == Phase::Baking {
+            // The bake is judged against stable as it was right before the switch.
+            let baseline = Baseline::of(&stable.window);
+            if baseline.is_none() {
+                warn!(route = %self.config.name, "no stable traffic in the window at the switch: the bake runs the absolute guards only");
+            }
+            evidence = json!({
+                "baseline": baseline,
+                "stable": { "version": self.stable_version, "window": WindowFigures::of(stable) },
+                "candidate": { "version": self.rollout.candidate_version(), "window": WindowFigures::of(judged), "traffic": "mirrored" },
+            });
+            self.judge.set_baseline(baseline);
+        }
         if self.apply(change, evidence, out).is_err() {
             // Hold: the step forward waits until the state dir can record it.
-            self.machine = before;
+            self.machine = before.0;
+            self.judge.set_baseline(before.1);
         }
     }
 
@@ -199,7 +289,7 @@ impl RouteController {
         let before = (self.machine.clone(), self.judge.clone());
         let change = self.machine.command(cmd, now, reason).map_err(|r| CommandError::Refused(r.0))?;
         if cmd == Command::Retry {
-            self.judge = Judge::new(&self.config.rollback);
+            self.judge = judge_of(&self.config, JudgeState::default());
         }
         let evidence = match (cmd, windows) {
             (Command::Abort, Some((s, c))) => self.evidence("manual", s, c, now),

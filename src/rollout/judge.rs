@@ -40,9 +40,25 @@
 //! `max_error_rate_increase`, `max_p99_ratio`). A rule that fired but lacks events holds the
 //! rollout (`Inconclusive`); one whose effect is too small to matter does not.
 //!
+//! **Blue-green.** In preview the candidate's side of every rule is its answers to mirrored
+//! copies (a random share of stable's own requests), compared with stable's judged traffic.
+//! At the switch to 100% the controller freezes stable's window into a [`Baseline`]; while the
+//! candidate bakes, the comparative rules continue as one-sample e-processes of the candidate
+//! against it (errors against stable's rate, latency against "at most 50/10/1% slower than
+//! stable's p50/p90/p99"), with the same gates read against the baseline, and the absolute
+//! guards run alone. Each rule keeps one e-process for the whole rollout, so the budget is
+//! unchanged.
+//!
+//! **`mirror_mismatch`** (armed by `mirror.max_mismatch_rate`): a one-sample mixture of the
+//! mirrored answers that differ from stable's, against that rate. It fires only with at least 3
+//! mismatches in the window and a window mismatch rate above the limit.
+//!
 //! **Validity.** The guarantee assumes each request was assigned to a version independently of
 //! its outcome (the weighted split does this). Requests forced by an override header or copied
-//! by mirroring are not fed to the comparison.
+//! by mirroring are not fed to the comparison, except in a blue-green preview, where mirrored
+//! copies of a random share of stable's requests are all the candidate has.
+
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
@@ -114,9 +130,15 @@ pub enum RuleKind {
     MaxErrorRate,
     /// Candidate p99 above `max_p99`.
     MaxP99,
+    /// Mirrored answers differing from stable's more often than `max_mismatch_rate`.
+    MirrorMismatch,
 }
 
 impl RuleKind {
+    /// Every rule, in the order the judge reports them.
+    pub const ALL: [RuleKind; 5] =
+        [RuleKind::ErrorRate, RuleKind::Latency, RuleKind::MaxErrorRate, RuleKind::MaxP99, RuleKind::MirrorMismatch];
+
     /// The `rule` label.
     pub fn label(self) -> &'static str {
         match self {
@@ -124,6 +146,7 @@ impl RuleKind {
             RuleKind::Latency => "latency",
             RuleKind::MaxErrorRate => "max_error_rate",
             RuleKind::MaxP99 => "max_p99",
+            RuleKind::MirrorMismatch => "mirror_mismatch",
         }
     }
 }
@@ -192,13 +215,15 @@ pub struct RuleFigures {
     pub ln_evidence: f64,
     /// `ln(k/α)`.
     pub ln_threshold: f64,
-    /// The observed candidate figure in the window (error rate, or worst quantile ratio, or p99 ms).
+    /// The observed candidate figure in the window (error rate, worst quantile ratio, p99 ms,
+    /// or mirror mismatch rate).
     pub candidate: f64,
-    /// The matching stable figure (or the configured limit for guards).
+    /// The matching stable figure (the baseline's while baking), or the configured limit for
+    /// guards and `mirror_mismatch`.
     pub stable: f64,
-    /// Candidate requests in the window.
+    /// Candidate requests in the window (mirrored pairs compared, for `mirror_mismatch`).
     pub candidate_requests: u64,
-    /// Stable requests in the window.
+    /// Stable requests in the window (in the baseline, while baking).
     pub stable_requests: u64,
     /// Why a gate held it back, if one did.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -229,9 +254,51 @@ pub struct JudgeState {
     pub p99_guard: Mixture,
     /// `max_p99`'s comparative companion.
     pub p99_compare: Mixture,
+    /// `mirror_mismatch`, one-sample against `max_mismatch_rate`.
+    #[serde(default)]
+    pub mismatch: Mixture,
+    /// Stable's figures frozen at a blue-green switch: what the comparative rules hold the
+    /// candidate to while it serves everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
 }
 
-/// What the judge reads each tick (counts only judged, randomly assigned requests).
+/// Lowest error rate a [`Baseline`] holds the candidate to.
+pub const MIN_BASELINE_ERROR_RATE: f64 = 0.001;
+
+/// Stable's window at the moment a blue-green rollout switched to the candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    /// Stable requests in the window.
+    pub requests: u64,
+    /// Stable errors in the window.
+    pub errors: u64,
+    /// Stable's p50, p90 and p99 in the window, µs: the latency rule's τ during the bake.
+    pub quantiles_us: [u64; 3],
+}
+
+impl Baseline {
+    /// The baseline of stable's window `w`, or `None` when it holds no request.
+    pub fn of(w: &Totals) -> Option<Baseline> {
+        let lat = Latency(&w.latency);
+        let quantiles_us = QUANTILES.map(|q| lat.quantile_us(q));
+        (w.requests() > 0 && quantiles_us.iter().all(Option::is_some)).then(|| Baseline {
+            requests: w.requests(),
+            errors: w.faults,
+            quantiles_us: quantiles_us.map(|q| q.unwrap_or(0)),
+        })
+    }
+
+    /// The error rate the candidate is held to: `(errors + 1) / (requests + 1)`, so that a
+    /// short or error-free window never sets the bar at zero, and at least
+    /// [`MIN_BASELINE_ERROR_RATE`].
+    pub fn error_rate(&self) -> f64 {
+        ((self.errors + 1) as f64 / (self.requests + 1) as f64).max(MIN_BASELINE_ERROR_RATE)
+    }
+}
+
+/// What the judge reads each tick (counts only judged, randomly assigned requests; in a
+/// blue-green preview the candidate's side is its mirrored traffic).
 #[derive(Debug, Clone, Copy)]
 pub struct Observation<'a> {
     /// Stable traffic since the previous tick.
@@ -244,6 +311,49 @@ pub struct Observation<'a> {
     pub candidate_window: &'a Totals,
     /// The candidate's weight during the tick.
     pub weight_bp: u32,
+    /// Mirrored answers compared with stable's since the previous tick.
+    pub mirror_compared: u64,
+    /// Of those, the ones that differed.
+    pub mirror_mismatched: u64,
+}
+
+/// Slices of the mismatch rule's window.
+const PAIR_SLICES: usize = 10;
+
+/// Mirrored pairs over about the rule's window: per-slice sums of tick increments, a slice
+/// being a tenth of the window in ticks.
+#[derive(Debug, Clone, Default)]
+struct PairWindow {
+    ticks_per_slice: u32,
+    ticks_in_last: u32,
+    slices: VecDeque<(u64, u64)>,
+}
+
+impl PairWindow {
+    fn new(cfg: &RollbackConfig) -> PairWindow {
+        let ticks = cfg.window.as_nanos() / cfg.tick.as_nanos().max(1);
+        let per_slice = (ticks / PAIR_SLICES as u128).clamp(1, u128::from(u32::MAX)) as u32;
+        PairWindow { ticks_per_slice: per_slice, ticks_in_last: 0, slices: VecDeque::new() }
+    }
+
+    fn push(&mut self, compared: u64, mismatched: u64) {
+        if self.slices.is_empty() || self.ticks_in_last >= self.ticks_per_slice {
+            self.slices.push_back((0, 0));
+            self.ticks_in_last = 0;
+            if self.slices.len() > PAIR_SLICES {
+                self.slices.pop_front();
+            }
+        }
+        let last = self.slices.back_mut().expect("a slice was just ensured");
+        last.0 += compared;
+        last.1 += mismatched;
+        self.ticks_in_last += 1;
+    }
+
+    /// (compared, mismatched) in the window.
+    fn sums(&self) -> (u64, u64) {
+        self.slices.iter().fold((0, 0), |(n, x), (a, b)| (n + a, x + b))
+    }
 }
 
 /// Stable requests a comparative batch needs before it is weighed.
@@ -272,6 +382,8 @@ pub struct Judge {
     taus: Option<[u64; 3]>,
     ln_threshold: f64,
     figures: JudgeFigures,
+    mismatch_limit: Option<f64>,
+    pairs: PairWindow,
 }
 
 const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
@@ -284,25 +396,53 @@ impl Judge {
 
     /// A judge continuing from recorded evidence.
     pub fn restore(cfg: &RollbackConfig, state: JudgeState) -> Judge {
+        let mut j = Judge {
+            cfg: cfg.clone(),
+            state,
+            batch: Batch::default(),
+            taus: None,
+            ln_threshold: 0.0,
+            figures: JudgeFigures::default(),
+            mismatch_limit: None,
+            pairs: PairWindow::new(cfg),
+        };
+        j.ln_threshold = j.threshold();
+        j
+    }
+
+    /// Arms the `mirror_mismatch` rule with `mirror.max_mismatch_rate` (it takes its share of
+    /// the budget).
+    pub fn with_mirror_limit(mut self, max_mismatch_rate: Option<f64>) -> Judge {
+        self.mismatch_limit = max_mismatch_rate;
+        self.ln_threshold = self.threshold();
+        self
+    }
+
+    /// `ln(k/α)` for the `k` armed rules.
+    fn threshold(&self) -> f64 {
+        let c = &self.cfg;
         let armed = [
-            cfg.max_error_rate_increase.is_some(),
-            cfg.max_p99_ratio.is_some(),
-            cfg.max_error_rate.is_some(),
-            cfg.max_p99.is_some(),
+            c.max_error_rate_increase.is_some(),
+            c.max_p99_ratio.is_some(),
+            c.max_error_rate.is_some(),
+            c.max_p99.is_some(),
+            self.mismatch_limit.is_some(),
         ]
         .iter()
         .filter(|a| **a)
         .count()
         .max(1);
-        let alpha = 1.0 - cfg.confidence;
-        Judge {
-            cfg: cfg.clone(),
-            state,
-            batch: Batch::default(),
-            taus: None,
-            ln_threshold: (armed as f64 / alpha).ln(),
-            figures: JudgeFigures::default(),
-        }
+        (armed as f64 / (1.0 - c.confidence)).ln()
+    }
+
+    /// Freezes stable's figures for a blue-green bake (or forgets them with `None`).
+    pub fn set_baseline(&mut self, baseline: Option<Baseline>) {
+        self.state.baseline = baseline;
+    }
+
+    /// The frozen stable figures, while baking.
+    pub fn baseline(&self) -> Option<&Baseline> {
+        self.state.baseline.as_ref()
     }
 
     /// The evidence, for the state file.
@@ -350,6 +490,19 @@ impl Judge {
             b.over_s += sl.count_above(us);
             self.state.p99_guard.one_sample(0.01, n_c, slow);
         }
+        if let Some(base) = self.state.baseline.as_ref().filter(|_| o.weight_bp >= FULL_BP) {
+            // Baking: no stable traffic is left, so the comparative e-processes go on against
+            // stable's figures from before the switch. Counting whole buckets above τ, a
+            // candidate like stable exceeds τ_q at most a share 1 − q of the time.
+            self.state.errors.one_sample(base.error_rate(), n_c, x_c);
+            for ((m, tau), q) in self.state.latency.iter_mut().zip(base.quantiles_us).zip(QUANTILES) {
+                m.one_sample(1.0 - q, n_c, cl.count_above(tau));
+            }
+        }
+        if let Some(p0) = self.mismatch_limit {
+            self.state.mismatch.one_sample(p0, o.mirror_compared, o.mirror_mismatched);
+        }
+        self.pairs.push(o.mirror_compared, o.mirror_mismatched);
         self.close_batch(false);
         // τ for the next tick comes from this window, so no tick is judged by its own data.
         let sw = Latency(&o.stable_window.latency);
@@ -387,7 +540,9 @@ impl Judge {
         let rate = |t: &Totals| if t.requests() == 0 { 0.0 } else { t.faults as f64 / t.requests() as f64 };
         let (rc, rs) = (rate(cw), rate(sw));
         let alone = o.weight_bp >= FULL_BP;
-        let mut rules = Vec::with_capacity(4);
+        // Baking: the comparative rules read stable's figures from before the switch.
+        let baseline = self.state.baseline.clone().filter(|_| alone);
+        let mut rules = Vec::with_capacity(5);
         let figure = |rule, e: f64, candidate, stable| RuleFigures {
             rule,
             state: RuleState::Quiet,
@@ -406,10 +561,12 @@ impl Judge {
             f.note = Some("no stable traffic to compare with at 100%".into());
             f
         };
-        if self.cfg.max_error_rate_increase.is_some() && alone {
+        if self.cfg.max_error_rate_increase.is_some() && alone && baseline.is_none() {
             rules.push(not_applicable(figure(RuleKind::ErrorRate, self.state.errors.ln_evidence(), rc, rs)));
         } else if let Some(min_increase) = self.cfg.max_error_rate_increase {
+            let (rs, sn) = baseline.as_ref().map_or((rs, sn), |b| (b.error_rate(), b.requests));
             let mut f = figure(RuleKind::ErrorRate, self.state.errors.ln_evidence(), rc, rs);
+            f.stable_requests = sn;
             let events = (cw.faults >= MIN_BAD_EVENTS)
                 .then_some(())
                 .ok_or(format!("{} candidate errors in the window (need {MIN_BAD_EVENTS})", cw.faults));
@@ -425,17 +582,26 @@ impl Judge {
         }
 
         let latency_evidence = log_mean_exp(&self.state.latency.map(|m| m.ln_evidence()));
-        if let (Some(min_ratio), true) = (self.cfg.max_p99_ratio, alone) {
+        if let (Some(min_ratio), true, None) = (self.cfg.max_p99_ratio, alone, &baseline) {
             rules.push(not_applicable(figure(RuleKind::Latency, latency_evidence, 0.0, min_ratio)));
         } else if let Some(min_ratio) = self.cfg.max_p99_ratio {
             let e = latency_evidence;
             let (cl, sl) = (Latency(&cw.latency), Latency(&sw.latency));
+            // Stable's quantiles now, or frozen at the switch while baking.
+            let stable_q = match &baseline {
+                Some(b) => b.quantiles_us.map(Some),
+                None => QUANTILES.map(|q| sl.quantile_us(q)),
+            };
             let ratio = QUANTILES
                 .iter()
-                .filter_map(|&q| Some(cl.quantile_us(q)? as f64 / sl.quantile_us(q)?.max(1) as f64))
+                .zip(stable_q)
+                .filter_map(|(&q, s)| Some(cl.quantile_us(q)? as f64 / s?.max(1) as f64))
                 .fold(0.0, f64::max);
             let mut f = figure(RuleKind::Latency, e, ratio, min_ratio);
-            let slow = sl.quantile_us(0.99).map_or(0, |p99| cl.count_above(p99));
+            if let Some(b) = &baseline {
+                f.stable_requests = b.requests;
+            }
+            let slow = stable_q[2].map_or(0, |p99| cl.count_above(p99));
             let events = (slow >= MIN_BAD_EVENTS)
                 .then_some(())
                 .ok_or(format!("{slow} candidate requests slower than stable's p99 (need {MIN_BAD_EVENTS})"));
@@ -480,6 +646,23 @@ impl Judge {
                 Err("stable is as slow: the comparative test does not confirm".to_string())
             } else {
                 Ok(())
+            };
+            classify(&mut f, events, effect);
+            rules.push(f);
+        }
+
+        if let Some(limit) = self.mismatch_limit {
+            let (n, x) = self.pairs.sums();
+            let rate = if n == 0 { 0.0 } else { x as f64 / n as f64 };
+            let mut f = figure(RuleKind::MirrorMismatch, self.state.mismatch.ln_evidence(), rate, limit);
+            (f.candidate_requests, f.stable_requests) = (n, n);
+            let events = (x >= MIN_BAD_EVENTS)
+                .then_some(())
+                .ok_or(format!("{x} mismatched mirrored answers in the window (need {MIN_BAD_EVENTS})"));
+            let effect = if rate > limit {
+                Ok(())
+            } else {
+                Err(format!("window mismatch rate {rate:.4} is within max_mismatch_rate"))
             };
             classify(&mut f, events, effect);
             rules.push(f);
@@ -548,7 +731,15 @@ mod tests {
     }
 
     fn obs<'a>(s: &'a Totals, c: &'a Totals, sw: &'a Totals, cw: &'a Totals) -> Observation<'a> {
-        Observation { stable_tick: s, candidate_tick: c, stable_window: sw, candidate_window: cw, weight_bp: 100 }
+        Observation {
+            stable_tick: s,
+            candidate_tick: c,
+            stable_window: sw,
+            candidate_window: cw,
+            weight_bp: 100,
+            mirror_compared: 0,
+            mirror_mismatched: 0,
+        }
     }
 
     #[test]
@@ -609,6 +800,8 @@ mod tests {
             stable_window: &empty,
             candidate_window: &k,
             weight_bp: FULL_BP,
+            mirror_compared: 0,
+            mirror_mismatched: 0,
         };
         assert_eq!(j.evaluate(&o), Verdict::Healthy, "frozen evidence neither fires nor holds at 100%");
         assert_eq!(j.figures().rules[0].state, RuleState::Quiet);
@@ -628,6 +821,8 @@ mod tests {
             stable_window: &empty,
             candidate_window: &k,
             weight_bp: FULL_BP,
+            mirror_compared: 0,
+            mirror_mismatched: 0,
         };
         assert!(matches!(j.evaluate(&o), Verdict::Failing(Failure { rule: RuleKind::MaxErrorRate, .. })));
     }
@@ -691,6 +886,178 @@ mod tests {
         c.max_p99_ratio = Some(1.5);
         c.max_error_rate = Some(0.1);
         assert!((Judge::new(&c).ln_threshold() - 300f64.ln()).abs() < 1e-9);
+        let j = Judge::new(&c).with_mirror_limit(Some(0.01));
+        assert!((j.ln_threshold() - 400f64.ln()).abs() < 1e-9, "mirror_mismatch takes its share");
+        assert!((Judge::new(&c).with_mirror_limit(None).ln_threshold() - 300f64.ln()).abs() < 1e-9);
+    }
+
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use rand_distr::{Binomial, Distribution, LogNormal};
+
+    /// `n` requests of a version failing at rate `p` with lognormal latency (median
+    /// `median_ms`, σ = 0.5).
+    fn draw(rng: &mut StdRng, n: u64, p: f64, median_ms: f64) -> Totals {
+        let mut t = Totals::default();
+        let faults = Binomial::new(n, p).expect("binomial").sample(rng);
+        (t.classes[1], t.classes[4], t.faults) = (n - faults, faults, faults);
+        let lat = LogNormal::new(median_ms.ln(), 0.5).expect("lognormal");
+        for _ in 0..n {
+            let ms: f64 = lat.sample(rng);
+            t.latency[buckets::index((ms * 1000.0) as u64)] += 1;
+        }
+        t
+    }
+
+    fn bake_cfg() -> RollbackConfig {
+        RollbackConfig { max_p99_ratio: Some(1.5), max_error_rate: Some(0.05), ..cfg() }
+    }
+
+    /// A judge baking against a baseline of 10,000 stable requests at 1% errors and a 20 ms
+    /// median, fed `ticks` ticks of 50 candidate requests at `p` errors and `median_ms`;
+    /// returns the first failing verdict and the tick it came in.
+    fn bake(seed: u64, p: f64, median_ms: f64, ticks: usize) -> (Judge, Option<(usize, Failure)>) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut j = Judge::new(&bake_cfg());
+        let baseline = Baseline::of(&draw(&mut rng, 10_000, 0.01, 20.0)).expect("a baseline");
+        j.set_baseline(Some(baseline));
+        let empty = Totals::default();
+        let mut window: std::collections::VecDeque<Totals> = Default::default();
+        for i in 0..ticks {
+            let tick = draw(&mut rng, 50, p, median_ms);
+            window.push_back(tick.clone());
+            if window.len() > 300 {
+                window.pop_front();
+            }
+            let cw = window.iter().fold(Totals::default(), |a, t| add(&a, t));
+            let o = Observation {
+                stable_tick: &empty,
+                candidate_tick: &tick,
+                stable_window: &empty,
+                candidate_window: &cw,
+                weight_bp: FULL_BP,
+                mirror_compared: 0,
+                mirror_mismatched: 0,
+            };
+            if let Verdict::Failing(f) = j.evaluate(&o) {
+                return (j, Some((i, f)));
+            }
+        }
+        (j, None)
+    }
+
+    #[test]
+    fn a_baking_candidate_like_the_baseline_stays_quiet() {
+        // 100,000 candidate requests per seed, each seed with its own baseline estimate.
+        for seed in 1..=5 {
+            let (j, failed) = bake(seed, 0.01, 20.0, 2000);
+            assert_eq!(failed, None, "seed {seed}: {:?}", j.figures());
+            for rule in [RuleKind::ErrorRate, RuleKind::Latency] {
+                let f = j.figures().rules.iter().find(|r| r.rule == rule).expect("armed");
+                assert!(f.ln_evidence < f.ln_threshold / 2.0, "seed {seed}, {rule}: {f:?}");
+                assert_eq!(f.state, RuleState::Quiet, "seed {seed}: {f:?}");
+                assert_eq!(f.stable_requests, 10_000, "read against the baseline");
+            }
+            let err = j.figures().rules.iter().find(|r| r.rule == RuleKind::ErrorRate).expect("armed");
+            assert!((err.stable - j.baseline().expect("kept").error_rate()).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn a_baking_candidate_clearly_worse_than_the_baseline_fires() {
+        let (j, failed) = bake(11, 0.10, 20.0, 200);
+        let (tick, f) = failed.unwrap_or_else(|| panic!("10% errors against 1% never fired: {:?}", j.figures()));
+        assert_eq!(f.rule, RuleKind::ErrorRate, "{:?}", j.figures());
+        assert!(tick < 10, "fired only at tick {tick}");
+        let (j, failed) = bake(13, 0.01, 40.0, 200);
+        let (tick, f) = failed.unwrap_or_else(|| panic!("2x slower never fired: {:?}", j.figures()));
+        assert_eq!(f.rule, RuleKind::Latency, "{:?}", j.figures());
+        assert!(tick < 10, "fired only at tick {tick}");
+    }
+
+    #[test]
+    fn a_small_regression_against_the_baseline_is_suppressed_by_the_gates() {
+        // 1.5% against 1%: over the ratio gate but under the 0.01 increase gate.
+        let (j, failed) = bake(17, 0.015, 20.0, 1500);
+        assert_eq!(failed, None, "{:?}", j.figures());
+        let err = j.figures().rules.iter().find(|r| r.rule == RuleKind::ErrorRate).expect("armed");
+        assert_ne!(err.state, RuleState::Fired);
+    }
+
+    #[test]
+    fn baseline_reads_a_short_or_clean_window_conservatively() {
+        let b = Baseline { requests: 99, errors: 0, quantiles_us: [1, 2, 3] };
+        assert!((b.error_rate() - 0.01).abs() < 1e-12, "no error in 99 counts as one in 100");
+        let b = Baseline { requests: 1_000_000, errors: 0, quantiles_us: [1, 2, 3] };
+        assert_eq!(b.error_rate(), MIN_BASELINE_ERROR_RATE);
+        assert_eq!(Baseline::of(&Totals::default()), None, "no stable traffic, no baseline");
+        let b = Baseline::of(&totals(200, 2, 10)).expect("baseline");
+        assert_eq!((b.requests, b.errors), (200, 2));
+        assert!(b.quantiles_us.iter().all(|&q| q > 9000 && q < 11_000), "{b:?}");
+    }
+
+    #[test]
+    fn judge_state_keeps_the_baseline_and_old_state_files_still_load() {
+        let state = JudgeState {
+            baseline: Some(Baseline { requests: 500, errors: 5, quantiles_us: [10_000, 20_000, 90_000] }),
+            mismatch: Mixture { ell: [1.0; 8] },
+            ..JudgeState::default()
+        };
+        let json = serde_json::to_value(&state).expect("serialise");
+        assert_eq!(serde_json::from_value::<JudgeState>(json.clone()).expect("load"), state);
+        let mut old = json;
+        let map = old.as_object_mut().expect("object");
+        map.remove("baseline");
+        map.remove("mismatch");
+        let loaded: JudgeState = serde_json::from_value(old).expect("a state file from before blue-green loads");
+        assert_eq!((loaded.baseline, loaded.mismatch), (None, Mixture::default()));
+    }
+
+    /// A judge with only the mismatch rule armed, fed `ticks` ticks of `compared` pairs with
+    /// `mismatched(i)` mismatches; the first failing tick.
+    fn mirror_run(ticks: u64, compared: u64, mismatched: impl Fn(u64) -> u64) -> (Judge, Option<(u64, Failure)>) {
+        let c = RollbackConfig { max_error_rate_increase: None, ..cfg() };
+        let mut j = Judge::new(&c).with_mirror_limit(Some(0.01));
+        let (s, k) = (totals(100, 0, 5), totals(10, 0, 5));
+        for i in 0..ticks {
+            let o = Observation { mirror_compared: compared, mirror_mismatched: mismatched(i), ..obs(&s, &k, &s, &k) };
+            if let Verdict::Failing(f) = j.evaluate(&o) {
+                return (j, Some((i, f)));
+            }
+        }
+        (j, None)
+    }
+
+    #[test]
+    fn the_mismatch_rule_fires_on_a_high_mismatch_rate_only() {
+        // 20% of mirrored answers differ against a 1% limit.
+        let (j, failed) = mirror_run(100, 20, |_| 4);
+        let (tick, f) = failed.unwrap_or_else(|| panic!("never fired: {:?}", j.figures()));
+        assert_eq!(f.rule, RuleKind::MirrorMismatch);
+        assert!(tick < 5, "fired only at tick {tick}");
+        let rule = j.figures().rules.iter().find(|r| r.rule == RuleKind::MirrorMismatch).expect("armed");
+        assert!((rule.candidate - 0.2).abs() < 1e-9 && rule.stable == 0.01, "{rule:?}");
+        // 0.5%: one mismatch in every 200 pairs, for 40,000 pairs.
+        let (j, failed) = mirror_run(2000, 20, |i| u64::from(i % 10 == 0));
+        assert_eq!(failed, None, "{:?}", j.figures());
+        let rule = j.figures().rules.iter().find(|r| r.rule == RuleKind::MirrorMismatch).expect("armed");
+        assert_eq!(rule.state, RuleState::Quiet, "{rule:?}");
+        // Without the limit the rule is not armed at all.
+        let mut plain = Judge::new(&cfg());
+        let (s, k) = (totals(100, 0, 5), totals(10, 0, 5));
+        plain.evaluate(&Observation { mirror_compared: 20, mirror_mismatched: 20, ..obs(&s, &k, &s, &k) });
+        assert!(plain.figures().rules.iter().all(|r| r.rule != RuleKind::MirrorMismatch));
+    }
+
+    #[test]
+    fn the_mismatch_rule_holds_with_fewer_than_three_mismatches() {
+        // Two mismatches in two pairs: strong evidence, too few events to act on.
+        let (j, failed) = mirror_run(1, 2, |_| 2);
+        assert_eq!(failed, None);
+        let rule = j.figures().rules.iter().find(|r| r.rule == RuleKind::MirrorMismatch).expect("armed");
+        assert!(rule.ln_evidence > rule.ln_threshold, "{rule:?}");
+        assert_eq!(rule.state, RuleState::Watching);
+        assert_eq!(j.figures().verdict, "inconclusive");
     }
 
     fn add(a: &Totals, b: &Totals) -> Totals {

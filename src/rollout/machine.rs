@@ -10,6 +10,24 @@
 //! step instead of promoting on thin evidence, and an inconclusive judge holds it. With
 //! `auto_promote = false` the last step holds until an operator promotes. `rolled_back` is
 //! sticky: only `retry` (or a new candidate version, which is a new machine) leaves it.
+//!
+//! A blue-green plan has no steps:
+//!
+//! ```text
+//! pending ─▶ preview (0%) ─▶ baking (100%) ─▶ promoted
+//!    └──────────┴───────────────┴──────────────────▶ rolled_back ─(retry)─▶ preview
+//! ```
+//!
+//! `preview` gives the candidate only override-header and mirrored traffic; it switches to
+//! `baking` at 100% in one step once it has lasted `preview`, the candidate answered
+//! `min_requests` judged (mirrored) requests and the judge says healthy. `baking` promotes once
+//! it has lasted `bake` with `min_requests` candidate requests and a healthy judge (or holds
+//! for `veer promote` with `auto_promote = false`). A failing verdict in either rolls back in
+//! that tick. Pause and resume are refused in both: preview holds no user traffic to hold, and
+//! a bake that stops counting would keep everyone on an unproven candidate; `abort` returns
+//! to stable and a reload with a longer `preview` or `bake` extends the phase. Which path a
+//! rollout follows is read from its phase, so a reload that changes the strategy mid-rollout
+//! finishes the current rollout the old way; `start` and `retry` use the plan's strategy.
 
 use std::time::{Duration, Instant};
 
@@ -17,30 +35,47 @@ use serde::{Deserialize, Serialize};
 
 use super::Phase;
 use super::judge::Verdict;
-use crate::config::RolloutConfig;
+use crate::config::{RolloutConfig, Strategy};
 use crate::split::FULL_BP;
 
 /// The plan a machine walks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// Candidate weight per step, basis points, strictly increasing, last is 10000.
+    /// Canary steps or blue-green.
+    pub strategy: Strategy,
+    /// Candidate weight per step, basis points, strictly increasing, last is 10000 (canary).
     pub steps_bp: Vec<u32>,
-    /// Minimum dwell per step.
+    /// Minimum dwell per step (canary).
     pub step_interval: Duration,
-    /// Candidate requests needed per step.
+    /// Candidate requests needed per step, and in each of preview and bake.
     pub min_requests: u64,
-    /// Promote after the last step without an operator.
+    /// Promote after the last step (or the bake) without an operator.
     pub auto_promote: bool,
+    /// Minimum time in preview before the switch (blue-green).
+    pub preview: Duration,
+    /// Minimum time baking at 100% before promotion (blue-green).
+    pub bake: Duration,
 }
 
 impl Plan {
     /// The plan of a route's `[routes.rollout]`.
     pub fn of(c: &RolloutConfig) -> Plan {
         Plan {
+            strategy: c.strategy,
             steps_bp: if c.steps_bp.is_empty() { vec![FULL_BP] } else { c.steps_bp.clone() },
             step_interval: c.step_interval,
             min_requests: c.min_requests,
             auto_promote: c.auto_promote,
+            preview: c.preview,
+            bake: c.bake,
+        }
+    }
+
+    /// The phase a rollout (re)starts in: step 0, or blue-green's preview.
+    pub fn first_phase(&self) -> Phase {
+        match self.strategy {
+            Strategy::Canary => Phase::Progressing,
+            Strategy::BlueGreen => Phase::Preview,
         }
     }
 }
@@ -209,14 +244,17 @@ impl Machine {
         matches!(self.state.phase, Phase::Progressing | Phase::Paused | Phase::Preview | Phase::Baking)
     }
 
-    /// Begins a pending rollout at step 0.
+    /// Begins a pending rollout at step 0 (canary) or in preview (blue-green).
     pub fn start(&mut self, now: Instant) -> Option<Change> {
-        (self.state.phase == Phase::Pending)
-            .then(|| self.go(EventKind::Started, Phase::Progressing, 0, now, "rollout started".into()))
+        let (to, reason) = match self.plan.strategy {
+            Strategy::Canary => (Phase::Progressing, "rollout started"),
+            Strategy::BlueGreen => (Phase::Preview, "rollout started: preview with override and mirrored traffic"),
+        };
+        (self.state.phase == Phase::Pending).then(|| self.go(EventKind::Started, to, 0, now, reason.into()))
     }
 
-    /// One tick: `candidate_requests` judged candidate requests arrived since the last tick,
-    /// and the judge said `verdict`.
+    /// One tick: `candidate_requests` judged candidate requests arrived since the last tick
+    /// (in preview: mirrored requests), and the judge said `verdict`.
     pub fn observe(&mut self, now: Instant, candidate_requests: u64, verdict: &Verdict) -> Option<Change> {
         if !self.judging() {
             return None;
@@ -226,12 +264,26 @@ impl Machine {
             let reason = format!("rule {} tripped", f.rule);
             return Some(self.go(EventKind::RolledBack, Phase::RolledBack, 0, now, reason));
         }
-        if self.state.phase != Phase::Progressing || *verdict != Verdict::Healthy {
+        if *verdict != Verdict::Healthy || self.step_requests < self.plan.min_requests {
             return None;
         }
-        if now.saturating_duration_since(self.step_since) < self.plan.step_interval
-            || self.step_requests < self.plan.min_requests
-        {
+        let held = now.saturating_duration_since(self.step_since);
+        match self.state.phase {
+            Phase::Preview if held >= self.plan.preview => {
+                let reason = format!(
+                    "preview held for {held:?} with {} mirrored candidate requests; switched to the candidate",
+                    self.step_requests
+                );
+                return Some(self.go(EventKind::Step, Phase::Baking, 0, now, reason));
+            }
+            Phase::Baking if held >= self.plan.bake && self.plan.auto_promote => {
+                let reason = format!("baked for {held:?} with {} candidate requests", self.step_requests);
+                return Some(self.go(EventKind::Promoted, Phase::Promoted, 0, now, reason));
+            }
+            Phase::Progressing => {}
+            _ => return None,
+        }
+        if held < self.plan.step_interval {
             return None;
         }
         let next = self.state.step + 1;
@@ -274,8 +326,15 @@ impl Machine {
                 let step = self.state.step;
                 Ok(self.go(EventKind::Resumed, Phase::Progressing, step, now, why("manual resume")))
             }
+            (Command::Pause | Command::Resume, Phase::Preview | Phase::Baking) => Err(Refusal(format!(
+                "cannot {}: a blue-green rollout in {} is not paused (preview holds no user traffic, a bake \
+                 must keep counting); `abort` returns to stable, a reload with a longer preview or bake extends it",
+                if cmd == Command::Pause { "pause" } else { "resume" },
+                phase.label()
+            ))),
             (Command::Retry, Phase::RolledBack) => {
-                Ok(self.go(EventKind::Retried, Phase::Progressing, 0, now, why("manual retry")))
+                let to = self.plan.first_phase();
+                Ok(self.go(EventKind::Retried, to, 0, now, why("manual retry")))
             }
             (Command::Promote, Phase::Promoted) => refuse("promote"),
             (Command::Pause, _) => refuse("pause"),
@@ -303,11 +362,175 @@ mod tests {
 
     fn plan(auto: bool) -> Plan {
         Plan {
+            strategy: Strategy::Canary,
             steps_bp: vec![100, 1000, 10_000],
             step_interval: Duration::from_secs(10),
             min_requests: 50,
             auto_promote: auto,
+            preview: Duration::from_secs(300),
+            bake: Duration::from_secs(600),
         }
+    }
+
+    fn blue_green(auto: bool) -> Plan {
+        Plan { strategy: Strategy::BlueGreen, ..plan(auto) }
+    }
+
+    /// A blue-green machine in preview since `t0`.
+    fn previewing(auto: bool) -> (Machine, Instant) {
+        let t0 = Instant::now();
+        let mut m = Machine::new(blue_green(auto), t0);
+        let c = m.start(t0).expect("starts");
+        assert_eq!(
+            (c.kind, c.from, c.to, c.step, c.weight_bp),
+            (EventKind::Started, Phase::Pending, Phase::Preview, None, 0)
+        );
+        assert!(c.reason.contains("preview"), "{}", c.reason);
+        assert!(m.judging());
+        (m, t0)
+    }
+
+    /// A blue-green machine baking since `t0 + 300 s`.
+    fn baking(auto: bool) -> (Machine, Instant) {
+        let (mut m, t0) = previewing(auto);
+        m.observe(t0 + Duration::from_secs(300), 50, &Verdict::Healthy).expect("switches");
+        assert_eq!(m.phase(), Phase::Baking);
+        (m, t0 + Duration::from_secs(300))
+    }
+
+    #[test]
+    fn blue_green_preview_switches_to_full_weight_after_its_time_traffic_and_a_healthy_judge() {
+        let (mut m, t0) = previewing(true);
+        let s = Duration::from_secs;
+        assert_eq!(m.observe(t0 + s(100), 500, &Verdict::Healthy), None, "preview time not over");
+        assert_eq!(m.weight_bp(), 0, "preview sends no ordinary traffic");
+        assert_eq!(m.observe(t0 + s(300), 0, &Verdict::Inconclusive), None, "inconclusive holds");
+        let c = m.observe(t0 + s(301), 0, &Verdict::Healthy).expect("switches");
+        assert_eq!(
+            (c.kind, c.from, c.to, c.step, c.weight_bp),
+            (EventKind::Step, Phase::Preview, Phase::Baking, None, FULL_BP)
+        );
+        assert!(c.reason.contains("mirrored") && c.reason.contains("switched"), "{}", c.reason);
+        assert_eq!(m.weight_bp(), FULL_BP);
+        assert_eq!(m.step_requests(), 0, "the bake counts its own requests");
+        assert_eq!(m.step_since(), t0 + s(301), "the bake's time starts at the switch");
+    }
+
+    #[test]
+    fn blue_green_preview_needs_min_requests() {
+        let (mut m, t0) = previewing(true);
+        for i in 1..=12 {
+            let at = t0 + Duration::from_secs(300 + i);
+            assert_eq!(m.observe(at, 4, &Verdict::Healthy), None, "only {} mirrored requests", 4 * i);
+        }
+        assert_eq!(m.phase(), Phase::Preview);
+        assert!(m.observe(t0 + Duration::from_secs(400), 2, &Verdict::Healthy).is_some(), "50 now");
+    }
+
+    #[test]
+    fn blue_green_bake_promotes_after_its_time_and_traffic() {
+        let (mut m, t1) = baking(true);
+        let s = Duration::from_secs;
+        assert_eq!(m.observe(t1 + s(599), 1000, &Verdict::Healthy), None, "bake not over");
+        assert_eq!(m.observe(t1 + s(600), 0, &Verdict::Inconclusive), None, "inconclusive holds");
+        let c = m.observe(t1 + s(600), 0, &Verdict::Healthy).expect("promotes");
+        assert_eq!(
+            (c.kind, c.from, c.to, c.step, c.weight_bp),
+            (EventKind::Promoted, Phase::Baking, Phase::Promoted, None, FULL_BP)
+        );
+        assert!(c.reason.contains("baked"), "{}", c.reason);
+        assert_eq!(m.observe(t1 + s(700), 10, &failing()), None, "a promoted candidate is no longer judged");
+
+        let (mut m, t1) = baking(true);
+        assert_eq!(m.observe(t1 + s(900), 49, &Verdict::Healthy), None, "thin traffic stretches the bake");
+        assert!(m.observe(t1 + s(901), 1, &Verdict::Healthy).is_some());
+    }
+
+    #[test]
+    fn blue_green_bake_holds_for_an_operator_without_auto_promote() {
+        let (mut m, t1) = baking(false);
+        assert_eq!(m.observe(t1 + Duration::from_secs(5000), 5000, &Verdict::Healthy), None);
+        assert_eq!((m.phase(), m.weight_bp()), (Phase::Baking, FULL_BP));
+        let c = m.command(Command::Promote, t1 + Duration::from_secs(5001), Some("green is good")).expect("promote");
+        assert_eq!((c.from, c.to, c.reason.as_str()), (Phase::Baking, Phase::Promoted, "green is good"));
+    }
+
+    #[test]
+    fn blue_green_failing_rolls_back_from_preview_and_from_baking_in_that_tick() {
+        let (mut m, t0) = previewing(true);
+        let c = m.observe(t0, 1, &failing()).expect("rolls back");
+        assert_eq!((c.kind, c.from, c.to, c.weight_bp), (EventKind::RolledBack, Phase::Preview, Phase::RolledBack, 0));
+        assert_eq!(m.observe(t0 + Duration::from_secs(900), 1000, &Verdict::Healthy), None, "sticky");
+        let (mut m, t1) = baking(true);
+        let c = m.observe(t1 + Duration::from_millis(100), 1, &failing()).expect("rolls back");
+        assert_eq!((c.kind, c.from, c.to, c.weight_bp), (EventKind::RolledBack, Phase::Baking, Phase::RolledBack, 0));
+        assert!(c.reason.contains("error_rate"), "{}", c.reason);
+        assert_eq!(m.weight_bp(), 0);
+    }
+
+    #[test]
+    fn blue_green_commands_and_refusals() {
+        use Command::*;
+        let t = Instant::now();
+        let at = |phase: Phase| Machine::restore(blue_green(true), MachineState { phase, step: 0 }, t);
+        let table = [
+            (Promote, Phase::Pending, Some(Phase::Promoted)),
+            (Promote, Phase::Preview, Some(Phase::Promoted)),
+            (Promote, Phase::Baking, Some(Phase::Promoted)),
+            (Promote, Phase::Promoted, None),
+            (Promote, Phase::RolledBack, None),
+            (Abort, Phase::Pending, Some(Phase::RolledBack)),
+            (Abort, Phase::Preview, Some(Phase::RolledBack)),
+            (Abort, Phase::Baking, Some(Phase::RolledBack)),
+            (Abort, Phase::Promoted, Some(Phase::RolledBack)),
+            (Abort, Phase::RolledBack, None),
+            (Pause, Phase::Preview, None),
+            (Pause, Phase::Baking, None),
+            (Resume, Phase::Preview, None),
+            (Resume, Phase::Baking, None),
+            (Retry, Phase::Preview, None),
+            (Retry, Phase::Baking, None),
+            (Retry, Phase::RolledBack, Some(Phase::Preview)),
+        ];
+        for (cmd, phase, want) in table {
+            let mut m = at(phase);
+            match (m.command(cmd, t, None), want) {
+                (Ok(c), Some(to)) => {
+                    assert_eq!((c.from, c.to), (phase, to), "{cmd:?} in {phase:?}");
+                    assert_eq!(c.weight_bp, m.weight_bp());
+                }
+                (Err(r), None) => assert!(!r.0.is_empty(), "{cmd:?} in {phase:?} needs a reason"),
+                (got, want) => panic!("{cmd:?} in {phase:?}: got {got:?}, want {want:?}"),
+            }
+        }
+        let refused = at(Phase::Baking).command(Pause, t, None).expect_err("refused");
+        assert!(refused.0.contains("blue-green") && refused.0.contains("abort"), "{}", refused.0);
+    }
+
+    #[test]
+    fn blue_green_abort_then_retry_restarts_the_preview_with_fresh_counts() {
+        let (mut m, t1) = baking(true);
+        m.observe(t1 + Duration::from_secs(1), 30, &Verdict::Healthy);
+        let c = m.command(Command::Abort, t1 + Duration::from_secs(2), None).expect("abort");
+        assert_eq!((c.to, c.weight_bp, c.reason.as_str()), (Phase::RolledBack, 0, "manual"));
+        let c = m.command(Command::Retry, t1 + Duration::from_secs(3), None).expect("retry");
+        assert_eq!((c.kind, c.to, c.step, c.weight_bp), (EventKind::Retried, Phase::Preview, None, 0));
+        assert_eq!((m.step_requests(), m.step_since()), (0, t1 + Duration::from_secs(3)));
+        assert_eq!(m.observe(t1 + Duration::from_secs(200), 100, &Verdict::Healthy), None, "a whole new preview");
+        assert!(m.observe(t1 + Duration::from_secs(303), 0, &Verdict::Healthy).is_some());
+    }
+
+    #[test]
+    fn blue_green_restore_keeps_the_phase_and_restarts_its_time() {
+        let t0 = Instant::now();
+        let m = Machine::restore(blue_green(true), MachineState { phase: Phase::Baking, step: 0 }, t0);
+        assert_eq!((m.phase(), m.step(), m.weight_bp(), m.step_since()), (Phase::Baking, None, FULL_BP, t0));
+        let m = Machine::restore(blue_green(true), MachineState { phase: Phase::Preview, step: 0 }, t0);
+        assert_eq!((m.phase(), m.weight_bp()), (Phase::Preview, 0));
+        // A rollout that was progressing when the strategy changed finishes its steps.
+        let mut m = Machine::restore(blue_green(true), MachineState { phase: Phase::Progressing, step: 1 }, t0);
+        let c = m.observe(t0 + Duration::from_secs(10), 50, &Verdict::Healthy).expect("next step");
+        assert_eq!((c.to, c.step), (Phase::Progressing, Some(2)));
     }
 
     fn failing() -> Verdict {

@@ -41,8 +41,16 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in the order `veer_rollout_phase` lists them.
-    pub const ALL: [Phase; 6] =
-        [Phase::Stable, Phase::Pending, Phase::Progressing, Phase::Paused, Phase::Promoted, Phase::RolledBack];
+    pub const ALL: [Phase; 8] = [
+        Phase::Stable,
+        Phase::Pending,
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::Promoted,
+        Phase::RolledBack,
+        Phase::Preview,
+        Phase::Baking,
+    ];
 
     /// The `phase` label / JSON value.
     pub fn label(self) -> &'static str {

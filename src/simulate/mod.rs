@@ -428,7 +428,9 @@ impl Run {
         let window = route.rollback.window;
         let mut run = Run {
             machine: Machine::new(plan, t0),
-            judge: Judge::new(&route.rollback),
+            // Mirroring is not simulated, but its rule still takes its share of the budget.
+            judge: Judge::new(&route.rollback)
+                .with_mirror_limit(route.mirror.as_ref().and_then(|m| m.max_mismatch_rate)),
             splitter: Splitter::with_phase(phase),
             traffic,
             stable: Side::new(window, t0),
@@ -490,6 +492,8 @@ impl Run {
             stable_window: &s.window,
             candidate_window: &c.window,
             weight_bp,
+            mirror_compared: 0,
+            mirror_mismatched: 0,
         });
         if let Verdict::Failing(f) = &verdict {
             self.rule = Some(f.rule);
