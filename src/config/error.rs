@@ -94,8 +94,10 @@ impl<'a> SourceMap<'a> {
 
     /// A diagnostic for an error reported by the TOML parser, naming the key it sits under.
     pub fn from_toml(&self, err: &toml::de::Error) -> Diagnostic {
+        // Without a span (e.g. the parser's recursion limit) the error is about the file, not
+        // about whatever the first line happens to hold.
+        let key = err.span().map_or_else(String::new, |s| self.key_at(s.start));
         let span = err.span().unwrap_or(0..0);
-        let key = self.key_at(span.start);
         let message = err.message().trim().replace('\n', " ");
         self.at(span, key, message)
     }

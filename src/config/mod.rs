@@ -175,6 +175,8 @@ pub struct RollbackConfig {
     pub confidence: f64,
     /// Differences smaller than this ratio never roll back.
     pub min_effect_ratio: f64,
+    /// Latency differences smaller than this never roll back, whatever their ratio.
+    pub min_latency_delta: Duration,
     /// How often the judge reads the windows.
     pub tick: Duration,
 }

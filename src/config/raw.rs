@@ -124,6 +124,7 @@ pub struct RawRollback {
     pub max_p99_ratio: Option<Sp<f64>>,
     pub confidence: Option<Sp<f64>>,
     pub min_effect_ratio: Option<Sp<f64>>,
+    pub min_latency_delta: Option<Sp<String>>,
     pub tick: Option<Sp<String>>,
 }
 

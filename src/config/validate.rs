@@ -22,6 +22,8 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(src).map_err(|e| ConfigError::Invalid(vec![map.from_toml(&e)]))?;
     let mut v = Validator { map, base: base_dir(path), diags: Vec::new() };
     let config = v.config(path, raw);
+    // Reported top to bottom, as an editor would list them.
+    v.diags.sort_by_key(|d| (d.line, d.col));
     if v.diags.is_empty() { Ok(config) } else { Err(ConfigError::Invalid(v.diags)) }
 }
 
@@ -413,6 +415,10 @@ impl Validator<'_> {
             max_p99_ratio: ratio(self, r.max_p99_ratio.as_ref(), "max_p99_ratio", Some(1.5)),
             confidence,
             min_effect_ratio: ratio(self, r.min_effect_ratio.as_ref(), "min_effect_ratio", Some(1.2)).unwrap_or(1.2),
+            min_latency_delta: match &r.min_latency_delta {
+                Some(d) if d.get_ref().trim() == "0" || d.get_ref().trim() == "0ms" => Duration::ZERO,
+                d => self.duration(d.as_ref(), &k("min_latency_delta"), Duration::from_millis(1)),
+            },
             tick,
         }
     }

@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 
 use crate::policy::assign::Assignment;
 use crate::policy::mirror;
-use crate::policy::retry::{RetryOutcome, RetryPolicy};
+use crate::policy::retry::RetryOutcome;
 use crate::runtime::{Lane, Role};
 use crate::server::Shared;
 use crate::snapshot::Route;
@@ -143,27 +143,32 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, conn, upgrade);
-    let route = ex.route().clone();
     let (role, judged) = (ex.role(), ex.lane() == Lane::Judged);
     let empty = http_body::Body::is_end_stream(&body);
-
-    let live = route.rollout().is_some_and(|r| r.is_live());
-    let tap = match (&route.policy.mirror, role, judged, upgrade) {
-        (Some(m), Role::Stable, true, false) if live => {
-            m.copy(&parts.method, &parts.uri, &parts.headers, empty).map(|copy| {
-                let (tx, rx) = oneshot::channel();
-                tokio::spawn(mirror::run(route.clone(), conn.shared.clients.clone(), copy, rx, timeout));
-                Tap::new(tx, m.compare_body)
-            })
-        }
-        _ => None,
+    let (tap, replay) = {
+        // Borrowed, not cloned: most requests take neither policy.
+        let route = ex.route();
+        let live = route.rollout().is_some_and(|r| r.is_live());
+        let tap = match (&route.policy.mirror, role, judged, upgrade) {
+            (Some(m), Role::Stable, true, false) if live => {
+                m.copy(&parts.method, &parts.uri, &parts.headers, empty).map(|copy| {
+                    let (tx, rx) = oneshot::channel();
+                    tokio::spawn(mirror::run(route.clone(), conn.shared.clients.clone(), copy, rx, timeout));
+                    Tap::new(tx, m.compare_body)
+                })
+            }
+            _ => None,
+        };
+        let replay = match (&route.policy.retry, role, judged, upgrade) {
+            (Some(r), Role::Candidate, true, false) if r.replayable(&parts.method, &parts.headers, empty) => {
+                Some(r.max_body_bytes())
+            }
+            _ => None,
+        };
+        (tap, replay)
     };
-    let retry = match (&route.policy.retry, role, judged, upgrade) {
-        (Some(r), Role::Candidate, true, false) if r.replayable(&parts.method, &parts.headers, empty) => Some(r),
-        _ => None,
-    };
 
-    let Some(policy) = retry else {
+    let Some(max_body) = replay else {
         let clients = &conn.shared.clients;
         return match attempt::send(clients, &mut ex, parts, Either::Left(body), timeout).await {
             Ok(resp) => tagged(attempt::respond(ex, resp, client_upgrade, tap), role),
@@ -175,11 +180,11 @@ async fn forward(
             }
         };
     };
-    let buffered = match Limited::new(body, policy.max_body_bytes()).collect().await {
+    let buffered = match Limited::new(body, max_body).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return local(StatusCode::BAD_REQUEST, "veer: request body does not match its Content-Length\n"),
     };
-    shielded(conn, ex, parts, buffered, policy, timeout).await
+    shielded(conn, ex, parts, buffered, timeout).await
 }
 
 /// A candidate attempt whose failure is re-sent to stable within the budget.
@@ -188,9 +193,12 @@ async fn shielded(
     mut ex: Exchange,
     parts: Parts,
     body: Bytes,
-    policy: &RetryPolicy,
     timeout: Duration,
 ) -> Response<ProxyBody> {
+    let route = ex.route().clone();
+    let Some(policy) = route.policy.retry.as_ref() else {
+        return local(StatusCode::INTERNAL_SERVER_ERROR, "veer: retry policy missing\n");
+    };
     let clients = &conn.shared.clients;
     let replay = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
     let failed = match attempt::send(clients, &mut ex, parts, Either::Right(Full::new(body.clone())), timeout).await {

@@ -592,11 +592,19 @@ impl Judge {
                 Some(b) => b.quantiles_us.map(Some),
                 None => QUANTILES.map(|q| sl.quantile_us(q)),
             };
-            let ratio = QUANTILES
+            // Per quantile: how many times slower, and by how much. A 2× ratio of 10 µs is
+            // scheduling noise, not a regression: both must clear their bar.
+            let min_delta = self.cfg.min_latency_delta.as_micros() as u64;
+            let per_q: Vec<(f64, bool)> = QUANTILES
                 .iter()
                 .zip(stable_q)
-                .filter_map(|(&q, s)| Some(cl.quantile_us(q)? as f64 / s?.max(1) as f64))
-                .fold(0.0, f64::max);
+                .filter_map(|(&q, s)| {
+                    let (c, s) = (cl.quantile_us(q)?, s?);
+                    Some((c as f64 / s.max(1) as f64, c.saturating_sub(s) >= min_delta))
+                })
+                .collect();
+            let ratio = per_q.iter().map(|(r, _)| *r).fold(0.0, f64::max);
+            let worth_it = per_q.iter().any(|(r, big)| *r >= min_ratio && *big);
             let mut f = figure(RuleKind::Latency, e, ratio, min_ratio);
             if let Some(b) = &baseline {
                 f.stable_requests = b.requests;
@@ -605,8 +613,13 @@ impl Judge {
             let events = (slow >= MIN_BAD_EVENTS)
                 .then_some(())
                 .ok_or(format!("{slow} candidate requests slower than stable's p99 (need {MIN_BAD_EVENTS})"));
-            let effect = if ratio >= min_ratio {
+            let effect = if worth_it {
                 Ok(())
+            } else if ratio >= min_ratio {
+                Err(format!(
+                    "latency ratio {ratio:.2} is only a few µs: below min_latency_delta {:?}",
+                    self.cfg.min_latency_delta
+                ))
             } else {
                 Err(format!("latency ratio {ratio:.2} is below max_p99_ratio {min_ratio}"))
             };
@@ -718,8 +731,31 @@ mod tests {
             max_p99_ratio: None,
             confidence: 0.99,
             min_effect_ratio: 1.2,
+            min_latency_delta: Duration::from_millis(1),
             tick: Duration::from_millis(100),
         }
+    }
+
+    #[test]
+    fn microsecond_latency_differences_never_roll_back() {
+        let mut c = cfg();
+        c.max_p99_ratio = Some(1.5);
+        c.max_error_rate_increase = None;
+        let mut j = Judge::new(&c);
+        // 20 µs against 10 µs: twice as slow, consistently, and still nothing worth acting on.
+        let mut s = Totals::default();
+        s.classes[1] = 100;
+        s.latency[buckets::index(10)] = 100;
+        let mut k = Totals::default();
+        k.classes[1] = 10;
+        k.latency[buckets::index(20)] = 10;
+        let mut last = Verdict::Healthy;
+        for _ in 0..50 {
+            last = j.evaluate(&obs(&s, &k, &s, &k));
+        }
+        assert!(j.figures().rules[0].ln_evidence > j.ln_threshold(), "the evidence is there");
+        assert_eq!(j.figures().rules[0].state, RuleState::Suppressed);
+        assert_eq!(last, Verdict::Healthy);
     }
 
     fn totals(n: u64, faults: u64, latency_ms: u64) -> Totals {
