@@ -1,4 +1,4 @@
-//! The admin API: health, readiness, metrics, route status and reload.
+//! The admin API: health, readiness, metrics, route status and reload, and the dashboard page.
 //!
 //! A small hyper service routed with a plain `match` on method and path. It only reads state
 //! and sends commands (a reload); it never changes the data plane by itself. Loopback by
@@ -63,6 +63,7 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
         return resp;
     }
     match (req.method(), segments.as_slice()) {
+        (&Method::GET, [] | ["index.html"]) => dashboard(),
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["readyz"]) if shared.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         (&Method::GET, ["readyz"]) => text(StatusCode::OK, "ready\n"),
@@ -117,7 +118,7 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
             }
             None => error(StatusCode::NOT_FOUND, format!("no route named {name:?}")),
         },
-        (_, ["healthz" | "readyz" | "metrics"]) | (_, ["api", "v1", ..]) => {
+        (_, [] | ["index.html" | "healthz" | "readyz" | "metrics"]) | (_, ["api", "v1", ..]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method()))
         }
         _ => error(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}")),
@@ -208,6 +209,22 @@ fn reload_error(e: &ReloadError) -> AdminResponse {
         StatusCode::BAD_REQUEST,
         &Body { error: "configuration rejected; the running configuration is unchanged".into(), errors },
     )
+}
+
+/// The dashboard page: one self-contained HTML file (inline CSS and JS, nothing fetched from
+/// elsewhere) that polls `/api/v1/routes` and posts the rollout commands.
+fn dashboard() -> AdminResponse {
+    const PAGE: &str = include_str!("admin/dashboard.html");
+    const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                       connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+                       frame-ancestors 'none'";
+    let mut r = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(header::CONTENT_SECURITY_POLICY, http::HeaderValue::from_static(CSP));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
+    h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    r
 }
 
 fn text(status: StatusCode, body: &'static str) -> AdminResponse {

@@ -180,6 +180,9 @@ impl Proxy {
         }
         tasks.spawn(admin::serve(admin_listener, shared.clone()));
         tasks.spawn(crate::health::run(shared.clone()));
+        if let Some(file) = &config.admin.token_file {
+            warn_if_world_readable(file);
+        }
         info!(%http_addr, tls = ?tls_addr, %admin_addr, routes = config.routes.len(), "veer is serving");
         Ok(Proxy {
             shared,
@@ -238,6 +241,17 @@ impl Proxy {
         let mut control = self.control;
         let _ = tokio::task::spawn_blocking(move || control.stop()).await;
         finished
+    }
+}
+
+/// Warns when every user of the host may read the admin token file.
+fn warn_if_world_readable(file: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(file)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        let mode = format!("{:o}", meta.permissions().mode() & 0o777);
+        warn!(file = %file.display(), %mode, "the admin token file is readable by every user on this host; restrict it (chmod 600)");
     }
 }
 

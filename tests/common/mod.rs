@@ -237,6 +237,8 @@ pub struct Veer {
     pub child: Child,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener, when the config has one.
+    pub tls: Option<SocketAddr>,
 }
 
 impl Veer {
@@ -251,7 +253,7 @@ impl Veer {
             .expect("spawn veer");
         // Owned by a `Veer` from here on, so a failed start still kills and reaps the child.
         let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut veer = Veer { child, http: unknown, admin: unknown };
+        let mut veer = Veer { child, http: unknown, admin: unknown, tls: None };
         let stderr = veer.child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -268,6 +270,9 @@ impl Veer {
             if v["fields"]["message"] == "veer is serving" {
                 let addr = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");
                 (veer.http, veer.admin) = (addr("http_addr"), addr("admin_addr"));
+                // Logged with `Debug`: "Some(127.0.0.1:8443)" or "None".
+                veer.tls =
+                    v["fields"]["tls"].as_str().and_then(|t| t.strip_prefix("Some(")?.strip_suffix(')')?.parse().ok());
                 return veer;
             }
         }

@@ -1,0 +1,79 @@
+//! The admin token file: a world-readable one is named in a warning at start; a private one is
+//! not.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// Starts `veer run` and returns its JSON log lines up to "veer is serving", then kills it.
+fn start_logs(config: &std::path::Path) -> Vec<Value> {
+    let mut child = Command::new(veer_bin())
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn veer");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut logs = Vec::new();
+    let serving = loop {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else { break false };
+        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+        let done = v["fields"]["message"] == "veer is serving";
+        logs.push(v);
+        if done {
+            break true;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(serving, "veer did not start: {logs:?}");
+    logs
+}
+
+fn token_warnings(logs: &[Value]) -> Vec<&Value> {
+    logs.iter().filter(|v| v["fields"]["message"].as_str().is_some_and(|m| m.contains("admin token file"))).collect()
+}
+
+#[test]
+fn a_world_readable_token_file_is_named_in_a_warning_at_start() {
+    let stable = refused_addr();
+    let cfg = ConfigFile::new(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n{}",
+        route(stable, None, "")
+    ));
+    let token = cfg.dir.path().join("admin.token");
+    std::fs::write(&token, "s3cret\n").expect("token");
+
+    for (mode, warned) in [(0o644, true), (0o604, true), (0o640, false), (0o600, false)] {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let logs = start_logs(&cfg.path);
+        let warnings = token_warnings(&logs);
+        if warned {
+            assert_eq!(warnings.len(), 1, "mode {mode:o}: {logs:?}");
+            let w = warnings[0];
+            assert_eq!(w["level"], "WARN", "{w}");
+            assert_eq!(w["fields"]["file"].as_str(), Some(token.to_str().expect("utf-8 path")), "{w}");
+            assert_eq!(w["fields"]["mode"].as_str(), Some(format!("{mode:o}").as_str()), "{w}");
+            assert!(w["fields"]["message"].as_str().is_some_and(|m| m.contains("chmod 600")), "{w}");
+        } else {
+            assert!(warnings.is_empty(), "mode {mode:o}: {warnings:?}");
+        }
+    }
+}
