@@ -59,7 +59,7 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let mutating = req.method() == Method::POST;
-    if mutating && let Some(resp) = refusal(shared, &req) {
+    if mutating && let Some(resp) = cross_site(&req).or_else(|| refusal(shared, &req)) {
         return resp;
     }
     match (req.method(), segments.as_slice()) {
@@ -123,6 +123,16 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
         }
         _ => error(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}")),
     }
+}
+
+/// A browser on another site must not be able to abort or promote a rollout through an
+/// operator's browser: a mutating call that carries an `Origin` must come from the admin
+/// server's own origin. (CLI and scripts send no `Origin`.)
+fn cross_site(req: &Request<Incoming>) -> Option<AdminResponse> {
+    let origin = req.headers().get(header::ORIGIN)?.to_str().unwrap_or("");
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let same = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host);
+    (!same).then(|| error(StatusCode::FORBIDDEN, format!("cross-site request from {origin} refused")))
 }
 
 /// The refusal for a mutating call without a valid token, if one is configured.

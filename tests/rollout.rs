@@ -300,3 +300,23 @@ async fn a_webhook_receives_the_rollback_with_its_evidence() {
     assert!(event["at"].as_str().is_some_and(|t| t.ends_with('Z')), "{event}");
     proxy.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_commands_are_refused() {
+    let stable = Upstream::text("stable").await;
+    let cand = Upstream::text("cand").await;
+    let cfg = ConfigFile::new(&fast_route(stable.addr, cand.addr, "[10, 100]", "1h", ""));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let c = client();
+    let admin = proxy.admin_addr();
+    let evil = post(&c, admin, "/api/v1/routes/web/abort", &[("origin", "http://evil.example")]).await;
+    assert_eq!(evil.status, 403, "{}", evil.text());
+    assert_eq!(phase(&c, admin).await["phase"], "progressing");
+    let own = format!("http://{admin}");
+    assert_eq!(
+        post(&c, admin, "/api/v1/routes/web/pause", &[("origin", &own)]).await.status,
+        200,
+        "the dashboard's own origin is fine"
+    );
+    proxy.drain().await;
+}
