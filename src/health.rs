@@ -30,6 +30,7 @@
 //! route that lists it). Endpoints no longer configured are forgotten. The task runs in the
 //! proxy's task set and stops at drain.
 
+use crate::telemetry::error_chain;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -217,17 +218,6 @@ impl Probes {
         let _ = tokio::time::timeout_at(deadline, async { while let Some(Ok(_)) = body.frame().await {} }).await;
         if status.is_success() { Ok(()) } else { Err(format!("answered {status}")) }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Checks the endpoints of the current generation for as long as it runs (it is aborted at

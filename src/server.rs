@@ -17,7 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
@@ -330,6 +330,10 @@ async fn connection(
     }
 }
 
+/// How long a drain waits for the first request of a connection accepted before it (at most
+/// `header_read_timeout`).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// The connection settings of a config generation.
 fn conn_builder(s: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -350,19 +354,39 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let builder = conn_builder(server);
-    let svc = service_fn(move |req| proxy::handle(info.clone(), req));
+    // Set when the first request arrives (see the drain below).
+    let first = Arc::new((AtomicBool::new(false), Notify::new()));
+    let seen = first.clone();
+    let svc = service_fn(move |req| {
+        if !seen.0.load(Ordering::Relaxed) {
+            seen.0.store(true, Ordering::Relaxed);
+            seen.1.notify_one();
+        }
+        proxy::handle(info.clone(), req)
+    });
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
-    if *shutdown.borrow_and_update() {
-        conn.as_mut().graceful_shutdown();
-    }
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r { debug!(error = %e, "client connection ended with an error") }
+            return;
         }
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            if let Err(e) = conn.await { debug!(error = %e, "client connection ended with an error while draining") }
+        _ = shutdown.wait_for(|draining| *draining) => {}
+    }
+    // hyper drops a connection whose first bytes it has not read yet, although the client,
+    // whose connection was accepted, may have sent its request already: give it a moment.
+    if !first.0.load(Ordering::Relaxed) {
+        let grace = server.header_read_timeout.min(FIRST_REQUEST_GRACE);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r { debug!(error = %e, "client connection ended with an error while draining") }
+                return;
+            }
+            _ = tokio::time::timeout(grace, first.1.notified()) => {}
         }
+    }
+    conn.as_mut().graceful_shutdown();
+    if let Err(e) = conn.await {
+        debug!(error = %e, "client connection ended with an error while draining")
     }
 }

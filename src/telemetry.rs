@@ -215,6 +215,18 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// An error and its sources on one line (`outer: inner: root`), for log messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// How often exporter upkeep runs.
 pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 

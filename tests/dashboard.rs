@@ -110,15 +110,10 @@ async fn abort_clicked_in_headless_chromium_rolls_the_route_back() {
     let chromium = match browser_tools() {
         Ok(c) => c,
         Err(why) => {
-            assert!(
-                std::env::var("VEER_REQUIRE_BROWSER").as_deref() != Ok("1"),
-                "VEER_REQUIRE_BROWSER=1 but the browser test cannot run: {why}"
-            );
-            eprintln!(
-                "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-                 !!! SKIPPED abort_clicked_in_headless_chromium_rolls_the_route_back:\n\
-                 !!! {why}\n\
-                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+            skip_unless_required(
+                "VEER_REQUIRE_BROWSER",
+                "abort_clicked_in_headless_chromium_rolls_the_route_back",
+                &why,
             );
             return;
         }

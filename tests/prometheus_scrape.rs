@@ -174,15 +174,10 @@ async fn prometheus_scrapes_both_versions_and_sees_the_rollback() {
     let bin = match prometheus_bin() {
         Ok(b) => b,
         Err(why) => {
-            assert!(
-                std::env::var("VEER_REQUIRE_PROMETHEUS").as_deref() != Ok("1"),
-                "VEER_REQUIRE_PROMETHEUS=1 but Prometheus is missing: {why}"
-            );
-            eprintln!(
-                "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-                 !!! SKIPPED prometheus_scrapes_both_versions_and_sees_the_rollback:\n\
-                 !!! {why}\n\
-                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+            skip_unless_required(
+                "VEER_REQUIRE_PROMETHEUS",
+                "prometheus_scrapes_both_versions_and_sees_the_rollback",
+                &why,
             );
             return;
         }

@@ -1,6 +1,7 @@
 //! One attempt at one upstream: send the prepared request, and either wrap the answer so it
 //! records its outcome when it ends, or settle a failure and say what the client gets.
 
+use crate::telemetry::error_chain;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap};
@@ -139,15 +140,4 @@ async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
         }
         Err(e) => debug!(error = %e, "protocol upgrade failed"),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -29,7 +29,7 @@
 //! rollout follows is read from its phase, so a reload that changes the strategy mid-rollout
 //! finishes the current rollout the old way; `start` and `retry` use the plan's strategy.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,37 +38,17 @@ use super::judge::Verdict;
 use crate::config::{RolloutConfig, Strategy};
 use crate::split::FULL_BP;
 
-/// The plan a machine walks.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
-    /// Canary steps or blue-green.
-    pub strategy: Strategy,
-    /// Candidate weight per step, basis points, strictly increasing, last is 10000 (canary).
-    pub steps_bp: Vec<u32>,
-    /// Minimum dwell per step (canary).
-    pub step_interval: Duration,
-    /// Candidate requests needed per step, and in each of preview and bake.
-    pub min_requests: u64,
-    /// Promote after the last step (or the bake) without an operator.
-    pub auto_promote: bool,
-    /// Minimum time in preview before the switch (blue-green).
-    pub preview: Duration,
-    /// Minimum time baking at 100% before promotion (blue-green).
-    pub bake: Duration,
-}
+/// The plan a machine walks: a route's `[routes.rollout]`, as validated.
+pub type Plan = RolloutConfig;
 
 impl Plan {
     /// The plan of a route's `[routes.rollout]`.
     pub fn of(c: &RolloutConfig) -> Plan {
-        Plan {
-            strategy: c.strategy,
-            steps_bp: if c.steps_bp.is_empty() { vec![FULL_BP] } else { c.steps_bp.clone() },
-            step_interval: c.step_interval,
-            min_requests: c.min_requests,
-            auto_promote: c.auto_promote,
-            preview: c.preview,
-            bake: c.bake,
+        let mut plan = c.clone();
+        if plan.steps_bp.is_empty() {
+            plan.steps_bp = vec![FULL_BP];
         }
+        plan
     }
 
     /// The phase a rollout (re)starts in: step 0, or blue-green's preview.
@@ -359,6 +339,7 @@ impl Machine {
 mod tests {
     use super::*;
     use crate::rollout::judge::{Failure, RuleKind};
+    use std::time::Duration;
 
     fn plan(auto: bool) -> Plan {
         Plan {

@@ -317,3 +317,11 @@ impl Drop for Veer {
         let _ = self.child.wait();
     }
 }
+
+/// A test that needs an outside tool which is missing: fails when `require_var` is `1` (CI
+/// sets it), otherwise says loudly that it skipped.
+pub fn skip_unless_required(require_var: &str, test: &str, why: &str) {
+    assert!(std::env::var(require_var).as_deref() != Ok("1"), "{require_var}=1 but {test} cannot run: {why}");
+    let bar = "!".repeat(80);
+    eprintln!("\n{bar}\n!!! SKIPPED {test}:\n!!! {why}\n{bar}\n");
+}
