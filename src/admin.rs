@@ -32,7 +32,11 @@ type AdminResponse = Response<Full<Bytes>>;
 
 /// Accepts admin connections until shutdown completes (the owner aborts this task).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    // Connections live in this task's set: when the proxy stops the admin server, its
+    // keep-alive connections stop with it.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -42,7 +46,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, req).await) }

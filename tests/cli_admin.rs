@@ -75,3 +75,47 @@ async fn status_verbs_and_report_through_the_cli() {
     assert_eq!(out.status.code(), Some(1));
     proxy.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_redraws_and_survives_the_admin_server_going_away() {
+    use std::io::Read;
+    let stable = Upstream::text("stable").await;
+    let cand = Upstream::text("cand").await;
+    let cfg = ConfigFile::new(&route(stable.addr, Some(cand.addr), "[10, 100]"));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let admin = format!("http://{}", proxy.admin_addr());
+    let mut child = std::process::Command::new(veer_bin())
+        .args(["status", "--watch", "--admin", &admin])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn status --watch");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = async |needle: &str, seen: &mut String| {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !seen.contains(needle) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(chunk)) => seen.push_str(&chunk),
+                _ => panic!("no {needle:?} in the watch output:\n{seen}"),
+            }
+        }
+    };
+    wait_for("weight    [###", &mut seen).await;
+    wait_for("\x1b[2J", &mut seen).await;
+    proxy.drain().await;
+    seen.clear();
+    wait_for("admin API unreachable", &mut seen).await;
+    assert!(child.try_wait().expect("wait").is_none(), "the watcher keeps going when the admin server is gone");
+    let _ = child.kill();
+    let _ = child.wait();
+}
