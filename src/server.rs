@@ -124,6 +124,7 @@ pub struct Proxy {
     max_connections: u32,
     control: ControlHandle,
     drain_timeout: Duration,
+    accepting: JoinSet<()>,
     tasks: JoinSet<()>,
 }
 
@@ -173,17 +174,17 @@ impl Proxy {
         let max_connections = u32::try_from(s.max_connections).unwrap_or(u32::MAX);
         let connections = Arc::new(Semaphore::new(max_connections as usize));
         let (shutdown, _) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-        tasks.spawn(accept_loop(http, false, shared.clone(), connections.clone(), shutdown.subscribe()));
+        let mut accepting = JoinSet::new();
+        accepting.spawn(accept_loop(http, false, shared.clone(), connections.clone(), shutdown.subscribe()));
         if let Some(l) = tls_listener {
-            tasks.spawn(accept_loop(l, true, shared.clone(), connections.clone(), shutdown.subscribe()));
+            accepting.spawn(accept_loop(l, true, shared.clone(), connections.clone(), shutdown.subscribe()));
         }
+        let mut tasks = JoinSet::new();
         tasks.spawn(admin::serve(admin_listener, shared.clone()));
         tasks.spawn(crate::health::run(shared.clone()));
         if let Some(file) = &config.admin.token_file {
             warn_if_world_readable(file);
         }
-        info!(%http_addr, tls = ?tls_addr, %admin_addr, routes = config.routes.len(), "veer is serving");
         Ok(Proxy {
             shared,
             http_addr,
@@ -194,6 +195,7 @@ impl Proxy {
             max_connections,
             control,
             drain_timeout: s.drain_timeout,
+            accepting,
             tasks,
         })
     }
@@ -226,8 +228,11 @@ impl Proxy {
     /// Stops accepting, lets in-flight requests finish (up to `drain_timeout`), then stops
     /// the admin API and the control loop. Returns true when everything finished in time.
     pub async fn drain(mut self) -> bool {
-        self.shared.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
+        // The listeners close when their accept loops end: only then does /readyz say 503, so
+        // that no connection is accepted once it does.
+        while self.accepting.join_next().await.is_some() {}
+        self.shared.draining.store(true, Ordering::Relaxed);
         info!(timeout = ?self.drain_timeout, "draining: no new connections, finishing in-flight requests");
         let all = self.connections.clone().acquire_many_owned(self.max_connections);
         let finished = tokio::time::timeout(self.drain_timeout, all).await.is_ok();
@@ -264,6 +269,10 @@ pub async fn run_until_signalled(proxy: Proxy) -> bool {
         error!("cannot install signal handlers");
         return proxy.drain().await;
     };
+    // Logged once the signal handlers are in place: a SIGHUP or SIGTERM sent after this line
+    // reloads or drains, never kills.
+    let routes = proxy.shared.snapshot().routes.len();
+    info!(http_addr = %proxy.http_addr, tls = ?proxy.tls_addr, admin_addr = %proxy.admin_addr, routes, "veer is serving");
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -30,15 +30,27 @@ const fn case(
 
 const CASES: &[Case] = &[
     // Wrong types, reported by serde at the value.
-    case("wrong_type_string_for_number.toml", 3, 19, "server.max_connections", &[
-        "invalid type: string \"lots\", expected i64",
-    ]),
-    case("wrong_type_endpoints_not_a_list.toml", 6, 13, "routes[0].stable.endpoints", &[
-        "invalid type: string \"127.0.0.1:9001\", expected a sequence",
-    ]),
-    case("wrong_type_bool.toml", 2, 22, "server.expose_role_header", &[
-        "invalid type: string \"yes\", expected a boolean",
-    ]),
+    case(
+        "wrong_type_string_for_number.toml",
+        3,
+        19,
+        "server.max_connections",
+        &["invalid type: string \"lots\", expected i64"],
+    ),
+    case(
+        "wrong_type_endpoints_not_a_list.toml",
+        6,
+        13,
+        "routes[0].stable.endpoints",
+        &["invalid type: string \"127.0.0.1:9001\", expected a sequence"],
+    ),
+    case(
+        "wrong_type_bool.toml",
+        2,
+        22,
+        "server.expose_role_header",
+        &["invalid type: string \"yes\", expected a boolean"],
+    ),
     // Unknown keys and tables, missing and duplicate keys.
     case("unknown_key.toml", 3, 1, "routes[0].weight", &["unknown field `weight`", "expected one of `name`"]),
     case("unknown_table.toml", 8, 9, "routes[0].canary", &["unknown field `canary`"]),
@@ -46,49 +58,80 @@ const CASES: &[Case] = &[
     case("duplicate_key.toml", 3, 1, "routes[0].name", &["duplicate key"]),
     case("unclosed_string.toml", 2, 12, "routes[0].name", &["invalid basic string"]),
     // Durations.
-    case("bad_duration.toml", 14, 17, "routes[0].rollout.step_interval", &[
-        "\"5 fortnights\" is not a duration",
-        "unknown time unit \"fortnights\"",
-        "write e.g. \"250ms\"",
-    ]),
+    case(
+        "bad_duration.toml",
+        14,
+        17,
+        "routes[0].rollout.step_interval",
+        &["\"5 fortnights\" is not a duration", "unknown time unit \"fortnights\"", "write e.g. \"250ms\""],
+    ),
     case("zero_duration.toml", 2, 19, "server.request_timeout", &["duration must be greater than zero"]),
-    case("tick_not_shorter_than_window.toml", 11, 8, "routes[0].rollback.tick", &[
-        "tick (2s) must be shorter than the window (1s)",
-    ]),
+    case(
+        "tick_not_shorter_than_window.toml",
+        11,
+        8,
+        "routes[0].rollback.tick",
+        &["tick (2s) must be shorter than the window (1s)"],
+    ),
     // Steps.
-    case("steps_out_of_order.toml", 13, 18, "routes[0].rollout.steps", &[
-        "step 25 does not increase (previous step is 50); steps must be strictly increasing",
-    ]),
+    case(
+        "steps_out_of_order.toml",
+        13,
+        18,
+        "routes[0].rollout.steps",
+        &["step 25 does not increase (previous step is 50); steps must be strictly increasing"],
+    ),
     case("steps_not_ending_at_100.toml", 13, 20, "routes[0].rollout.steps", &["the last step must be 100"]),
     case("steps_out_of_range.toml", 13, 10, "routes[0].rollout.steps", &["step -5 is outside (0, 100]"]),
     // Routes.
-    case("duplicate_routes.toml", 15, 8, "routes[2].name", &[
-        "duplicate route name \"web\": route names must be unique",
-    ]),
+    case(
+        "duplicate_routes.toml",
+        15,
+        8,
+        "routes[2].name",
+        &["duplicate route name \"web\": route names must be unique"],
+    ),
     case("bad_route_name.toml", 2, 8, "routes[0].name", &["\"Web Shop\" is not a valid route name"]),
-    case("candidate_equals_stable.toml", 7, 11, "routes[0].candidate.version", &[
-        "candidate version \"v1\" equals the stable version",
-    ]),
+    case(
+        "candidate_equals_stable.toml",
+        7,
+        11,
+        "routes[0].candidate.version",
+        &["candidate version \"v1\" equals the stable version"],
+    ),
     case("unknown_strategy.toml", 10, 12, "routes[0].rollout.strategy", &["unknown strategy \"yolo\""]),
     case("sticky_header_and_cookie.toml", 9, 1, "routes[0].sticky", &["set exactly one of `header` or `cookie`"]),
     case("negative_count.toml", 3, 16, "routes[0].max_inflight", &["-1 is outside [0, "]),
-    Case { count: 2, ..case("rates_out_of_range.toml", 10, 18, "routes[0].rollback.max_error_rate", &[
-        "5 is not a rate in [0, 1]",
-    ]) },
-    Case { count: 3, ..case("bad_addresses.toml", 2, 10, "server.listen", &[
-        "\"localhost:8080\" is not an IP:port socket address",
-    ]) },
+    Case {
+        count: 2,
+        ..case("rates_out_of_range.toml", 10, 18, "routes[0].rollback.max_error_rate", &["5 is not a rate in [0, 1]"])
+    },
+    Case {
+        count: 3,
+        ..case("bad_addresses.toml", 2, 10, "server.listen", &["\"localhost:8080\" is not an IP:port socket address"])
+    },
     // Listeners, TLS and the admin API.
-    case("missing_tls_files.toml", 4, 12, "server.tls_cert", &[
-        "cannot load TLS certificate/key",
-        "no-such-dir/veer.crt",
-    ]),
-    case("tls_half_configured.toml", 2, 14, "server.tls_listen", &[
-        "tls_listen, tls_cert and tls_key must be set together",
-    ]),
-    case("public_admin_without_token.toml", 2, 10, "admin.listen", &[
-        "0.0.0.0:9901 is reachable from other hosts: set admin.token_file",
-    ]),
+    case(
+        "missing_tls_files.toml",
+        4,
+        12,
+        "server.tls_cert",
+        &["cannot load TLS certificate/key", "no-such-dir/veer.crt"],
+    ),
+    case(
+        "tls_half_configured.toml",
+        2,
+        14,
+        "server.tls_listen",
+        &["tls_listen, tls_cert and tls_key must be set together"],
+    ),
+    case(
+        "public_admin_without_token.toml",
+        2,
+        10,
+        "admin.listen",
+        &["0.0.0.0:9901 is reachable from other hosts: set admin.token_file"],
+    ),
     // Empty, garbage and deeply nested files.
     case("empty.toml", 1, 1, "", &["the file is empty"]),
     case("whitespace_and_comments.toml", 1, 1, "routes", &["no [[routes]] defined"]),

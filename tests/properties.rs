@@ -264,9 +264,7 @@ impl Model {
             Judged::Inconclusive => return None,
             Judged::Healthy => {}
         }
-        if self.phase != Phase::Progressing
-            || self.requests < plan.min_requests
-            || t - self.since < plan.step_interval
+        if self.phase != Phase::Progressing || self.requests < plan.min_requests || t - self.since < plan.step_interval
         {
             return None;
         }
