@@ -133,15 +133,7 @@ async fn abort_clicked_in_headless_chromium_rolls_the_route_back() {
 
     // Traffic for the charts while the browser looks.
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = tokio::spawn({
-        let (stop, client) = (stop.clone(), client.clone());
-        async move {
-            while !stop.load(Ordering::Relaxed) {
-                assert_eq!(get(&client, http, "/").await.status, StatusCode::OK);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    });
+    let traffic = background_traffic(http, Duration::from_millis(10), stop.clone());
     eventually(Duration::from_secs(10), "the rollout is progressing", || async {
         route_status(&client, admin, "web").await["phase"] == "progressing"
     })

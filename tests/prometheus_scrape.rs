@@ -191,15 +191,7 @@ async fn prometheus_scrapes_both_versions_and_sees_the_rollback() {
     let client = client();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = tokio::spawn({
-        let (stop, client) = (stop.clone(), client.clone());
-        async move {
-            while !stop.load(Ordering::Relaxed) {
-                assert_eq!(get(&client, http, "/").await.status, StatusCode::OK);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    });
+    let traffic = background_traffic(http, Duration::from_millis(5), stop.clone());
 
     let prom = Prometheus::start(&bin, admin).await;
     let p = &prom;

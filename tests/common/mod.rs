@@ -325,3 +325,19 @@ pub fn skip_unless_required(require_var: &str, test: &str, why: &str) {
     let bar = "!".repeat(80);
     eprintln!("\n{bar}\n!!! SKIPPED {test}:\n!!! {why}\n{bar}\n");
 }
+
+/// Steady background GETs to `addr`, `gap` apart, until `stop` is set — and in any case at
+/// most 100,000 requests or 120 s. Each answer must be a 200.
+pub fn background_traffic(addr: SocketAddr, gap: Duration, stop: Arc<std::sync::atomic::AtomicBool>) -> JoinHandle<()> {
+    let client = client();
+    tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for _ in 0..100_000 {
+            if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                return;
+            }
+            assert_eq!(get(&client, addr, "/").await.status, StatusCode::OK);
+            tokio::time::sleep(gap).await;
+        }
+    })
+}
