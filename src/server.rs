@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::{Config, ConfigError, ServerConfig};
@@ -260,24 +260,37 @@ fn warn_if_world_readable(file: &Path) {
     }
 }
 
+/// The process signals veer acts on. Installed before the proxy starts, so that a SIGTERM or
+/// SIGHUP arriving during start-up is acted on instead of killing the process.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers for SIGTERM, SIGINT and SIGHUP.
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Runs until SIGTERM or SIGINT (then drains), reloading on SIGHUP.
-pub async fn run_until_signalled(proxy: Proxy) -> bool {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        error!("cannot install signal handlers");
-        return proxy.drain().await;
-    };
+pub async fn run_until_signalled(proxy: Proxy, mut signals: Signals) -> bool {
     // Logged once the signal handlers are in place: a SIGHUP or SIGTERM sent after this line
     // reloads or drains, never kills.
     let routes = proxy.shared.snapshot().routes.len();
     info!(http_addr = %proxy.http_addr, tls = ?proxy.tls_addr, admin_addr = %proxy.admin_addr, routes, "veer is serving");
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.hup.recv() => {
                 // The outcome is logged by reload itself.
                 let _ = proxy.reload().await;
             }

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use http::StatusCode;
 
 use crate::config::{Config, RouteConfig, Strategy};
-use crate::server::{Proxy, run_until_signalled};
+use crate::server::{Proxy, Signals, run_until_signalled};
 use crate::status::RouteStatus;
 use crate::telemetry::{LogFormat, init_logging};
 use admin_client::{AdminArgs, AdminClient};
@@ -232,9 +232,16 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
         }
     };
     rt.block_on(async {
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("veer: cannot install signal handlers: {e}");
+                return ExitCode::from(1);
+            }
+        };
         match Proxy::start_with(config).await {
             Ok(proxy) => {
-                run_until_signalled(proxy).await;
+                run_until_signalled(proxy, signals).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {
