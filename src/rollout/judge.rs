@@ -824,21 +824,26 @@ mod tests {
         assert_eq!(guard.state, RuleState::Suppressed);
     }
 
+    /// A tick at 100% weight: candidate traffic `k`, no stable traffic.
+    fn at_full_weight<'a>(empty: &'a Totals, k: &'a Totals) -> Observation<'a> {
+        Observation {
+            stable_tick: empty,
+            candidate_tick: k,
+            stable_window: empty,
+            candidate_window: k,
+            weight_bp: FULL_BP,
+            mirror_compared: 0,
+            mirror_mismatched: 0,
+        }
+    }
+
     #[test]
     fn comparative_rules_rest_at_full_weight() {
         let mut j = Judge::new(&cfg());
         j.state.errors.ell = [20.0; 8];
         let empty = Totals::default();
         let k = totals(100, 10, 5);
-        let o = Observation {
-            stable_tick: &empty,
-            candidate_tick: &k,
-            stable_window: &empty,
-            candidate_window: &k,
-            weight_bp: FULL_BP,
-            mirror_compared: 0,
-            mirror_mismatched: 0,
-        };
+        let o = at_full_weight(&empty, &k);
         assert_eq!(j.evaluate(&o), Verdict::Healthy, "frozen evidence neither fires nor holds at 100%");
         assert_eq!(j.figures().rules[0].state, RuleState::Quiet);
     }
@@ -851,15 +856,7 @@ mod tests {
         let mut j = Judge::new(&c);
         let empty = Totals::default();
         let k = totals(100, 30, 5);
-        let o = Observation {
-            stable_tick: &empty,
-            candidate_tick: &k,
-            stable_window: &empty,
-            candidate_window: &k,
-            weight_bp: FULL_BP,
-            mirror_compared: 0,
-            mirror_mismatched: 0,
-        };
+        let o = at_full_weight(&empty, &k);
         assert!(matches!(j.evaluate(&o), Verdict::Failing(Failure { rule: RuleKind::MaxErrorRate, .. })));
     }
 
