@@ -43,8 +43,9 @@ async fn smuggling_shapes_are_refused() {
     proxy.drain().await;
 }
 
-/// An upstream that writes a response head and part of the body, then resets the connection.
-async fn resetting_upstream() -> std::net::SocketAddr {
+/// A raw TCP upstream that reads a request, writes `reply` as is and closes the connection:
+/// a response cut short, or bytes that are not HTTP at all.
+async fn raw_upstream(reply: &'static [u8]) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -52,24 +53,7 @@ async fn resetting_upstream() -> std::net::SocketAddr {
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial").await;
-                drop(s);
-            });
-        }
-    });
-    addr
-}
-
-/// An upstream that answers with bytes that are not HTTP.
-async fn garbage_upstream() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+                let _ = s.write_all(reply).await;
             });
         }
     });
@@ -78,7 +62,7 @@ async fn garbage_upstream() -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_mid_body_is_a_truncated_response_and_an_error_of_the_version() {
-    let stable = resetting_upstream().await;
+    let stable = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial").await;
     let cfg = ConfigFile::new(&route(stable, None, ""));
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
@@ -102,7 +86,7 @@ async fn a_reset_mid_body_is_a_truncated_response_and_an_error_of_the_version() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_does_not_speak_http_is_a_502() {
-    let stable = garbage_upstream().await;
+    let stable = raw_upstream(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
     let cfg = ConfigFile::new(&route(stable, None, ""));
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let got = get(&client(), proxy.http_addr(), "/").await;
