@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod control;
 pub mod health;
 pub mod journal;

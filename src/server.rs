@@ -12,22 +12,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::admin;
-use crate::config::{Config, ConfigError, ServerConfig};
+use crate::config::{Config, ConfigError};
+use crate::connection::{self, ConnSettings};
 use crate::control::{CommandSender, ControlHandle, ControlPlane};
 use crate::journal::Journal;
 use crate::notify::Notifier;
-use crate::proxy::{self, ConnInfo};
 use crate::reload::{self, ReloadError, ReloadSummary};
 use crate::snapshot::{BuildError, Snapshot};
 use crate::telemetry::Telemetry;
@@ -36,7 +32,7 @@ use crate::upstream::Clients;
 /// State shared by the data plane, the control plane and the admin API.
 pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
-    tls: ArcSwap<Option<TlsAcceptor>>,
+    conn_settings: ArcSwap<ConnSettings>,
     /// Upstream connection pools.
     pub clients: Clients,
     /// This proxy's metrics registry.
@@ -66,10 +62,16 @@ impl Shared {
         self.snapshot.load()
     }
 
-    /// Publishes a new generation (one atomic store) and its TLS acceptor.
+    /// Publishes a new generation (one atomic store) and the connection settings built from
+    /// it (its TLS acceptor among them).
     pub(crate) fn publish(&self, snap: Snapshot, tls: Option<TlsAcceptor>) {
-        self.tls.store(Arc::new(tls));
+        self.conn_settings.store(Arc::new(ConnSettings::new(&snap.config.server, tls)));
         self.snapshot.store(Arc::new(snap));
+    }
+
+    /// How new client connections are served, as of the current generation.
+    pub(crate) fn conn_settings(&self) -> Arc<ConnSettings> {
+        self.conn_settings.load_full()
     }
 
     /// Held while a reload reads, validates and publishes, so reloads never interleave.
@@ -144,7 +146,7 @@ impl Proxy {
         let s = &config.server;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
-            tls: ArcSwap::from_pointee(tls),
+            conn_settings: ArcSwap::from_pointee(ConnSettings::new(s, tls)),
             clients: Clients::new(s.request_timeout.min(Duration::from_secs(5))),
             telemetry,
             config_path: config.source.clone(),
@@ -325,90 +327,6 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = if tls { (**shared.tls.load()).clone() } else { None };
-        tokio::spawn(connection(stream, peer, acceptor, shared.clone(), permit, shutdown.clone()));
-    }
-}
-
-async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-    shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
-    shutdown: watch::Receiver<bool>,
-) {
-    let server = shared.snapshot().config.server.clone();
-    let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value");
-    let proto = if tls.is_some() { "https" } else { "http" };
-    let info = Arc::new(ConnInfo { shared, client_ip, proto });
-    match tls {
-        None => serve(TokioIo::new(stream), info, &server, shutdown).await,
-        Some(acceptor) => match tokio::time::timeout(server.header_read_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(s)) => serve(TokioIo::new(s), info, &server, shutdown).await,
-            Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-            Err(_) => debug!(%peer, "TLS handshake timed out"),
-        },
-    }
-}
-
-/// How long a drain waits for the first request of a connection accepted before it (at most
-/// `header_read_timeout`).
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
-
-/// The connection settings of a config generation.
-fn conn_builder(s: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(s.header_read_timeout)
-        .max_buf_size(s.max_header_bytes.max(8192))
-        .max_headers(s.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
-    b
-}
-
-async fn serve<I>(io: I, info: Arc<ConnInfo>, server: &ServerConfig, mut shutdown: watch::Receiver<bool>)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let builder = conn_builder(server);
-    // Set when the first request arrives (see the drain below).
-    let first = Arc::new((AtomicBool::new(false), Notify::new()));
-    let seen = first.clone();
-    let svc = service_fn(move |req| {
-        if !seen.0.load(Ordering::Relaxed) {
-            seen.0.store(true, Ordering::Relaxed);
-            seen.1.notify_one();
-        }
-        proxy::handle(info.clone(), req)
-    });
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r { debug!(error = %e, "client connection ended with an error") }
-            return;
-        }
-        _ = shutdown.wait_for(|draining| *draining) => {}
-    }
-    // hyper drops a connection whose first bytes it has not read yet, although the client,
-    // whose connection was accepted, may have sent its request already: give it a moment.
-    if !first.0.load(Ordering::Relaxed) {
-        let grace = server.header_read_timeout.min(FIRST_REQUEST_GRACE);
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r { debug!(error = %e, "client connection ended with an error while draining") }
-                return;
-            }
-            _ = tokio::time::timeout(grace, first.1.notified()) => {}
-        }
-    }
-    conn.as_mut().graceful_shutdown();
-    if let Err(e) = conn.await {
-        debug!(error = %e, "client connection ended with an error while draining")
+        tokio::spawn(connection::serve(stream, peer, tls, shared.clone(), permit, shutdown.clone()));
     }
 }

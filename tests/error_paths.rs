@@ -168,6 +168,27 @@ async fn a_client_that_never_finishes_its_headers_is_cut_at_header_read_timeout(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_speaks_is_cut_at_header_read_timeout() {
+    let stable = Upstream::text("stable").await;
+    let body = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        route(stable.addr, None, "")
+    );
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let mut s = TcpStream::connect(proxy.http_addr()).await.expect("connect");
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("veer closes a connection that sends nothing");
+    assert!(n.is_ok());
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", started.elapsed());
+    assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_needs_the_admin_token_when_one_is_configured() {
     let stable = Upstream::text("stable").await;
     let cfg = ConfigFile::new(&format!(

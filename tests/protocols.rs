@@ -3,6 +3,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -84,6 +85,29 @@ async fn h2c_client_is_served() {
     assert_eq!(resp.version(), Version::HTTP_2);
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(body, "HTTP/1.1 host=app.example", "the :authority becomes the upstream Host");
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_preface_that_arrives_in_pieces_is_still_http2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::text("stable").await;
+    let cfg = ConfigFile::new(&route(up.addr, None, ""));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let mut s = tokio::net::TcpStream::connect(proxy.http_addr()).await.expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    s.write_all(&preface[..10]).await.expect("first piece");
+    // A pause, not a synchronisation: it lets the first piece arrive on its own, so that veer
+    // sees a prefix of the preface that cannot tell the protocol yet.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(&preface[10..]).await.expect("second piece");
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.expect("settings");
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head)).await.expect("answer in time").expect("read");
+    assert_eq!(head[3], 4, "veer answers with an HTTP/2 SETTINGS frame, not an HTTP/1.1 error: {head:?}");
+    drop(s);
     proxy.drain().await;
 }
 
