@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
+use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -58,8 +58,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Answers one admin request.
-pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
+/// Answers one admin request. Generic over the body so that the fuzz target (`fuzz/`) can drive
+/// it with in-memory requests; the server passes hyper's `Incoming`.
+pub async fn handle<B>(shared: &Shared, req: Request<B>) -> AdminResponse
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let mutating = req.method() == Method::POST;
@@ -132,7 +137,7 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
 /// A browser on another site must not be able to abort or promote a rollout through an
 /// operator's browser: a mutating call that carries an `Origin` must come from the admin
 /// server's own origin. (CLI and scripts send no `Origin`.)
-fn cross_site(req: &Request<Incoming>) -> Option<AdminResponse> {
+fn cross_site<B>(req: &Request<B>) -> Option<AdminResponse> {
     let origin = req.headers().get(header::ORIGIN)?.to_str().unwrap_or("");
     let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
     let same = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host);
@@ -140,7 +145,7 @@ fn cross_site(req: &Request<Incoming>) -> Option<AdminResponse> {
 }
 
 /// The refusal for a mutating call without a valid token, if one is configured.
-fn refusal(shared: &Shared, req: &Request<Incoming>) -> Option<AdminResponse> {
+fn refusal<B>(shared: &Shared, req: &Request<B>) -> Option<AdminResponse> {
     let file = shared.snapshot().config.admin.token_file.clone()?;
     let token = match std::fs::read_to_string(&file) {
         Ok(t) => t.trim().to_string(),
@@ -164,7 +169,11 @@ fn refusal(shared: &Shared, req: &Request<Incoming>) -> Option<AdminResponse> {
     }
 }
 
-async fn command(shared: &Shared, route: &str, cmd: Command, req: Request<Incoming>) -> AdminResponse {
+async fn command<B>(shared: &Shared, route: &str, cmd: Command, req: Request<B>) -> AdminResponse
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     #[derive(serde::Deserialize, Default)]
     struct Body {
         reason: Option<String>,
