@@ -118,6 +118,15 @@ const CASES: &[Case] = &[
         "server.tls_cert",
         &["cannot load TLS certificate/key", "no-such-dir/veer.crt"],
     ),
+    // A line break in a file name once split the diagnostic over two lines of `veer check`
+    // output (the config_parse fuzz target checks that every diagnostic is one line).
+    case(
+        "tls_file_name_with_newline.toml",
+        5,
+        12,
+        "server.tls_cert",
+        &["cannot load TLS certificate/key", "no-such-dir/line\\nbreak.crt"],
+    ),
     case(
         "tls_half_configured.toml",
         2,
@@ -265,8 +274,13 @@ fn a_huge_file_reports_the_one_mistake_at_its_line() {
 
 #[test]
 fn veer_check_prints_the_same_precise_errors_and_exits_1() {
-    for file in ["steps_out_of_order.toml", "binary_garbage.bin", "missing_tls_files.toml", "deeply_nested_arrays.toml"]
-    {
+    for file in [
+        "steps_out_of_order.toml",
+        "binary_garbage.bin",
+        "missing_tls_files.toml",
+        "tls_file_name_with_newline.toml",
+        "deeply_nested_arrays.toml",
+    ] {
         let path = corpus().join(file);
         let out = Command::new(env!("CARGO_BIN_EXE_veer")).arg("check").arg(&path).output().expect("run veer check");
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -86,10 +86,13 @@ impl<'a> SourceMap<'a> {
         (line, col)
     }
 
-    /// A diagnostic at `span` about `key`.
+    /// A diagnostic at `span` about `key`. Line breaks in the message (a file name written in
+    /// the config may hold one) are escaped: `veer check` prints one diagnostic per line, each
+    /// starting with its FILE:LINE:COL.
     pub fn at(&self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) -> Diagnostic {
         let (line, col) = self.position(span.start);
-        Diagnostic { file: self.file.to_path_buf(), line, col, key: key.into(), message: message.into() }
+        let message = message.into().replace('\n', "\\n").replace('\r', "\\r");
+        Diagnostic { file: self.file.to_path_buf(), line, col, key: key.into(), message }
     }
 
     /// A diagnostic for an error reported by the TOML parser, naming the key it sits under.
