@@ -83,9 +83,10 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What the bytes a client sent first say about its protocol.
 fn classify(first: &[u8]) -> Protocol {
-    if first.is_empty() || first != &PREFACE[..first.len()] {
+    let n = first.len().min(PREFACE.len());
+    if n == 0 || first[..n] != PREFACE[..n] {
         Protocol::Http1
-    } else if first.len() == PREFACE.len() {
+    } else if n == PREFACE.len() {
         Protocol::Http2
     } else {
         Protocol::Partial
