@@ -220,18 +220,10 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // One worker needs no work-stealing scheduler: the single-threaded one does the same work
-    // with fewer atomic operations and no hand-off between the runtime's threads.
-    let mut rt = match config.server.workers {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                b.worker_threads(n);
-            }
-            b
-        }
-    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.server.workers > 0 {
+        rt.worker_threads(config.server.workers);
+    }
     let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

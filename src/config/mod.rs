@@ -45,7 +45,7 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub drain_timeout: Duration,
-    /// Runtime worker threads; 0 means one per core, 1 the single-threaded scheduler.
+    /// Runtime worker threads; 0 means one per core.
     pub workers: usize,
     /// Client connections held at once; accept pauses beyond it.
     pub max_connections: usize,
