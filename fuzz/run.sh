@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target for a bounded time: `fuzz/run.sh`, or `FUZZ_SECONDS=600 fuzz/run.sh`.
 #
-# Needs cargo-fuzz (`cargo install cargo-fuzz`). cargo-fuzz passes nightly-only flags
+# Installs cargo-fuzz with `cargo install` when it is missing. cargo-fuzz passes nightly-only flags
 # (-Zsanitizer=address, ...); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.
 # Each target's corpus is kept in fuzz/corpus/<target> between runs (config_parse is seeded
 # from config/ and tests/config_corpus/). A crash leaves its input in fuzz/artifacts/<target>/
@@ -12,6 +12,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 seconds=${FUZZ_SECONDS:-60}
 export RUSTC_BOOTSTRAP=1
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "fuzz/run.sh: installing cargo-fuzz" >&2
+    cargo install cargo-fuzz --locked
+fi
 
 # admin_request starts a proxy whose state directory lives under TMPDIR: keep it in memory
 # when possible (it fsyncs its journal) and remove it afterwards.
