@@ -145,6 +145,31 @@ async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_finishes_its_headers_is_cut_at_header_read_timeout() {
+    let (text, hits) = closed_after_header_read_timeout(b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text:?}");
+    assert_eq!(hits, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_speaks_is_cut_at_header_read_timeout() {
+    let (text, hits) = closed_after_header_read_timeout(b"").await;
+    assert!(text.is_empty(), "{text:?}");
+    assert_eq!(hits, 0);
+}
+
+/// hyper has no separate keep-alive idle timeout: `header_read_timeout` is it (README).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_at_header_read_timeout() {
+    let (text, hits) = closed_after_header_read_timeout(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(text.ends_with("stable"), "{text:?}");
+    assert_eq!(hits, 1);
+}
+
+/// Sends `sent` on a fresh connection to a proxy with a 300 ms `header_read_timeout`, and
+/// returns what came back once veer closed the connection (no earlier than ~the timeout)
+/// and how many requests reached the upstream.
+async fn closed_after_header_read_timeout(sent: &[u8]) -> (String, usize) {
     let stable = Upstream::text("stable").await;
     let body = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
@@ -153,7 +178,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_at_header_read_timeout(
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let mut s = TcpStream::connect(proxy.http_addr()).await.expect("connect");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    s.write_all(sent).await.expect("write");
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
@@ -161,31 +186,9 @@ async fn a_client_that_never_finishes_its_headers_is_cut_at_header_read_timeout(
         .expect("veer closes the connection");
     assert!(n.is_ok());
     assert!(started.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", started.elapsed());
-    let text = String::from_utf8_lossy(&buf);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text:?}");
-    assert_eq!(stable.hits(), 0);
+    let hits = stable.hits();
     proxy.drain().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_never_speaks_is_cut_at_header_read_timeout() {
-    let stable = Upstream::text("stable").await;
-    let body = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        route(stable.addr, None, "")
-    );
-    let cfg = ConfigFile::new(&body);
-    let proxy = Proxy::start(&cfg.path).await.expect("start");
-    let mut s = TcpStream::connect(proxy.http_addr()).await.expect("connect");
-    let started = std::time::Instant::now();
-    let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .expect("veer closes a connection that sends nothing");
-    assert!(n.is_ok());
-    assert!(started.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", started.elapsed());
-    assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
-    proxy.drain().await;
+    (String::from_utf8_lossy(&buf).into_owned(), hits)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
