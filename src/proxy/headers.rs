@@ -38,6 +38,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// Removes hop-by-hop headers; with `upgrade`, keeps what the protocol switch needs.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of these: one scan of the few names costs less than the dozen
+    // hashed lookups below, twice per request.
+    if !upgrade && !headers.keys().any(is_hop_by_hop_candidate) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         // Headers the client declared connection-specific. Rare, so the allocation is fine.
         let named: Vec<HeaderName> = headers
@@ -67,6 +72,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// A header that makes [`strip_hop_by_hop`] do something.
+fn is_hop_by_hop_candidate(name: &HeaderName) -> bool {
+    name == header::CONNECTION || name == header::UPGRADE || name == header::TE || HOP_BY_HOP.contains(name)
 }
 
 /// Sets `X-Forwarded-For/Proto/Host` for a request from `client_ip` over `proto`.
@@ -122,6 +132,17 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-app"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_is_stripped_even_alone() {
+        let all = ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "trailer"];
+        for name in all.into_iter().chain(["transfer-encoding", "te", "upgrade", "connection"]) {
+            let mut h = map(&[(name, "x"), ("x-app", "ok")]);
+            strip_hop_by_hop(&mut h, false);
+            let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["x-app"], "{name} alone");
+        }
     }
 
     #[test]
