@@ -65,53 +65,12 @@ PROXY_PORT=$((BASE_PORT + 10))
 ADMIN_PORT=$((BASE_PORT + 11))
 CLK_TCK=$(getconf CLK_TCK)
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # --------------------------------------------------------------------------------------------
-# Processes: everything started is recorded and stopped on exit.
+# Processes (see lib.sh for STARTED and the cleanup on exit)
 # --------------------------------------------------------------------------------------------
-STARTED=()
-WORK=
-
-# Stops PID and its children (nginx's workers): TERM, then KILL after 5 s.
-stop_tree() {
-    local pid=$1 kids i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kids=$(pgrep -P "$pid" 2>/dev/null || true)
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    # shellcheck disable=SC2086
-    kill -KILL "$pid" $kids 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
-        pid=${STARTED[i]}
-        stop_tree "$pid"
-    done
-    if [[ -n $WORK && -d $WORK ]]; then
-        if [[ ${KEEP_WORK:-0} == 1 ]]; then
-            log "kept $WORK"
-        else
-            rm -rf "$WORK"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
 # pin CPU CMD...: runs CMD pinned to CPU, at the benchmark's priority.
 pin() {
     local cpu=$1
@@ -142,57 +101,10 @@ stop() {
 # --------------------------------------------------------------------------------------------
 # Tools
 # --------------------------------------------------------------------------------------------
-ensure_packages() {
-    local missing=() pair guard=
-    for pair in nginx:nginx-light haproxy:haproxy wrk:wrk taskset:util-linux chrt:util-linux curl:curl jq:jq ss:iproute2 pgrep:procps; do
-        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
-    done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    [[ $(id -u) -eq 0 ]] || die "missing ${missing[*]}; run as root or install them with apt-get"
-    log "installing ${missing[*]} with apt-get"
-    # Debian starts a package's service on install unless policy-rc.d says no: say no.
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-        guard=1
-    fi
-    local rc=0
-    {
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-    } >&2 || rc=$?
-    [[ -n $guard ]] && rm -f /usr/sbin/policy-rc.d
-    [[ $rc -eq 0 ]] || die "apt-get install ${missing[*]} failed"
-}
-
-build() {
-    if [[ -n ${VEER_BIN:-} ]]; then
-        [[ -x $VEER_BIN ]] || die "VEER_BIN=$VEER_BIN is not executable"
-    else
-        log "cargo build --release"
-        cargo build --release >&2
-        VEER_BIN=$ROOT/target/release/veer
-    fi
-    log "cargo build --release --bench openloop"
-    OPENLOOP=$(cargo build --release --bench openloop --message-format=json |
-        sed -n 's/.*"executable":"\([^"]*openloop[^"]*\)".*/\1/p' | tail -n 1)
-    [[ -n $OPENLOOP && -x $OPENLOOP ]] || die "could not build benches/openloop.rs"
-}
-
 # --------------------------------------------------------------------------------------------
 # Probes
 # --------------------------------------------------------------------------------------------
 port_free() { [[ -z $(ss -Htln "sport = :$1") ]]; }
-
-# wait_http PORT [SECONDS]: until GET / on PORT answers 200.
-wait_http() {
-    local port=$1 limit=${2:-20} i
-    for ((i = 0; i < limit * 10; i++)); do
-        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$port/" || true) == 200 ]] && return 0
-        sleep 0.1
-    done
-    return 1
-}
 
 # The proxy's processes: PID and its children (nginx's worker).
 # shellcheck disable=SC2046
@@ -229,68 +141,6 @@ record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"; }
 # --------------------------------------------------------------------------------------------
 # Configurations
 # --------------------------------------------------------------------------------------------
-write_upstream_conf() {
-    mkdir -p "$WORK/upstream/tmp"
-    cat >"$WORK/upstream/nginx.conf" <<EOF
-worker_processes 1;
-pid $WORK/upstream/nginx.pid;
-error_log $WORK/upstream/error.log warn;
-worker_rlimit_nofile $NOFILE;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/upstream/tmp;
-    proxy_temp_path $WORK/upstream/tmp;
-    fastcgi_temp_path $WORK/upstream/tmp;
-    keepalive_timeout 300s;
-    keepalive_requests 10000000;
-    default_type text/plain;
-    server {
-        listen 127.0.0.1:$UP_STABLE backlog=4096;
-        location / { return 200 "stable\n"; }
-    }
-    server {
-        listen 127.0.0.1:$UP_CANARY backlog=4096;
-        location / { return 200 "canary\n"; }
-    }
-}
-EOF
-}
-
-write_veer_conf() {
-    local dir=$WORK/veer-$1
-    mkdir -p "$dir/state"
-    cat >"$dir/veer.toml" <<EOF
-[server]
-listen = "127.0.0.1:$PROXY_PORT"
-workers = 1
-max_connections = $((IDLE_CONNS + 2000))
-
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-
-[state]
-dir = "$dir/state"
-
-[[routes]]
-name = "bench"
-
-[routes.stable]
-version = "stable"
-endpoints = ["127.0.0.1:$UP_STABLE"]
-
-[routes.candidate]
-version = "canary"
-endpoints = ["127.0.0.1:$UP_CANARY"]
-
-# 10% candidate for the whole run: the next step is an hour away.
-[routes.rollout]
-steps = [10, 100]
-step_interval = "1h"
-EOF
-    echo "$dir/veer.toml"
-}
-
 write_nginx_conf() {
     local dir=$WORK/nginx-$1
     mkdir -p "$dir/tmp"
@@ -371,7 +221,9 @@ start_direct() {
 
 start_veer() {
     local conf
-    conf=$(write_veer_conf "$1")
+    conf=$WORK/veer-$1/veer.toml
+    write_veer_conf "$conf" bench "workers = 1
+max_connections = $((IDLE_CONNS + 2000))"
     "$VEER_BIN" check "$conf" >"$WORK/veer-$1/check.log" 2>&1 || die "veer check failed: $(cat "$WORK/veer-$1/check.log")"
     start "$PROXY_CPU" "$LOGS/veer-$1.log" "$VEER_BIN" run -c "$conf"
     PEER_PID=$PID
@@ -476,7 +328,7 @@ realtime() {
 open_loop() {
     local peer=$1 rate=$2 out k rt=()
     [[ $RT == 1 ]] && rt=(chrt -f 1)
-    out=$(pin "$LOAD_CPU" timeout $((DUR_S + 40)) "${rt[@]}" "$OPENLOOP" rate "127.0.0.1:$TARGET" "$rate" "$DUR_S" "$OPENLOOP_CONNS" 1 2>&1) || true
+    out=$(pin "$LOAD_CPU" timeout $((DUR_S + 40)) "${rt[@]}" "$OPENLOOP_BIN" rate "127.0.0.1:$TARGET" "$rate" "$DUR_S" "$OPENLOOP_CONNS" 1 2>&1) || true
     printf 'rate %s: %s\n' "$rate" "$out" >>"$LOGS/openloop-$peer.log"
     if ! [[ $out == *p99_us=* ]]; then
         log "  open loop $rate/s: no result: $out"
@@ -493,7 +345,7 @@ open_loop() {
 idle_conns() {
     local peer=$1 before out pid i rss alive
     before=$(rss_kib "$PEER_PID")
-    start "$LOAD_CPU" "$WORK/hold.out" "$OPENLOOP" hold "127.0.0.1:$TARGET" "$IDLE_CONNS" 60
+    start "$LOAD_CPU" "$WORK/hold.out" "$OPENLOOP_BIN" hold "127.0.0.1:$TARGET" "$IDLE_CONNS" 60
     pid=$PID
     for i in $(seq 600); do
         grep -q '^ready' "$WORK/hold.out" 2>/dev/null && break
@@ -524,7 +376,7 @@ measure() {
     local peer=$1 rep=$2 c r
     log "rep $rep/$REPS: $peer"
     "start_$peer" "$rep"
-    if ! wait_http "$TARGET" 20; then
+    if ! wait_http "http://127.0.0.1:$TARGET/" 20; then
         log "  $peer did not answer on 127.0.0.1:$TARGET; last log lines:"
         tail -n 20 "$LOGS/$peer-$rep.log" >&2 || true
         die "$peer failed to start"
@@ -650,7 +502,8 @@ summary() {
 # --------------------------------------------------------------------------------------------
 main() {
     [[ $(nproc) -ge 2 ]] || log "warning: fewer than 2 CPUs; proxy and load share a CPU"
-    ensure_packages
+    ensure_packages nginx:nginx-light haproxy:haproxy wrk:wrk taskset:util-linux chrt:util-linux curl:curl jq:jq \
+        ss:iproute2 pgrep:procps
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     if [[ -n $(nice -n "$NICE" true 2>&1) ]]; then
         log "warning: cannot run at nice $NICE; using 0"
@@ -684,10 +537,10 @@ main() {
     LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
     log "load average at start: $LOAD_START"
 
-    write_upstream_conf
+    write_upstream_conf "$WORK/upstream" "$NOFILE"
     start "$LOAD_CPU" "$LOGS/upstream.log" nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" -g 'daemon off;'
     UPSTREAM_PID=$PID
-    if ! wait_http "$UP_STABLE" 10 || ! wait_http "$UP_CANARY" 10; then
+    if ! wait_http "http://127.0.0.1:$UP_STABLE/" 10 || ! wait_http "http://127.0.0.1:$UP_CANARY/" 10; then
         die "upstreams did not start: $(cat "$WORK/upstream/error.log" 2>/dev/null)"
     fi
 

@@ -57,77 +57,8 @@ UP_CANARY=$((BASE_PORT + 2))
 PROXY_PORT=$((BASE_PORT + 10))
 ADMIN_PORT=$((BASE_PORT + 11))
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-STARTED=()
-WORK=
-cleanup() {
-    local rc=$? i pid
-    trap - EXIT INT TERM
-    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
-        pid=${STARTED[i]}
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    [[ -n $WORK && -d $WORK ]] && rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-ensure_nginx() {
-    command -v nginx >/dev/null 2>&1 && return 0
-    [[ $(id -u) -eq 0 ]] || die "nginx is missing; run as root or install it with apt-get"
-    log "installing nginx-light with apt-get"
-    local guard=
-    # Debian starts a package's service on install unless policy-rc.d says no: say no.
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-        guard=1
-    fi
-    local rc=0
-    {
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light
-    } >&2 || rc=$?
-    [[ -n $guard ]] && rm -f /usr/sbin/policy-rc.d
-    [[ $rc -eq 0 ]] || die "apt-get install nginx-light failed"
-}
-
-build() {
-    if [[ -z ${VEER_BIN:-} ]]; then
-        log "cargo build --release"
-        cargo build --release >&2
-        VEER_BIN=$ROOT/target/release/veer
-    fi
-    [[ -x $VEER_BIN ]] || die "VEER_BIN=$VEER_BIN is not executable"
-    if [[ -z ${OPENLOOP_BIN:-} ]]; then
-        log "cargo build --release --bench openloop"
-        OPENLOOP_BIN=$(cargo build --release --bench openloop --message-format=json |
-            sed -n 's/.*"executable":"\([^"]*openloop[^"]*\)".*/\1/p' | tail -n 1)
-    fi
-    [[ -n $OPENLOOP_BIN && -x $OPENLOOP_BIN ]] || die "could not build benches/openloop.rs"
-}
-
-# wait_http URL SECONDS: polls URL until it answers 200.
-wait_http() {
-    local deadline=$((SECONDS + $2))
-    until curl -fsS -o /dev/null "$1" 2>/dev/null; do
-        [[ $SECONDS -lt $deadline ]] || return 1
-        sleep 0.1
-    done
-}
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # median FILE COLUMN FIRST_T LAST_T: the median of COLUMN over samples with FIRST_T <= t <= LAST_T.
 median() {
@@ -136,56 +67,13 @@ median() {
 }
 
 main() {
-    command -v curl >/dev/null 2>&1 || die "curl is needed"
-    ensure_nginx
+    ensure_packages nginx:nginx-light curl:curl
     build
     mkdir -p "$OUT_DIR"
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/veer-soak.XXXXXX")
-    mkdir -p "$WORK/upstream/tmp" "$WORK/veer"
 
-    cat >"$WORK/upstream/nginx.conf" <<EOF
-worker_processes 1;
-pid $WORK/upstream/nginx.pid;
-error_log $WORK/upstream/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/upstream/tmp;
-    proxy_temp_path $WORK/upstream/tmp;
-    fastcgi_temp_path $WORK/upstream/tmp;
-    keepalive_timeout 300s;
-    keepalive_requests 10000000;
-    default_type text/plain;
-    server { listen 127.0.0.1:$UP_STABLE; location / { return 200 "stable\n"; } }
-    server { listen 127.0.0.1:$UP_CANARY; location / { return 200 "canary\n"; } }
-}
-EOF
-    cat >"$WORK/veer/veer.toml" <<EOF
-[server]
-listen = "127.0.0.1:$PROXY_PORT"
-
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-
-[state]
-dir = "$WORK/veer/state"
-
-[[routes]]
-name = "soak"
-
-[routes.stable]
-version = "v1"
-endpoints = ["127.0.0.1:$UP_STABLE"]
-
-[routes.candidate]
-version = "v2"
-endpoints = ["127.0.0.1:$UP_CANARY"]
-
-[routes.rollout]
-steps = [10, 100]
-step_interval = "1h"
-min_requests = 0
-EOF
+    write_upstream_conf "$WORK/upstream" 4096
+    write_veer_conf "$WORK/veer/veer.toml" soak
 
     nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" -g 'daemon off;' \
         >"$OUT_DIR/upstream.log" 2>&1 &
