@@ -3,48 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
-/// Starts `veer run` and returns its JSON log lines up to "veer is serving", then kills it.
+/// Starts `veer run` and returns its JSON log lines up to "veer is serving", then stops it.
 fn start_logs(config: &std::path::Path) -> Vec<Value> {
-    let mut child = Command::new(veer_bin())
-        .args(["run", "--log-format", "json", "-c"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn veer");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut logs = Vec::new();
-    let serving = loop {
-        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else { break false };
-        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
-        let done = v["fields"]["message"] == "veer is serving";
-        logs.push(v);
-        if done {
-            break true;
-        }
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(serving, "veer did not start: {logs:?}");
-    logs
+    std::mem::take(&mut Veer::spawn(config).startup_logs)
 }
 
 fn token_warnings(logs: &[Value]) -> Vec<&Value> {

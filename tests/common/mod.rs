@@ -239,6 +239,8 @@ pub struct Veer {
     pub admin: SocketAddr,
     /// The HTTPS listener, when the config has one.
     pub tls: Option<SocketAddr>,
+    /// The JSON log lines up to and including "veer is serving".
+    pub startup_logs: Vec<serde_json::Value>,
 }
 
 impl Veer {
@@ -253,7 +255,7 @@ impl Veer {
             .expect("spawn veer");
         // Owned by a `Veer` from here on, so a failed start still kills and reaps the child.
         let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut veer = Veer { child, http: unknown, admin: unknown, tls: None };
+        let mut veer = Veer { child, http: unknown, admin: unknown, tls: None, startup_logs: Vec::new() };
         let stderr = veer.child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -267,6 +269,7 @@ impl Veer {
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("veer logs that it is serving");
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            veer.startup_logs.push(v.clone());
             if v["fields"]["message"] == "veer is serving" {
                 let addr = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");
                 (veer.http, veer.admin) = (addr("http_addr"), addr("admin_addr"));
