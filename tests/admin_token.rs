@@ -20,10 +20,7 @@ fn token_warnings(logs: &[Value]) -> Vec<&Value> {
 #[test]
 fn a_world_readable_token_file_is_named_in_a_warning_at_start() {
     let stable = refused_addr();
-    let cfg = ConfigFile::new(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n{}",
-        route(stable, None, "")
-    ));
+    let cfg = ConfigFile::new(&format!("{}{}", listeners("", "token_file = \"admin.token\""), route(stable, None, "")));
     let token = cfg.dir.path().join("admin.token");
     std::fs::write(&token, "s3cret\n").expect("token");
 

@@ -75,10 +75,7 @@ async fn slow_upstream_is_504_at_request_timeout() {
         Response::new(full("late"))
     })
     .await;
-    let body = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        route(slow.addr, None, "")
-    );
+    let body = format!("{}{}", listeners("request_timeout = \"300ms\"", ""), route(slow.addr, None, ""));
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
@@ -171,10 +168,7 @@ async fn an_idle_keep_alive_connection_is_closed_at_header_read_timeout() {
 /// and how many requests reached the upstream.
 async fn closed_after_header_read_timeout(sent: &[u8]) -> (String, usize) {
     let stable = Upstream::text("stable").await;
-    let body = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        route(stable.addr, None, "")
-    );
+    let body = format!("{}{}", listeners("header_read_timeout = \"300ms\"", ""), route(stable.addr, None, ""));
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let mut s = TcpStream::connect(proxy.http_addr()).await.expect("connect");
@@ -194,10 +188,8 @@ async fn closed_after_header_read_timeout(sent: &[u8]) -> (String, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_needs_the_admin_token_when_one_is_configured() {
     let stable = Upstream::text("stable").await;
-    let cfg = ConfigFile::new(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n{}",
-        route(stable.addr, None, "")
-    ));
+    let cfg =
+        ConfigFile::new(&format!("{}{}", listeners("", "token_file = \"admin.token\""), route(stable.addr, None, "")));
     std::fs::write(cfg.dir.path().join("admin.token"), "s3cret\n").expect("token");
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
@@ -234,10 +226,7 @@ async fn veer_is_never_an_open_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_pauses_accept_instead_of_failing() {
     let stable = Upstream::text("stable").await;
-    let body = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        route(stable.addr, None, "")
-    );
+    let body = format!("{}{}", listeners("max_connections = 2", ""), route(stable.addr, None, ""));
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let addr = proxy.http_addr();

@@ -218,9 +218,7 @@ async fn mirrored_traffic_is_compared_and_clients_only_see_stable() {
     let cand = Upstream::status(500, "boom").await;
     // 0.01%: the split itself almost never picks the candidate; the mirror copies everything.
     let body = policy_route(stable.addr, cand.addr, "[0.01, 100]", "\n[routes.mirror]\npercent = 100\n");
-    let cfg = ConfigFile::new(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nexpose_role_header = true\n[admin]\nlisten = \"127.0.0.1:0\"\n{body}"
-    ));
+    let cfg = ConfigFile::new(&format!("{}{body}", listeners("expose_role_header = true", "")));
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
     let admin = proxy.admin_addr();

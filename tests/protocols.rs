@@ -182,10 +182,7 @@ async fn forwarding_headers_are_rewritten() {
         r
     })
     .await;
-    let body = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nexpose_role_header = true\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        route(up.addr, None, "")
-    );
+    let body = format!("{}{}", listeners("expose_role_header = true", ""), route(up.addr, None, ""));
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let req = http::Request::get(format!("http://{}/h", proxy.http_addr()))

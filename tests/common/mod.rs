@@ -134,13 +134,15 @@ impl ConfigFile {
     }
 }
 
+/// The `[server]` and `[admin]` tables on ephemeral loopback ports, with extra keys for each
+/// (newline-separated TOML lines, or empty).
+pub fn listeners(server_keys: &str, admin_keys: &str) -> String {
+    format!("[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}\n[admin]\nlisten = \"127.0.0.1:0\"\n{admin_keys}\n")
+}
+
 /// Prefixes a config body with loopback listeners unless it has its own `[server]`.
 pub fn with_listeners(body: &str) -> String {
-    if body.contains("[server]") {
-        body.to_string()
-    } else {
-        format!("[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}")
-    }
+    if body.contains("[server]") { body.to_string() } else { format!("{}\n{body}", listeners("", "")) }
 }
 
 /// One route `web` with a stable and (optionally) a candidate upstream.
