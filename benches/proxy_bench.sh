@@ -29,6 +29,7 @@
 #   RT (1): during the open-loop latency runs the proxy, the upstreams and the generator run
 #     SCHED_FIFO, so a neighbour's compile cannot add run-queue waits to the tail; 0 turns it off;
 #   VEER_BIN: a prebuilt veer to measure instead of building this tree (before/after runs);
+#   OPENLOOP_BIN: a prebuilt benches/openloop.rs;
 #   OUT_DIR (target/proxy-bench): results.tsv (every measurement), table.md, logs/;
 #   KEEP_WORK=1 keeps the temporary directory with the generated configurations.
 #

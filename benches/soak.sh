@@ -7,8 +7,8 @@
 #
 # What it does:
 # - builds veer (cargo build --release) and the open-loop generator (benches/openloop.rs), unless
-#   VEER_BIN / OPENLOOP_BIN name prebuilt ones; installs nginx with apt-get if it is missing (its
-#   service is not started);
+#   VEER_BIN / OPENLOOP_BIN name prebuilt ones; installs nginx and curl with apt-get if they are
+#   missing (services are not started);
 # - starts two loopback upstreams (one small nginx, two ports) and veer with one route whose
 #   candidate holds at 10% for the whole run (one-hour step), so the control plane ticks, judges
 #   and checkpoints its evidence all along;
