@@ -54,13 +54,15 @@ async fn window_figures_show_each_versions_errors() {
     let cfg = ConfigFile::new(&route(stable.addr, Some(cand.addr), "[25, 100]"));
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
-    for _ in 0..100 {
-        get(&c, proxy.http_addr(), "/").await;
-    }
+    let sent =
+        send_until(&c, proxy.http_addr(), 2_000, Duration::from_secs(20), "the candidate is rolled back", || async {
+            route_status(&c, proxy.admin_addr(), "web").await["phase"] == "rolled_back"
+        })
+        .await as u64;
     let k = cand.hits() as u64;
     eventually(Duration::from_secs(5), "window shows the traffic", || async {
         let st = route_status(&c, proxy.admin_addr(), "web").await;
-        st["candidate"]["window"]["requests"] == k && st["stable"]["window"]["requests"] == 100 - k
+        st["candidate"]["window"]["requests"] == k && st["stable"]["window"]["requests"] == sent - k
     })
     .await;
     let st = route_status(&c, proxy.admin_addr(), "web").await;

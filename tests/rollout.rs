@@ -286,9 +286,15 @@ async fn a_webhook_receives_the_rollback_with_its_evidence() {
     let cfg = ConfigFile::new(&(fast_route(stable.addr, cand.addr, "[50, 100]", "1h", "") + &hooks));
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
-    for _ in 0..40 {
-        get(&c, proxy.http_addr(), "/").await;
-    }
+    send_until(
+        &c,
+        proxy.http_addr(),
+        2_000,
+        Duration::from_secs(30),
+        "the failing candidate is rolled back",
+        || async { phase(&c, proxy.admin_addr()).await["phase"] == "rolled_back" },
+    )
+    .await;
     let event =
         tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("webhook within 10 s").expect("an event");
     assert_eq!(event["kind"], "rolled_back");

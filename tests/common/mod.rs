@@ -217,6 +217,33 @@ where
     }
 }
 
+/// Sends GETs to `http://{addr}/` one at a time until `cond` holds, checking it after each
+/// answer, so a test needs exactly as much traffic as its condition does instead of a fixed
+/// count that a random split can leave one request short. Fails after `max` requests or once
+/// `within` has passed. Returns how many requests were sent.
+pub async fn send_until<F, Fut>(
+    client: &HttpClient,
+    addr: SocketAddr,
+    max: usize,
+    within: Duration,
+    what: &str,
+    mut cond: F,
+) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    for sent in 1..=max {
+        get(client, addr, "/").await;
+        if cond().await {
+            return sent;
+        }
+        assert!(Instant::now() < deadline, "after {sent} requests and {within:?}, still waiting for: {what}");
+    }
+    panic!("after {max} requests, still waiting for: {what}");
+}
+
 /// The route's status JSON from the admin API.
 pub async fn route_status(client: &HttpClient, admin: SocketAddr, route: &str) -> serde_json::Value {
     let got = get(client, admin, &format!("/api/v1/routes/{route}")).await;
