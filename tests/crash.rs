@@ -145,7 +145,7 @@ async fn the_judges_evidence_survives_a_crash() {
     let evidence = |st: &Value| st["judge"]["rules"][0]["ln_evidence"].as_f64();
     // The errors are weighed once a batch holds enough stable requests, however the split
     // falls; successes afterwards leave the evidence where it is.
-    send_until(&c, v.http, 2_000, Duration::from_secs(30), "the judge has weighed the two errors", || async {
+    send_until(&c, v.http, 20_000, Duration::from_secs(30), "the judge has weighed the two errors", || async {
         evidence(&status(&c, &v).await).is_some_and(|e| e > 0.0)
     })
     .await;

@@ -55,7 +55,7 @@ async fn window_figures_show_each_versions_errors() {
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();
     let sent =
-        send_until(&c, proxy.http_addr(), 2_000, Duration::from_secs(20), "the candidate is rolled back", || async {
+        send_until(&c, proxy.http_addr(), 20_000, Duration::from_secs(20), "the candidate is rolled back", || async {
             route_status(&c, proxy.admin_addr(), "web").await["phase"] == "rolled_back"
         })
         .await as u64;

@@ -289,7 +289,7 @@ async fn a_webhook_receives_the_rollback_with_its_evidence() {
     send_until(
         &c,
         proxy.http_addr(),
-        2_000,
+        20_000,
         Duration::from_secs(30),
         "the failing candidate is rolled back",
         || async { phase(&c, proxy.admin_addr()).await["phase"] == "rolled_back" },

@@ -219,8 +219,10 @@ where
 
 /// Sends GETs to `http://{addr}/` one at a time until `cond` holds, checking it after each
 /// answer, so a test needs exactly as much traffic as its condition does instead of a fixed
-/// count that a random split can leave one request short. Fails after `max` requests or once
-/// `within` has passed. Returns how many requests were sent.
+/// count that a random split can leave one request short. Requests are paced 1 ms apart: the
+/// judge and the rollout act on ticks, and a condition that waits for one must not be outrun
+/// by a request count (unpaced, a loopback client sends thousands in one tick). Fails after
+/// `max` requests or once `within` has passed. Returns how many requests were sent.
 pub async fn send_until<F, Fut>(
     client: &HttpClient,
     addr: SocketAddr,
@@ -240,6 +242,7 @@ where
             return sent;
         }
         assert!(Instant::now() < deadline, "after {sent} requests and {within:?}, still waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     panic!("after {max} requests, still waiting for: {what}");
 }
