@@ -482,7 +482,11 @@ fn systemd_unit_runs_the_real_flags_and_reloads_with_sighup() {
 
     // systemd's own parser, with the unit pointed at the built binary.
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
-        eprintln!("SKIPPED systemd-analyze verify of deploy/veer.service: systemd-analyze is not installed");
+        skip_unless_required(
+            "VEER_REQUIRE_SYSTEMD_ANALYZE",
+            "systemd-analyze verify of deploy/veer.service",
+            "systemd-analyze is not installed (apt-get install systemd)",
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -642,8 +646,10 @@ fn dashboard_promql_parses_with_promtool() {
     let found = Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success());
     if !found {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "promtool is missing in CI (.ci/run installs it)");
-        eprintln!(
-            "SKIPPED dashboard_promql_parses_with_promtool: promtool is not installed (apt-get install prometheus)"
+        skip_unless_required(
+            "VEER_REQUIRE_PROMETHEUS",
+            "dashboard_promql_parses_with_promtool",
+            "promtool is not installed (apt-get install prometheus)",
         );
         return;
     }

@@ -355,10 +355,38 @@ impl Drop for Veer {
 
 /// A test that needs an outside tool which is missing: fails when `require_var` is `1` (CI
 /// sets it), otherwise says loudly that it skipped.
+///
+/// libtest hides the output of a passing test, and a skipped test passes, so the skip is also
+/// appended to the file named by `VEER_SKIP_LOG` when that is set: `.ci/run` sets it and prints
+/// the file after the tests, so no skip goes unseen.
 pub fn skip_unless_required(require_var: &str, test: &str, why: &str) {
     assert!(std::env::var(require_var).as_deref() != Ok("1"), "{require_var}=1 but {test} cannot run: {why}");
     let bar = "!".repeat(80);
     eprintln!("\n{bar}\n!!! SKIPPED {test}:\n!!! {why}\n{bar}\n");
+    if let Some(log) = std::env::var_os("VEER_SKIP_LOG") {
+        use std::io::Write;
+        // One short `write` per line with O_APPEND: lines from tests running at once never mix.
+        let line = format!("SKIPPED {test}: {} (set {require_var}=1 to require it)\n", why.replace('\n', " "));
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            panic!("cannot record the skip of {test} in VEER_SKIP_LOG={}: {e}", Path::new(&log).display());
+        }
+    }
+}
+
+/// Where an outside program is installed: the first `name` on `PATH`, then in `/usr/sbin` and
+/// `/sbin`, where Debian puts servers such as nginx and haproxy and where a non-root `PATH`
+/// often does not look.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
 }
 
 /// Steady background GETs to `addr`, `gap` apart, until `stop` is set — and in any case at
