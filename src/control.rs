@@ -121,6 +121,16 @@ impl RouteGauges {
                 .collect(),
         }
     }
+
+    /// Shows `route`'s phase and weight as they are now. Done right after anything changes
+    /// them (start, tick, command), so a scrape never reads a value older than the state.
+    fn set(&self, route: &Route) {
+        let (phase, _, weight) = position(route);
+        self.weight.set(weight);
+        for (p, gauge) in &self.phases {
+            gauge.set(if *p == phase { 1.0 } else { 0.0 });
+        }
+    }
 }
 
 /// The control plane's state: one controller per rollout, due times, metric handles.
@@ -208,6 +218,11 @@ impl ControlPlane {
         self.controllers = controllers;
         self.gauges.retain(|name, _| snap.route(name).is_some());
         self.due.retain(|name, _| snap.route(name).is_some());
+        for route in &snap.routes {
+            if let Some(g) = self.gauges.get(&route.config.name) {
+                g.set(route);
+            }
+        }
     }
 
     fn tick(&mut self, now: Instant) {
@@ -230,11 +245,7 @@ impl ControlPlane {
                 c.tick(now, stable, candidate, mirror, &out);
             }
             if let Some(g) = self.gauges.get(name) {
-                let (phase, _, weight) = position(route);
-                g.weight.set(weight);
-                for (p, gauge) in &g.phases {
-                    gauge.set(if *p == phase { 1.0 } else { 0.0 });
-                }
+                g.set(route);
             }
         }
         if self.last_upkeep.elapsed() >= UPKEEP_EVERY {
@@ -248,6 +259,9 @@ impl ControlPlane {
         self.sync(now);
         let snap = self.shared.snapshot();
         let result = self.apply_command(&snap, &req, now);
+        if let (Some(route), Some(g)) = (snap.route(&req.route), self.gauges.get(&req.route)) {
+            g.set(route);
+        }
         let _ = req.reply.send(result);
     }
 

@@ -47,6 +47,34 @@ async fn metrics_count_known_traffic_with_the_contract_labels() {
     proxy.drain().await;
 }
 
+/// The weight and phase gauges change with the state, not at the next tick: a scrape right
+/// after the start, or right after a command, reads what traffic sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_and_phase_gauges_are_current_right_after_start_and_commands() {
+    let stable = Upstream::text("ok").await;
+    let cand = Upstream::text("cand").await;
+    // One tick at the start, the next 20 s later: only the start and the command move the state.
+    let body = route(stable.addr, Some(cand.addr), "[50, 100]")
+        + "step_interval = \"1h\"\n\n[routes.rollback]\nwindow = \"60s\"\ntick = \"20s\"\n";
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let (c, admin) = (client(), proxy.admin_addr());
+    let gauges = |text: &str| {
+        [
+            r#"veer_candidate_weight_percent{route="web"}"#,
+            r#"veer_rollout_phase{route="web",phase="progressing"}"#,
+            r#"veer_rollout_phase{route="web",phase="rolled_back"}"#,
+        ]
+        .map(|series| metric_value(text, series))
+    };
+    let text = get(&c, admin, "/metrics").await.text();
+    assert_eq!(gauges(&text), [Some(50.0), Some(1.0), Some(0.0)], "right after the start:\n{text}");
+    assert_eq!(post(&c, admin, "/api/v1/routes/web/abort", &[]).await.status, 200);
+    let text = get(&c, admin, "/metrics").await.text();
+    assert_eq!(gauges(&text), [Some(0.0), Some(0.0), Some(1.0)], "right after the abort:\n{text}");
+    proxy.drain().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_figures_show_each_versions_errors() {
     let stable = Upstream::text("ok").await;
