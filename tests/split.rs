@@ -35,7 +35,14 @@ async fn ten_percent_over_5000_requests_is_within_one_and_a_half_points() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_percent_over_1000_requests_gives_ten_plus_minus_two() {
     let (cand, _) = split_counts("1", 1000).await;
-    assert!((8..=12).contains(&cand), "candidate got {cand} of 1000");
+    // Each shard's accumulator is exact to within one request and a request lands on the
+    // shard of whichever worker runs it, so the total is exact to within one per shard: ±2 on
+    // a 2-core machine, more where there are more cores (and shards).
+    let slack = veer::shard::count().max(2);
+    assert!(
+        (10usize.saturating_sub(slack)..=10 + slack).contains(&cand),
+        "candidate got {cand} of 1000 (±{slack} allowed)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
