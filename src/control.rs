@@ -287,14 +287,14 @@ impl ControlPlane {
     }
 }
 
-/// Ticks both versions' windows, and the candidate's mirror window when the route mirrors;
+/// Ticks both versions' windows, and their mirror windows when the route mirrors;
 /// `None` for routes without candidate.
 fn read(route: &Route, now: Instant) -> Option<(Reading, Reading, MirrorReading)> {
     let window = route.config.rollback.window;
     let stable = route.runtime.stable.tick(now, window);
     let (_, cand) = route.runtime.candidate.as_ref()?;
     let mirror = match route.policy.mirror {
-        Some(_) => MirrorReading::of(cand, now, window),
+        Some(_) => MirrorReading::of(&route.runtime.stable, cand, now, window),
         None => MirrorReading::counters(cand),
     };
     Some((stable, cand.tick(now, window), mirror))

@@ -198,8 +198,12 @@ fn simulated_route<'a>(config: &'a Config, a: &SimulateArgs) -> Result<&'a Route
     };
     let route =
         route.ok_or_else(|| format!("no route {} in {}", a.route.as_deref().unwrap_or("at all"), a.file.display()))?;
-    if route.rollout.strategy != Strategy::Canary {
-        return Err(format!("route {} is blue-green; simulate models weighted canary steps only", route.name));
+    if route.rollout.strategy == Strategy::BlueGreen && route.mirror.as_ref().is_none_or(|m| m.percent <= 0.0) {
+        return Err(format!(
+            "route {} is blue-green without [routes.mirror]: its preview is judged on mirrored copies, \
+             so simulate needs mirror.percent above 0",
+            route.name
+        ));
     }
     if !(a.rps.is_finite() && a.rps > 0.0) {
         return Err(format!("--rps must be a positive number, not {}", a.rps));

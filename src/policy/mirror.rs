@@ -1,12 +1,14 @@
 //! Mirroring: a share of idempotent stable requests is copied to the candidate in the
-//! background and the two answers are compared.
+//! background and the two answers are compared. While a blue-green candidate bakes at 100%
+//! the direction turns: the same share of the candidate's requests is copied to stable, whose
+//! answers are stable's side of the judge's comparison (there is no other stable traffic).
 //!
 //! The client only ever sees stable's answer. Copies never slow the primary path: they run on
 //! their own tasks, at most [`MAX_IN_FLIGHT`] at a time per route; when all slots are busy the
 //! copy is dropped and counted (`class="dropped"`). Each mirrored answer is compared with the
 //! primary one — status class always, and a CRC32 of the body with `compare_body` — and the
 //! mismatch rate feeds the judge's `mirror_mismatch` rule. Mirrored outcomes are also what the
-//! judge reads during a blue-green preview.
+//! judge reads during a blue-green preview (the candidate's) and bake (stable's).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -51,9 +53,10 @@ pub struct MirrorPolicy {
     mismatches: Counter,
 }
 
-/// A copy of a request on its way to the candidate.
+/// A copy of a request on its way to the other version.
 #[derive(Debug)]
 pub struct Copy {
+    to: Role,
     method: Method,
     path: Option<http::uri::PathAndQuery>,
     headers: HeaderMap,
@@ -75,15 +78,17 @@ impl MirrorPolicy {
         }
     }
 
-    /// A copy of this request, if it is to be mirrored: an idempotent, bodyless request picked
-    /// by the configured share, with a free slot (otherwise it is dropped and counted).
-    pub fn copy(&self, method: &Method, uri: &Uri, headers: &HeaderMap, body_is_empty: bool) -> Option<Copy> {
+    /// A copy of this request for version `to`, if it is to be mirrored: an idempotent,
+    /// bodyless request picked by the configured share, with a free slot (otherwise it is
+    /// dropped and counted).
+    pub fn copy(&self, to: Role, method: &Method, uri: &Uri, headers: &HeaderMap, body_is_empty: bool) -> Option<Copy> {
         let eligible = body_is_empty && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
         if !(eligible && self.picker.pick_candidate(self.weight_bp)) {
             return None;
         }
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => Some(Copy {
+                to,
                 method: method.clone(),
                 path: uri.path_and_query().cloned(),
                 headers: headers.clone(),
@@ -97,8 +102,9 @@ impl MirrorPolicy {
     }
 }
 
-/// Sends `copy` to the candidate of `route`, records its outcome in the candidate's mirror
-/// lane, and compares it with the primary answer when that arrives.
+/// Sends `copy` to its version of `route`, records its outcome in that version's mirror
+/// lane, and compares it with the primary answer when that arrives (the pair counts are the
+/// candidate's either way: they measure how often the two versions disagree).
 pub async fn run(
     route: Arc<Route>,
     clients: Clients,
@@ -112,7 +118,7 @@ pub async fn run(
     let answer = send(&route, &clients, &copy, policy.compare_body, timeout).await;
     drop(copy.permit);
     let fault = matches!(answer.class, Class::ServerError | Class::Error);
-    candidate.mirror.record(Outcome { class: answer.class, fault, latency: start.elapsed() });
+    route.version(copy.to).mirror.record(Outcome { class: answer.class, fault, latency: start.elapsed() });
     policy.by_class[answer.class as usize].increment(1);
     if let Ok(Ok(primary)) = tokio::time::timeout(timeout, primary).await {
         candidate.mirror_pairs.compared.fetch_add(1, Ordering::Relaxed);
@@ -125,7 +131,7 @@ pub async fn run(
 
 async fn send(route: &Route, clients: &Clients, copy: &Copy, compare_body: bool, timeout: Duration) -> Answer {
     let failed = Answer { class: Class::Error, digest: None };
-    let pool = route.pool(Role::Candidate);
+    let pool = route.pool(copy.to);
     let Some(i) = pool.pick(None) else { return failed };
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);

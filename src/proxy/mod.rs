@@ -151,10 +151,16 @@ async fn forward(
     let (tap, replay) = {
         // Borrowed, not cloned: most requests take neither policy.
         let route = ex.route();
-        let live = route.rollout().is_some_and(|r| r.is_live());
-        let tap = match (&route.policy.mirror, role, judged, upgrade) {
-            (Some(m), Role::Stable, true, false) if live => {
-                m.copy(&parts.method, &parts.uri, &parts.headers, empty).map(|copy| {
+        // Stable's requests are copied to a live candidate; while it bakes at 100%, its own
+        // requests are copied to stable, the other side of the bake's comparison.
+        let to = route.rollout().and_then(|r| match role {
+            Role::Stable if r.is_live() => Some(Role::Candidate),
+            Role::Candidate if r.is_baking() => Some(Role::Stable),
+            _ => None,
+        });
+        let tap = match (&route.policy.mirror, to, judged, upgrade) {
+            (Some(m), Some(to), true, false) => {
+                m.copy(to, &parts.method, &parts.uri, &parts.headers, empty).map(|copy| {
                     let (tx, rx) = oneshot::channel();
                     tokio::spawn(mirror::run(route.clone(), conn.shared.clients.clone(), copy, rx, timeout));
                     Tap::new(tx, m.compare_body)

@@ -6,9 +6,11 @@
 //! (no step forward, loud logs) but still serves, and still rolls back: a broken disk never
 //! keeps a bad candidate in front of users.
 //!
-//! In a blue-green preview the judge reads the candidate's mirrored traffic. At the switch to
-//! 100% the controller freezes stable's window into the judge's baseline (saved with the
-//! evidence, and in the switch event) so the bake is judged against stable from before it.
+//! In a blue-green preview the judge reads the candidate's mirrored traffic. While the
+//! candidate bakes at 100%, stable's side is its answers to copies of the candidate's requests,
+//! so the bake stays a comparison of the two versions at the same time. At the switch the
+//! controller also freezes stable's window into the judge's baseline (saved with the evidence,
+//! and in the switch event): the fallback when no such stable answers arrive.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,11 +32,14 @@ use crate::stats::Totals;
 use crate::stats::window::{Reading, WindowFigures};
 use crate::telemetry::{JUDGE_EVIDENCE, JUDGE_THRESHOLD, ROLLBACKS_TOTAL, Telemetry};
 
-/// The candidate's mirrored traffic as read at one tick.
+/// Mirrored traffic as read at one tick.
 #[derive(Debug, Clone)]
 pub struct MirrorReading {
-    /// The mirror lane's window and tick increment.
+    /// The candidate's mirror lane: its answers to copies of stable's requests.
     pub reading: Reading,
+    /// Stable's mirror lane: its answers to copies of the candidate's requests (a blue-green
+    /// bake), stable's side of the comparison at 100%.
+    pub stable: Reading,
     /// Mirrored answers compared with stable's so far (monotone).
     pub compared: u64,
     /// Of those, the ones that differed (monotone).
@@ -42,10 +47,11 @@ pub struct MirrorReading {
 }
 
 impl MirrorReading {
-    /// Ticks the candidate's mirror window and reads its pair counters.
-    pub fn of(candidate: &VersionRuntime, now: Instant, window: Duration) -> MirrorReading {
+    /// Ticks both versions' mirror windows and reads the pair counters.
+    pub fn of(stable: &VersionRuntime, candidate: &VersionRuntime, now: Instant, window: Duration) -> MirrorReading {
         MirrorReading {
             reading: candidate.tick_mirror(now, window),
+            stable: stable.tick_mirror(now, window),
             compared: candidate.mirror_pairs.compared.load(Ordering::Relaxed),
             mismatched: candidate.mirror_pairs.mismatched.load(Ordering::Relaxed),
         }
@@ -57,6 +63,7 @@ impl MirrorReading {
         let zero = Totals::default;
         MirrorReading {
             reading: Reading { window: zero(), tick: zero(), total: zero() },
+            stable: Reading { window: zero(), tick: zero(), total: zero() },
             compared: candidate.mirror_pairs.compared.load(Ordering::Relaxed),
             mismatched: candidate.mirror_pairs.mismatched.load(Ordering::Relaxed),
         }
@@ -231,9 +238,13 @@ impl RouteController {
             return;
         }
         // In preview the candidate has no judged traffic of its own: its mirrored answers are
-        // what it is judged on, and what counts toward `min_requests`.
+        // what it is judged on, and what counts toward `min_requests`. While baking, stable has
+        // none: its answers to copies of the candidate's requests are its side, whenever the
+        // window holds some (otherwise the judge falls back to the baseline).
         let preview = self.machine.phase() == Phase::Preview;
+        let stable_mirrored = self.machine.phase() == Phase::Baking && mirror.stable.window.requests() > 0;
         let judged = if preview { &mirror.reading } else { candidate };
+        let stable = if stable_mirrored { &mirror.stable } else { stable };
         let obs = Observation {
             stable_tick: &stable.tick,
             candidate_tick: &judged.tick,
@@ -242,6 +253,7 @@ impl RouteController {
             weight_bp: self.rollout.weight_bp(),
             mirror_compared: pairs.0,
             mirror_mismatched: pairs.1,
+            stable_mirrored,
         };
         let verdict = self.judge.evaluate(&obs);
         self.publish_judge();
@@ -257,10 +269,14 @@ impl RouteController {
         if preview && evidence.is_object() {
             evidence["candidate"]["traffic"] = json!("mirrored");
         }
+        if stable_mirrored && evidence.is_object() {
+            evidence["stable"]["traffic"] = json!("mirrored");
+        }
         if change.to == Phase::Baking {
-            // The bake is judged against stable as it was right before the switch.
+            // Stable as it was right before the switch: what the bake is judged against while
+            // no stable answers to mirrored copies arrive.
             let baseline = Baseline::of(&stable.window);
-            if baseline.is_none() {
+            if baseline.is_none() && self.config.mirror.is_none() {
                 warn!(route = %self.config.name, "no stable traffic in the window at the switch: the bake runs the absolute guards only");
             }
             evidence = json!({

@@ -42,11 +42,18 @@
 //!
 //! **Blue-green.** In preview the candidate's side of every rule is its answers to mirrored
 //! copies (a random share of stable's own requests), compared with stable's judged traffic.
-//! At the switch to 100% the controller freezes stable's window into a [`Baseline`]; while the
-//! candidate bakes, the comparative rules continue as one-sample e-processes of the candidate
-//! against it (errors against stable's rate, latency against "at most 50/10/1% slower than
-//! stable's p50/p90/p99"), with the same gates read against the baseline, and the absolute
-//! guards run alone. Each rule keeps one e-process for the whole rollout, so the budget is
+//! While the candidate bakes at 100% the roles swap: the same share of the candidate's
+//! requests is copied to stable, and stable's side is its answers to those copies
+//! ([`Observation::stable_mirrored`]). The comparison stays concurrent, so whatever changes
+//! after the switch for both versions alike (machine load, the traffic mix, a slow
+//! dependency) moves both sides and no evidence; the gates and the absolute guards read the
+//! two windows exactly as during a canary step. Only when there are no such stable answers
+//! (a route that does not mirror, or no idempotent request to copy) do the comparative rules
+//! fall back to stable's window frozen at the switch, a [`Baseline`]: one-sample e-processes
+//! of the candidate against it (errors against stable's rate, latency against "at most
+//! 50/10/1% slower than stable's p50/p90/p99"), the gates read against the baseline, and the
+//! absolute guards run alone. That fallback charges any later change of the environment to
+//! the candidate. Each rule keeps one e-process for the whole rollout, so the budget is
 //! unchanged.
 //!
 //! **`mirror_mismatch`** (armed by `mirror.max_mismatch_rate`): a one-sample mixture of the
@@ -55,8 +62,13 @@
 //!
 //! **Validity.** The guarantee assumes each request was assigned to a version independently of
 //! its outcome (the weighted split does this). Requests forced by an override header or copied
-//! by mirroring are not fed to the comparison, except in a blue-green preview, where mirrored
-//! copies of a random share of stable's requests are all the candidate has.
+//! by mirroring are not fed to the comparison, except in a blue-green rollout: in preview,
+//! mirrored copies of a random share of stable's requests are all the candidate has, and
+//! while baking, stable's answers to copies of a random share of the candidate's requests
+//! are all stable has. A copy and its primary are the same request, so their outcomes can go
+//! together; the test treats them as independent draws. While baking the candidate holds the
+//! larger share (`q ≥ ½` for a mirrored share up to 100%), where a pair in which both answers
+//! are bad lowers every ℓ_θ: such pairs weigh against a regression, never for one.
 
 use std::collections::VecDeque;
 
@@ -315,6 +327,10 @@ pub struct Observation<'a> {
     pub mirror_compared: u64,
     /// Of those, the ones that differed.
     pub mirror_mismatched: u64,
+    /// Stable's side is its answers to mirrored copies of candidate requests (a blue-green
+    /// bake): the comparative rules compare the two concurrently even at 100% weight, instead
+    /// of holding the candidate to the baseline frozen at the switch.
+    pub stable_mirrored: bool,
 }
 
 /// Slices of the mismatch rule's window.
@@ -363,6 +379,7 @@ pub const MIN_BATCH_STABLE: u64 = 20;
 #[derive(Debug, Clone, Copy, Default)]
 struct Batch {
     weight_bp: u32,
+    stable_mirrored: bool,
     n_c: u64,
     n_s: u64,
     x_c: u64,
@@ -464,10 +481,11 @@ impl Judge {
     pub fn evaluate(&mut self, o: &Observation<'_>) -> Verdict {
         let (n_c, x_c) = (o.candidate_tick.requests(), o.candidate_tick.faults);
         let (cl, sl) = (Latency(&o.candidate_tick.latency), Latency(&o.stable_tick.latency));
-        if o.weight_bp != self.batch.weight_bp {
-            // A batch never spans two weights: its share would mix two splits.
+        if (o.weight_bp, o.stable_mirrored) != (self.batch.weight_bp, self.batch.stable_mirrored) {
+            // A batch never spans two weights (its share would mix two splits), nor a change
+            // of what stable's side is.
             self.close_batch(true);
-            self.batch.weight_bp = o.weight_bp;
+            (self.batch.weight_bp, self.batch.stable_mirrored) = (o.weight_bp, o.stable_mirrored);
         }
         let b = &mut self.batch;
         b.n_c += n_c;
@@ -490,10 +508,10 @@ impl Judge {
             b.over_s += sl.count_above(us);
             self.state.p99_guard.one_sample(0.01, n_c, slow);
         }
-        if let Some(base) = self.state.baseline.as_ref().filter(|_| o.weight_bp >= FULL_BP) {
-            // Baking: no stable traffic is left, so the comparative e-processes go on against
-            // stable's figures from before the switch. Counting whole buckets above τ, a
-            // candidate like stable exceeds τ_q at most a share 1 − q of the time.
+        if let Some(base) = self.state.baseline.as_ref().filter(|_| o.weight_bp >= FULL_BP && !o.stable_mirrored) {
+            // Baking with no concurrent stable answers: the comparative e-processes go on
+            // against stable's figures from before the switch. Counting whole buckets above τ,
+            // a candidate like stable exceeds τ_q at most a share 1 − q of the time.
             self.state.errors.one_sample(base.error_rate(), n_c, x_c);
             for ((m, tau), q) in self.state.latency.iter_mut().zip(base.quantiles_us).zip(QUANTILES) {
                 m.one_sample(1.0 - q, n_c, cl.count_above(tau));
@@ -521,7 +539,7 @@ impl Judge {
         let b = self.batch;
         if b.n_c == 0 || b.n_s < if force { 1 } else { MIN_BATCH_STABLE } {
             if force {
-                self.batch = Batch { weight_bp: b.weight_bp, ..Batch::default() };
+                self.batch = Batch { weight_bp: b.weight_bp, stable_mirrored: b.stable_mirrored, ..Batch::default() };
             }
             return;
         }
@@ -530,7 +548,7 @@ impl Judge {
             m.two_sample(b.n_c, b.n_s, b.slow_c[i], b.slow_s[i]);
         }
         self.state.p99_compare.two_sample(b.n_c, b.n_s, b.over_c, b.over_s);
-        self.batch = Batch { weight_bp: b.weight_bp, ..Batch::default() };
+        self.batch = Batch { weight_bp: b.weight_bp, stable_mirrored: b.stable_mirrored, ..Batch::default() };
     }
 
     fn decide(&mut self, o: &Observation<'_>) -> Verdict {
@@ -539,8 +557,10 @@ impl Judge {
         let (cn, sn) = (cw.requests(), sw.requests());
         let rate = |t: &Totals| if t.requests() == 0 { 0.0 } else { t.faults as f64 / t.requests() as f64 };
         let (rc, rs) = (rate(cw), rate(sw));
-        let alone = o.weight_bp >= FULL_BP;
-        // Baking: the comparative rules read stable's figures from before the switch.
+        // At 100% with no concurrent stable answers there is nothing to compare with.
+        let alone = o.weight_bp >= FULL_BP && !o.stable_mirrored;
+        // Baking without them: the comparative rules read stable's figures from before the
+        // switch.
         let baseline = self.state.baseline.clone().filter(|_| alone);
         let mut rules = Vec::with_capacity(5);
         let figure = |rule, e: f64, candidate, stable| RuleFigures {
@@ -775,6 +795,7 @@ mod tests {
             weight_bp: 100,
             mirror_compared: 0,
             mirror_mismatched: 0,
+            stable_mirrored: false,
         }
     }
 
@@ -834,6 +855,7 @@ mod tests {
             weight_bp: FULL_BP,
             mirror_compared: 0,
             mirror_mismatched: 0,
+            stable_mirrored: false,
         }
     }
 
@@ -971,6 +993,7 @@ mod tests {
                 weight_bp: FULL_BP,
                 mirror_compared: 0,
                 mirror_mismatched: 0,
+                stable_mirrored: false,
             };
             if let Verdict::Failing(f) = j.evaluate(&o) {
                 return (j, Some((i, f)));

@@ -93,6 +93,7 @@ pub struct RolloutState {
     splitter: Splitter,
     view: Mutex<RolloutView>,
     live: AtomicBool,
+    baking: AtomicBool,
 }
 
 impl RolloutState {
@@ -104,6 +105,7 @@ impl RolloutState {
             weight_bp: AtomicU32::new(0),
             splitter: Splitter::new(),
             live: AtomicBool::new(false),
+            baking: AtomicBool::new(false),
             view: Mutex::new(RolloutView {
                 phase: Phase::Pending,
                 step: None,
@@ -125,6 +127,7 @@ impl RolloutState {
         f(&mut view);
         let live = matches!(view.phase, Phase::Progressing | Phase::Paused | Phase::Preview | Phase::Baking);
         self.live.store(live, Ordering::Relaxed);
+        self.baking.store(view.phase == Phase::Baking, Ordering::Relaxed);
     }
 
     /// True while the candidate is being rolled out (not pending, promoted or rolled back):
@@ -132,6 +135,14 @@ impl RolloutState {
     #[inline]
     pub fn is_live(&self) -> bool {
         self.live.load(Ordering::Relaxed)
+    }
+
+    /// True while a blue-green candidate bakes at 100%: the data plane then mirrors the
+    /// candidate's requests to stable, so the bake is judged against stable's concurrent
+    /// answers rather than against stable from before the switch.
+    #[inline]
+    pub fn is_baking(&self) -> bool {
+        self.baking.load(Ordering::Relaxed)
     }
 
     /// The candidate version this rollout is about.

@@ -53,13 +53,14 @@ pub fn run_once(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64) ->
         if fault_start.is_none() && scenario.fault_begins(weight) {
             fault_start = Some((now, candidate.requests()));
         }
+        traffic.shifted |= scenario.shifts_at_full_weight() && weight >= FULL_BP;
         let n = traffic.arrivals();
         let n_c = (0..n).filter(|_| splitter.pick_candidate(weight)).count() as u64;
         traffic.serve(&mut stable, n - n_c, Role::Stable, t_s, false);
         let before = candidate.clone();
         traffic.serve(&mut candidate, n_c, Role::Candidate, t_s, fault_start.is_some());
         this_interval = this_interval.plus(&candidate.since(&before));
-        background_errors += n_c as f64 * scenario.background_error_rate(t_s);
+        background_errors += n_c as f64 * traffic.background(t_s);
         if now >= next_check {
             next_check += interval;
             let (kind, reason) = if check_fails(&this_interval) {

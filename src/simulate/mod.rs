@@ -22,6 +22,13 @@
 //!   only when a latency rule (`max_p99_ratio` or `max_p99`) is armed: otherwise nothing reads
 //!   them. Nothing is allocated per request.
 //!
+//! - Blue-green plans are simulated with their mirroring: in preview the route's
+//!   `mirror.percent` of stable's requests are copied to the candidate (what it is judged
+//!   on), and while it bakes the same share of the candidate's requests is copied to stable
+//!   (stable's side of the comparison), picked by a [`Splitter`] as the proxy picks them.
+//!   Copies to stable are not dropped for lack of slots, and the outcomes of a copy and its
+//!   primary are drawn independently. Canary plans are simulated without mirroring.
+//!
 //! Simulated plans always auto-promote: with `auto_promote = false` the promotion stands for
 //! the operator's `veer promote` at the earliest moment the plan allows.
 
@@ -34,8 +41,9 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Binomial, Distribution, LogNormal, Poisson};
 use serde::Serialize;
 
-use crate::config::{RollbackConfig, RouteConfig};
-use crate::rollout::judge::{Judge, Observation, RuleKind, RuleState, Verdict};
+use crate::config::{RollbackConfig, RouteConfig, Strategy};
+use crate::rollout::Phase;
+use crate::rollout::judge::{Baseline, Judge, Observation, RuleKind, RuleState, Verdict};
 use crate::rollout::machine::{Change, EventKind, Machine, Plan};
 use crate::split::{FULL_BP, Splitter};
 use crate::stats::window::{Reading, Window};
@@ -56,6 +64,15 @@ pub const TAIL_EXTRA: Duration = Duration::from_millis(20);
 pub const DEFAULT_RPS: f64 = 1000.0;
 /// Standard normal quantile of 0.98: where the `tail-20ms` slow tail begins.
 const Z_98: f64 = 2.053_748_910_631_823;
+/// Both versions' fault rate once the `env-shift` scenarios' environment has shifted.
+pub const ENV_SHIFT_ERROR_RATE: f64 = 0.03;
+/// How many times slower both versions answer once the `env-shift` scenarios' environment
+/// has shifted.
+pub const ENV_SHIFT_LATENCY: f64 = 1.6;
+/// The `env-shift-bad` candidate's fault rate after the shift.
+pub const ENV_SHIFT_BAD_ERROR_RATE: f64 = 0.10;
+/// How many times slower than stable the `env-shift-bad` candidate answers after the shift.
+pub const ENV_SHIFT_BAD_LATENCY: f64 = 1.5;
 /// A run that neither promotes nor rolls back stops after this many plan durations...
 const CAP_FACTOR: u32 = 10;
 /// ... but never before this much virtual time.
@@ -90,6 +107,18 @@ pub enum Scenario {
     /// Healthy until the 25% step, then every candidate request fails.
     #[serde(rename = "fail-at-25pct")]
     FailAt25,
+    /// Healthy, but from the first tick at 100% (a blue-green switch, a canary's last step)
+    /// the environment changes for both versions: they fail [`ENV_SHIFT_ERROR_RATE`] of
+    /// requests and answer [`ENV_SHIFT_LATENCY`] times slower. Machine load, a traffic mix or
+    /// a slow dependency that changes after the switch is not the candidate's fault.
+    #[serde(rename = "env-shift")]
+    EnvShift,
+    /// The `env-shift`, and from the same moment the candidate is worse than stable too: it
+    /// fails [`ENV_SHIFT_BAD_ERROR_RATE`] of requests and answers [`ENV_SHIFT_BAD_LATENCY`]
+    /// times slower than stable. A regression that shows only once the candidate serves
+    /// everything, in a changed environment: the bake must still catch it.
+    #[serde(rename = "env-shift-bad")]
+    EnvShiftBad,
 }
 
 /// When the `shared-outage` scenario's outage runs, in seconds from the start.
@@ -97,7 +126,7 @@ const OUTAGE: std::ops::Range<f64> = 60.0..80.0;
 
 impl Scenario {
     /// Every scenario, for help texts and sweeps.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Healthy,
         Scenario::Fail,
         Scenario::Errors5Pct,
@@ -106,6 +135,8 @@ impl Scenario {
         Scenario::Shared20Pct,
         Scenario::SharedOutage,
         Scenario::FailAt25,
+        Scenario::EnvShift,
+        Scenario::EnvShiftBad,
     ];
 
     /// The name used on the command line and in JSON.
@@ -119,12 +150,16 @@ impl Scenario {
             Scenario::Shared20Pct => "healthy-shared-20pct",
             Scenario::SharedOutage => "shared-outage",
             Scenario::FailAt25 => "fail-at-25pct",
+            Scenario::EnvShift => "env-shift",
+            Scenario::EnvShiftBad => "env-shift-bad",
         }
     }
 
-    /// The error rate both versions share at `t_s` seconds into the rollout.
-    pub fn background_error_rate(self, t_s: f64) -> f64 {
+    /// The error rate both versions share at `t_s` seconds into the rollout, once the
+    /// environment has `shifted` or before.
+    pub fn background_error_rate(self, t_s: f64, shifted: bool) -> f64 {
         match self {
+            Scenario::EnvShift | Scenario::EnvShiftBad if shifted => ENV_SHIFT_ERROR_RATE,
             Scenario::Shared20Pct => 0.20,
             Scenario::SharedOutage if OUTAGE.contains(&t_s) => 0.30,
             _ => BACKGROUND_ERROR_RATE,
@@ -136,6 +171,7 @@ impl Scenario {
         match self {
             Scenario::Fail | Scenario::FailAt25 => 1.0,
             Scenario::Errors5Pct => 0.05,
+            Scenario::EnvShiftBad => ENV_SHIFT_BAD_ERROR_RATE,
             _ => BACKGROUND_ERROR_RATE,
         }
     }
@@ -144,8 +180,9 @@ impl Scenario {
     /// most regressions, from the 25% step for `fail-at-25pct`, never for the healthy ones.
     pub fn fault_begins(self, weight_bp: u32) -> bool {
         match self {
-            Scenario::Healthy | Scenario::Shared20Pct | Scenario::SharedOutage => false,
+            Scenario::Healthy | Scenario::Shared20Pct | Scenario::SharedOutage | Scenario::EnvShift => false,
             Scenario::FailAt25 => weight_bp >= 2500,
+            Scenario::EnvShiftBad => weight_bp >= FULL_BP,
             _ => true,
         }
     }
@@ -153,7 +190,12 @@ impl Scenario {
     /// True when a rollback is the right answer, which decides whether a rollback counts as a
     /// detection or a false alarm.
     pub fn is_regression(self) -> bool {
-        !matches!(self, Scenario::Healthy | Scenario::Shared20Pct | Scenario::SharedOutage)
+        !matches!(self, Scenario::Healthy | Scenario::Shared20Pct | Scenario::SharedOutage | Scenario::EnvShift)
+    }
+
+    /// True when the environment of both versions changes at the first tick at 100%.
+    pub fn shifts_at_full_weight(self) -> bool {
+        matches!(self, Scenario::EnvShift | Scenario::EnvShiftBad)
     }
 }
 
@@ -256,11 +298,18 @@ pub struct RunResult {
     pub held_by: Option<String>,
 }
 
-/// The maximum virtual time one run may take: ten times the plan's minimum duration, and at
-/// least 30 minutes, so that a held rollout ends and is reported as such instead of spinning.
+/// The maximum virtual time one run may take: ten times the plan's minimum duration (its
+/// steps, or a blue-green preview and bake), and at least 30 minutes, so that a held rollout
+/// ends and is reported as such instead of spinning.
 pub fn time_cap(route: &RouteConfig) -> Duration {
-    let steps = u32::try_from(route.rollout.steps_bp.len().max(1)).unwrap_or(u32::MAX);
-    route.rollout.step_interval.saturating_mul(steps).saturating_mul(CAP_FACTOR).max(MIN_CAP)
+    let ro = &route.rollout;
+    let plan = match ro.strategy {
+        Strategy::Canary => {
+            ro.step_interval.saturating_mul(u32::try_from(ro.steps_bp.len().max(1)).unwrap_or(u32::MAX))
+        }
+        Strategy::BlueGreen => ro.preview.saturating_add(ro.bake),
+    };
+    plan.saturating_mul(CAP_FACTOR).max(MIN_CAP)
 }
 
 /// True when the judge reads latency, and so the simulation must draw it.
@@ -324,6 +373,8 @@ struct Traffic {
     scenario: Scenario,
     /// µs above which `tail-20ms` adds its delay: the base distribution's p98.
     tail_from_us: f64,
+    /// The `env-shift` scenarios' environment has changed (for both versions).
+    shifted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,7 +393,13 @@ impl Traffic {
             latency: sample_latency.then(|| LogNormal::new(median_us.ln(), LATENCY_SIGMA).expect("valid lognormal")),
             scenario,
             tail_from_us: median_us * (LATENCY_SIGMA * Z_98).exp(),
+            shifted: false,
         }
+    }
+
+    /// The error rate both versions share at `t_s`.
+    fn background(&self, t_s: f64) -> f64 {
+        self.scenario.background_error_rate(t_s, self.shifted)
     }
 
     fn arrivals(&mut self) -> u64 {
@@ -352,7 +409,7 @@ impl Traffic {
     /// Serves `n` requests of `role` at `t_s` seconds and adds their outcomes to the
     /// cumulative `t`; `faulty` says whether the candidate's fault is under way.
     fn serve(&mut self, t: &mut Totals, n: u64, role: Role, t_s: f64, faulty: bool) {
-        let background = self.scenario.background_error_rate(t_s);
+        let background = self.background(t_s);
         let rate = match role {
             Role::Candidate if faulty => self.scenario.candidate_error_rate().max(background),
             _ => background,
@@ -362,8 +419,9 @@ impl Traffic {
         t.classes[Class::ServerError as usize] += faults;
         t.faults += faults;
         if let Some(dist) = self.latency {
+            let env = if self.shifted { ENV_SHIFT_LATENCY } else { 1.0 };
             for _ in 0..n {
-                let base = dist.sample(&mut self.rng);
+                let base = dist.sample(&mut self.rng) * env;
                 let us = if faulty { self.shape(base, role) } else { base as u64 };
                 t.latency[buckets::index(us)] += 1;
             }
@@ -374,6 +432,7 @@ impl Traffic {
     fn shape(&self, us: f64, role: Role) -> u64 {
         let us = match (role, self.scenario) {
             (Role::Candidate, Scenario::Latency15x) => us * 1.5,
+            (Role::Candidate, Scenario::EnvShiftBad) => us * ENV_SHIFT_BAD_LATENCY,
             (Role::Candidate, Scenario::Tail20Ms) if us > self.tail_from_us => us + TAIL_EXTRA.as_micros() as f64,
             _ => us,
         };
@@ -397,6 +456,17 @@ impl Side {
     }
 }
 
+/// A blue-green route's mirroring: copies of stable's requests to the candidate in preview,
+/// of the candidate's to stable while baking.
+struct Mirrors {
+    share_bp: u32,
+    picker: Splitter,
+    /// The candidate's answers to copies of stable's requests.
+    to_candidate: Side,
+    /// Stable's answers to copies of the candidate's requests.
+    to_stable: Side,
+}
+
 /// One rollout in progress.
 struct Run {
     machine: Machine,
@@ -405,6 +475,8 @@ struct Run {
     traffic: Traffic,
     stable: Side,
     candidate: Side,
+    /// `None` for canary plans and routes that do not mirror.
+    mirrors: Option<Mirrors>,
     t0: Instant,
     tick: Duration,
     rule: Option<RuleKind>,
@@ -426,15 +498,28 @@ impl Run {
         let mut traffic = Traffic::new(route, scenario, rps, seed, latency_armed(&route.rollback));
         let phase = traffic.rng.random_range(0..FULL_BP);
         let window = route.rollback.window;
+        let mirrors = route
+            .mirror
+            .as_ref()
+            .map(|m| (m.percent * 100.0).round() as u32)
+            .filter(|bp| *bp > 0 && route.rollout.strategy == Strategy::BlueGreen)
+            .map(|share_bp| Mirrors {
+                share_bp,
+                picker: Splitter::with_phase(traffic.rng.random_range(0..FULL_BP)),
+                to_candidate: Side::new(window, t0),
+                to_stable: Side::new(window, t0),
+            });
         let mut run = Run {
             machine: Machine::new(plan, t0),
-            // Mirroring is not simulated, but its rule still takes its share of the budget.
+            // Answers are not compared (the mismatch rule gets no pairs), but the rule still
+            // takes its share of the budget.
             judge: Judge::new(&route.rollback)
                 .with_mirror_limit(route.mirror.as_ref().and_then(|m| m.max_mismatch_rate)),
             splitter: Splitter::with_phase(phase),
             traffic,
             stable: Side::new(window, t0),
             candidate: Side::new(window, t0),
+            mirrors,
             t0,
             tick: route.rollback.tick,
             rule: None,
@@ -471,11 +556,13 @@ impl Run {
         }
     }
 
-    /// One control-plane tick: a tick's traffic at the current weight, then window, judge
-    /// and machine, in the controller's order.
+    /// One control-plane tick: a tick's traffic at the current weight (and its mirrored
+    /// copies), then windows, judge and machine, in the controller's order.
     fn step(&mut self, now: Instant) -> Option<Change> {
         let weight_bp = self.machine.weight_bp();
+        let phase = self.machine.phase();
         let t_s = self.seconds(now);
+        self.traffic.shifted |= self.scenario.shifts_at_full_weight() && weight_bp >= FULL_BP;
         if self.fault_start.is_none() && self.scenario.fault_begins(weight_bp) {
             self.fault_start = Some((now, self.candidate.totals.requests()));
         }
@@ -484,21 +571,44 @@ impl Run {
         let n_c = (0..n).filter(|_| self.splitter.pick_candidate(weight_bp)).count() as u64;
         self.traffic.serve(&mut self.stable.totals, n - n_c, Role::Stable, t_s, false);
         self.traffic.serve(&mut self.candidate.totals, n_c, Role::Candidate, t_s, faulty);
-        self.background_errors += n_c as f64 * self.scenario.background_error_rate(t_s);
+        self.background_errors += n_c as f64 * self.traffic.background(t_s);
         let (s, c) = (self.stable.read(now), self.candidate.read(now));
+        // Blue-green: the judge reads the candidate's answers to copies in preview, and
+        // stable's answers to copies while baking, as the controller does.
+        let copies = self.mirrors.as_mut().map(|m| {
+            let (to_candidate, to_stable) = match phase {
+                Phase::Preview => ((0..n - n_c).filter(|_| m.picker.pick_candidate(m.share_bp)).count() as u64, 0),
+                Phase::Baking => (0, (0..n_c).filter(|_| m.picker.pick_candidate(m.share_bp)).count() as u64),
+                _ => (0, 0),
+            };
+            self.traffic.serve(&mut m.to_candidate.totals, to_candidate, Role::Candidate, t_s, faulty);
+            self.traffic.serve(&mut m.to_stable.totals, to_stable, Role::Stable, t_s, false);
+            (m.to_candidate.read(now), m.to_stable.read(now))
+        });
+        let (judged, stable, stable_mirrored) = match (&copies, phase) {
+            (Some((mc, _)), Phase::Preview) => (mc, &s, false),
+            (Some((_, ms)), Phase::Baking) if ms.window.requests() > 0 => (&c, ms, true),
+            _ => (&c, &s, false),
+        };
         let verdict = self.judge.evaluate(&Observation {
-            stable_tick: &s.tick,
-            candidate_tick: &c.tick,
-            stable_window: &s.window,
-            candidate_window: &c.window,
+            stable_tick: &stable.tick,
+            candidate_tick: &judged.tick,
+            stable_window: &stable.window,
+            candidate_window: &judged.window,
             weight_bp,
             mirror_compared: 0,
             mirror_mismatched: 0,
+            stable_mirrored,
         });
         if let Verdict::Failing(f) = &verdict {
             self.rule = Some(f.rule);
         }
-        self.machine.observe(now, n_c, &verdict)
+        let change = self.machine.observe(now, judged.tick.requests(), &verdict)?;
+        if change.to == Phase::Baking {
+            // The fallback while no stable answers to copies arrive, as the controller keeps.
+            self.judge.set_baseline(Baseline::of(&s.window));
+        }
+        Some(change)
     }
 
     fn record(&mut self, now: Instant, change: Change) {
@@ -647,14 +757,27 @@ pub fn describe(route: &RouteConfig, scenario: Scenario, rps: f64) -> String {
     let ro = &route.rollout;
     let rb = &route.rollback;
     let steps: Vec<String> = ro.steps_bp.iter().map(|&b| percent(b)).collect();
+    let plan = match ro.strategy {
+        Strategy::Canary => format!(
+            "steps {}, {} and {} candidate requests per step",
+            steps.join(" -> "),
+            humantime::format_duration(ro.step_interval),
+            ro.min_requests
+        ),
+        Strategy::BlueGreen => format!(
+            "blue-green: preview {} then bake {} at 100%, {} judged candidate requests each; {}% mirrored \
+             (stable's requests to the candidate in preview, the candidate's to stable while baking)",
+            humantime::format_duration(ro.preview),
+            humantime::format_duration(ro.bake),
+            ro.min_requests,
+            route.mirror.as_ref().map_or(0.0, |m| m.percent),
+        ),
+    };
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "route {}: steps {}, {} and {} candidate requests per step; tick {}, window {}, confidence {}",
+        "route {}: {plan}; tick {}, window {}, confidence {}",
         route.name,
-        steps.join(" -> "),
-        humantime::format_duration(ro.step_interval),
-        ro.min_requests,
         humantime::format_duration(rb.tick),
         humantime::format_duration(rb.window),
         rb.confidence,
@@ -778,6 +901,7 @@ mod tests {
             latency: Some(LogNormal::new(median_us.ln(), LATENCY_SIGMA).expect("valid")),
             scenario,
             tail_from_us: median_us * (LATENCY_SIGMA * Z_98).exp(),
+            shifted: false,
         }
     }
 
@@ -823,6 +947,31 @@ mod tests {
         assert!((ms(&tail, 0.99) - ms(&base, 0.99) - 20.0).abs() < 8.0, "the tail moves by 20 ms");
         // The stable side never changes with the scenario.
         assert_eq!(served(Scenario::Tail20Ms, Role::Stable, 1000), served(Scenario::Healthy, Role::Stable, 1000));
+    }
+
+    #[test]
+    fn the_env_shift_moves_both_versions_and_the_bad_candidate_further() {
+        let n = 100_000;
+        let shifted = |scenario, role| {
+            let mut t = Totals::default();
+            let mut traffic = traffic(scenario);
+            traffic.shifted = true;
+            traffic.serve(&mut t, n, role, 0.0, scenario.fault_begins(FULL_BP));
+            t
+        };
+        let base = served(Scenario::Healthy, Role::Stable, n);
+        for role in [Role::Stable, Role::Candidate] {
+            let t = shifted(Scenario::EnvShift, role);
+            let rate = t.faults as f64 / n as f64;
+            assert!((rate - ENV_SHIFT_ERROR_RATE).abs() < 0.003, "{role:?}: {rate}");
+            assert!((ms(&t, 0.5) / ms(&base, 0.5) - ENV_SHIFT_LATENCY).abs() < 0.06, "{role:?}");
+        }
+        assert!(!Scenario::EnvShift.fault_begins(FULL_BP) && !Scenario::EnvShift.is_regression());
+        let stable = shifted(Scenario::EnvShiftBad, Role::Stable);
+        let bad = shifted(Scenario::EnvShiftBad, Role::Candidate);
+        assert!((bad.faults as f64 / n as f64 - ENV_SHIFT_BAD_ERROR_RATE).abs() < 0.005);
+        assert!((ms(&bad, 0.5) / ms(&stable, 0.5) - ENV_SHIFT_BAD_LATENCY).abs() < 0.06);
+        assert!(!Scenario::EnvShiftBad.fault_begins(FULL_BP - 1), "healthy until it serves everything");
     }
 
     #[test]
