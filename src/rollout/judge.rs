@@ -740,6 +740,7 @@ fn classify(f: &mut RuleFigures, events: Result<(), String>, effect: Result<(), 
 mod tests {
     use super::*;
     use crate::stats::buckets;
+    use std::collections::VecDeque;
     use std::time::Duration;
 
     fn cfg() -> RollbackConfig {
@@ -1031,6 +1032,81 @@ mod tests {
         assert!(tick < 10, "fired only at tick {tick}");
     }
 
+    /// A judge baking after a switch at which the environment changed: the baseline is stable
+    /// before it (1% errors, 20 ms median), and from then on both versions fail more and answer
+    /// slower. `ticks` ticks of 50 candidate requests at `candidate` (error rate, median ms) and
+    /// 5 stable answers to mirrored copies (a 10% share) at `stable`; `None` for `stable` feeds
+    /// no copies, so the judge holds the candidate to the baseline. The first failing tick.
+    fn shifted_bake(
+        seed: u64,
+        candidate: (f64, f64),
+        stable: Option<(f64, f64)>,
+        ticks: usize,
+    ) -> (Judge, Option<(usize, Failure)>) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut j = Judge::new(&bake_cfg());
+        j.set_baseline(Baseline::of(&draw(&mut rng, 10_000, 0.01, 20.0)));
+        let (mut cwin, mut swin) = (VecDeque::new(), VecDeque::new());
+        let (mut cw, mut sw) = (Totals::default(), Totals::default());
+        for i in 0..ticks {
+            let tick = draw(&mut rng, 50, candidate.0, candidate.1);
+            let copies = stable.map_or_else(Totals::default, |(p, ms)| draw(&mut rng, 5, p, ms));
+            for (w, sum, t) in [(&mut cwin, &mut cw, &tick), (&mut swin, &mut sw, &copies)] {
+                // A 30 s window of 100 ms ticks, kept as a running sum.
+                *sum = add(sum, t);
+                w.push_back(t.clone());
+                if w.len() > 300
+                    && let Some(old) = w.pop_front()
+                {
+                    *sum = sub(sum, &old);
+                }
+            }
+            let o = Observation {
+                stable_tick: &copies,
+                candidate_tick: &tick,
+                stable_window: &sw,
+                candidate_window: &cw,
+                weight_bp: FULL_BP,
+                mirror_compared: 0,
+                mirror_mismatched: 0,
+                stable_mirrored: sw.requests() > 0,
+            };
+            if let Verdict::Failing(f) = j.evaluate(&o) {
+                return (j, Some((i, f)));
+            }
+        }
+        (j, None)
+    }
+
+    #[test]
+    fn a_bake_judged_against_stable_s_concurrent_answers_is_immune_to_a_shared_shift() {
+        // After the switch both versions fail 3% and answer 1.6 times slower.
+        let shifted = (0.03, 32.0);
+        for seed in 1..=5 {
+            let (j, failed) = shifted_bake(seed, shifted, None, 300);
+            assert!(failed.is_some(), "seed {seed}: the frozen baseline blames the candidate: {:?}", j.figures());
+            let (j, failed) = shifted_bake(seed, shifted, Some(shifted), 2000);
+            assert_eq!(failed, None, "seed {seed}: {:?}", j.figures());
+            for rule in [RuleKind::ErrorRate, RuleKind::Latency] {
+                let f = j.figures().rules.iter().find(|r| r.rule == rule).expect("armed");
+                assert_ne!(f.state, RuleState::Fired, "seed {seed}: {f:?}");
+                assert!(f.stable_requests > 0 && f.stable_requests < 10_000, "the copies, not the baseline: {f:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_bake_against_stable_s_concurrent_answers_still_catches_a_worse_candidate() {
+        // In the shifted environment the candidate fails 10% against stable's 3%...
+        let (j, failed) = shifted_bake(21, (0.10, 32.0), Some((0.03, 32.0)), 600);
+        let (_, f) = failed.unwrap_or_else(|| panic!("10% against 3% never fired: {:?}", j.figures()));
+        assert_eq!(f.rule, RuleKind::ErrorRate, "{:?}", j.figures());
+        // ... or answers twice as slowly.
+        let (j, failed) = shifted_bake(23, (0.03, 64.0), Some((0.03, 32.0)), 600);
+        let (_, f) = failed.unwrap_or_else(|| panic!("2x slower never fired: {:?}", j.figures()));
+        assert_eq!(f.rule, RuleKind::Latency, "{:?}", j.figures());
+    }
+
     #[test]
     fn a_small_regression_against_the_baseline_is_suppressed_by_the_gates() {
         // 1.5% against 1%: over the ratio gate but under the 0.01 increase gate.
@@ -1114,6 +1190,18 @@ mod tests {
         assert!(rule.ln_evidence > rule.ln_threshold, "{rule:?}");
         assert_eq!(rule.state, RuleState::Watching);
         assert_eq!(j.figures().verdict, "inconclusive");
+    }
+
+    fn sub(a: &Totals, b: &Totals) -> Totals {
+        let mut t = a.clone();
+        for i in 0..6 {
+            t.classes[i] -= b.classes[i];
+        }
+        t.faults -= b.faults;
+        for (x, y) in t.latency.iter_mut().zip(&b.latency) {
+            *x -= y;
+        }
+        t
     }
 
     fn add(a: &Totals, b: &Totals) -> Totals {
