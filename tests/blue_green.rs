@@ -1,12 +1,12 @@
 //! Blue-green rollouts end to end through real sockets: preview on mirrored traffic, the
-//! switch to 100%, the bake judged against stable from before the switch, and the
-//! `mirror_mismatch` rule.
+//! switch to 100%, the bake judged against stable's answers to mirrored copies (or, without
+//! them, against stable from before the switch), and the `mirror_mismatch` rule.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -126,6 +126,59 @@ async fn a_healthy_candidate_is_previewed_switched_baked_and_promoted() {
         assert_eq!(get(&c, proxy.http_addr(), "/").await.text(), "cand");
     }
     assert_eq!(cand.hits(), before + 10);
+    proxy.drain().await;
+}
+
+/// An upstream answering `body` after sleeping `delay_ms` (shared, so both versions can slow
+/// down together).
+async fn delayed(body: &'static str, delay_ms: Arc<AtomicU64>) -> Upstream {
+    Upstream::start(move |_req| {
+        let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
+        async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Response::new(full(body))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_versions_slowing_down_together_at_the_switch_do_not_roll_back_a_healthy_candidate() {
+    // The same server twice; at the switch both get 25 ms slower, as when the machine gets
+    // loaded or a shared dependency slows down. Judged against stable from before the switch,
+    // the candidate's latency looks many times worse.
+    let delay_ms = Arc::new(AtomicU64::new(0));
+    let stable = delayed("stable", delay_ms.clone()).await;
+    let cand = delayed("cand", delay_ms.clone()).await;
+    let cfg = ConfigFile::new(&blue_green(stable.addr, cand.addr, "500ms", "3s", ""));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let c = client();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (_, loops) = load(proxy.http_addr(), 4, Duration::from_millis(2), Duration::from_secs(40), stop.clone());
+    eventually(Duration::from_secs(20), "the candidate bakes at 100%", || async {
+        status(&c, &proxy).await["phase"] != "preview"
+    })
+    .await;
+    delay_ms.store(25, Ordering::Relaxed);
+    let at_shift = stable.hits();
+    let st = status(&c, &proxy).await;
+    assert_eq!(st["phase"], "baking", "switched, not rolled back: {st}");
+    eventually(Duration::from_secs(30), "the bake ends", || async { status(&c, &proxy).await["phase"] != "baking" })
+        .await;
+    finish(&stop, loops).await;
+
+    let st = status(&c, &proxy).await;
+    assert_eq!(st["phase"], "promoted", "a healthy candidate in a slower environment: {st}");
+    let evs = events(&c, &proxy).await;
+    assert_eq!(kinds(&evs), ["started", "step", "promoted"], "{evs:?}");
+    assert!(stable.hits() > at_shift + 20, "stable answered copies of the candidate's requests during the bake");
+    let latency = st["judge"]["rules"].as_array().and_then(|r| r.iter().find(|r| r["rule"] == "latency")).cloned();
+    let latency = latency.expect("the latency rule is armed");
+    // Against stable's concurrent answers the two are about as fast; against stable from
+    // before the switch the candidate would read dozens of times slower.
+    assert!(latency["candidate"].as_f64().is_some_and(|r| r < 3.0), "latency ratio read the copies: {latency}");
     proxy.drain().await;
 }
 
