@@ -78,6 +78,7 @@ fn apply(shared: &Shared) -> Result<ReloadSummary, ReloadError> {
     let tls = tls_acceptor(&config.server)?;
     let old = shared.snapshot();
     let next = Snapshot::build(config.clone(), Some(&old), &shared.telemetry, old.generation + 1)?;
+    next.attach(&shared.clients);
     let summary = diff(&old.config, &config, next.generation);
     shared.publish(next, tls);
     Ok(summary)
@@ -109,6 +110,9 @@ fn diff(old: &Config, new: &Config, generation: u64) -> ReloadSummary {
         ("server.tls_listen", a.tls.as_ref().map(|t| t.listen) != b.tls.as_ref().map(|t| t.listen)),
         ("server.workers", a.workers != b.workers),
         ("server.max_connections", a.max_connections != b.max_connections),
+        ("server.max_upstream_headers", a.max_upstream_headers != b.max_upstream_headers),
+        ("server.max_upstream_header_bytes", a.max_upstream_header_bytes != b.max_upstream_header_bytes),
+        ("server.max_connections_per_endpoint", a.max_connections_per_endpoint != b.max_connections_per_endpoint),
         ("admin.listen", old.admin.listen != new.admin.listen),
         ("state.dir", old.state_dir != new.state_dir),
     ];

@@ -144,10 +144,12 @@ impl Proxy {
         let snap = Snapshot::build(config.clone(), None, &telemetry, 1)?;
         let tls = reload::tls_acceptor(&config.server)?;
         let s = &config.server;
+        let clients = Clients::new(s);
+        snap.attach(&clients);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             conn_settings: ArcSwap::from_pointee(ConnSettings::new(s, tls)),
-            clients: Clients::new(s.request_timeout.min(Duration::from_secs(5))),
+            clients,
             telemetry,
             config_path: config.source.clone(),
             journal: Arc::new(Journal::new(&config.state_dir)),

@@ -90,6 +90,18 @@ impl Snapshot {
         Ok(Snapshot { generation, router: Router::new(&config.routes), config, routes })
     }
 
+    /// Attaches every endpoint to its clients in `clients` now, so that no request of this
+    /// generation takes the registry's lock.
+    pub fn attach(&self, clients: &crate::upstream::Clients) {
+        for r in &self.routes {
+            for pool in std::iter::once(&r.stable).chain(r.candidate.as_ref()) {
+                for e in pool.endpoints() {
+                    e.link(clients);
+                }
+            }
+        }
+    }
+
     /// The route serving `host` and `path`.
     #[inline]
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {

@@ -53,6 +53,14 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Most header fields accepted in one request.
     pub max_headers: usize,
+    /// Most header fields accepted in one upstream response head; more is a 502. Upstreams
+    /// are trusted more than clients, so the default matches nginx's tolerance, not veer's own.
+    pub max_upstream_headers: usize,
+    /// Largest upstream response head accepted, in bytes; larger is a 502.
+    pub max_upstream_header_bytes: usize,
+    /// Connections open to one upstream endpoint at once, across every route and version that
+    /// uses it: what a flood of slow clients can make veer hold against one upstream.
+    pub max_connections_per_endpoint: usize,
     /// Add `x-veer-role` to responses.
     pub expose_role_header: bool,
 }

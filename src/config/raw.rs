@@ -42,6 +42,9 @@ pub struct RawServer {
     pub max_connections: Option<Sp<i64>>,
     pub max_header_bytes: Option<Sp<i64>>,
     pub max_headers: Option<Sp<i64>>,
+    pub max_upstream_headers: Option<Sp<i64>>,
+    pub max_upstream_header_bytes: Option<Sp<i64>>,
+    pub max_connections_per_endpoint: Option<Sp<i64>>,
     pub expose_role_header: Option<bool>,
 }
 

@@ -140,6 +140,27 @@ impl Validator<'_> {
                 16 << 20,
             ),
             max_headers: self.count(s.max_headers.as_ref(), "server.max_headers", 100, 1, 10_000),
+            max_upstream_headers: self.count(
+                s.max_upstream_headers.as_ref(),
+                "server.max_upstream_headers",
+                150,
+                1,
+                10_000,
+            ),
+            max_upstream_header_bytes: self.count(
+                s.max_upstream_header_bytes.as_ref(),
+                "server.max_upstream_header_bytes",
+                64 * 1024,
+                8192,
+                16 << 20,
+            ),
+            max_connections_per_endpoint: self.count(
+                s.max_connections_per_endpoint.as_ref(),
+                "server.max_connections_per_endpoint",
+                256,
+                1,
+                1_000_000,
+            ),
             expose_role_header: s.expose_role_header.unwrap_or(false),
         }
     }

@@ -133,18 +133,21 @@ async fn send(route: &Route, clients: &Clients, copy: &Copy, compare_body: bool,
     let failed = Answer { class: Class::Error, digest: None };
     let pool = route.pool(copy.to);
     let Some(i) = pool.pick(None) else { return failed };
+    let mut headers = copy.headers.clone();
+    // As for the primary request: an HTTP/2 upstream gets the Host as `:authority`.
+    let host = if pool.h2 { crate::proxy::headers::take_authority(&mut headers) } else { None };
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(pool.get(i).authority.clone());
+    parts.authority = Some(host.unwrap_or_else(|| pool.get(i).authority.clone()));
     parts.path_and_query = Some(copy.path.clone().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
     let Ok(uri) = Uri::from_parts(parts) else { return failed };
     let mut req = Request::new(Either::Right(Full::<Bytes>::default()));
     *req.method_mut() = copy.method.clone();
     *req.uri_mut() = uri;
-    *req.headers_mut() = copy.headers.clone();
+    *req.headers_mut() = headers;
     *req.version_mut() = if pool.h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let exchange = async {
-        let resp = clients.for_pool(pool).request(req).await.ok()?;
+        let resp = pool.get(i).link(clients).client(pool.h2).request(req).await.ok()?;
         let class = Class::of_status(resp.status());
         let mut body = resp.into_body();
         let mut crc = crc32fast::Hasher::new();

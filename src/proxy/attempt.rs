@@ -14,17 +14,21 @@ use tracing::{debug, warn};
 use super::body::{self, Exchange, ProxyBody, RecordingBody, Tap};
 use super::{headers, local};
 use crate::stats::Class;
-use crate::upstream::{Clients, UpstreamBody};
+use crate::upstream::{Clients, UpstreamBody, is_cap_full};
+use hyper_util::client::legacy::connect::capture_connection;
 
-/// A failed attempt: already settled as the version's error; `response` is what the client
-/// gets unless the request is retried elsewhere.
+/// A failed attempt: already settled (the version's error, unless veer's own connection cap
+/// was the cause); `response` is what the client gets unless the request is retried elsewhere.
 pub struct Failure {
-    /// 502 or 504.
+    /// 502, 503 or 504.
     pub response: Response<ProxyBody>,
 }
 
 /// Sends `parts` + `body` through `ex`'s endpoint. A bodyless request whose connection is
 /// refused moves to another endpoint of the same version (nothing was sent).
+///
+/// Towards an HTTP/2 endpoint the client's Host becomes the `:authority` and no `host` field
+/// is sent (RFC 9113 §8.3.1); the connection still goes to the endpoint's address.
 pub async fn send(
     clients: &Clients,
     ex: &mut Exchange,
@@ -33,16 +37,27 @@ pub async fn send(
     timeout: Duration,
 ) -> Result<Response<Incoming>, Failure> {
     let pool = ex.route().pool(ex.role());
-    parts.version = if pool.h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let h2 = pool.h2;
+    parts.version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let path = parts.uri.path_and_query().cloned();
     let empty = http_body::Body::is_end_stream(&body);
+    // Prepared requests keep `Upgrade` only when the client asked to switch protocols.
+    let asked_upgrade = parts.headers.contains_key(header::UPGRADE);
+    let host = if h2 { headers::take_authority(&mut parts.headers) } else { None };
+    if !h2 && !empty {
+        headers::frame_unsized_body(&parts.method, &mut parts.headers, http_body::Body::size_hint(&body).exact());
+    }
     let replay = (pool.endpoints().len() > 1 && empty).then(|| (parts.method.clone(), parts.headers.clone()));
-    parts.uri = upstream_uri(&pool.get(ex.endpoint()).authority, path.as_ref());
-    let client = clients.for_pool(pool);
-    let mut result = tokio::time::timeout(timeout, client.request(Request::from_parts(parts, body))).await;
+    let ep = pool.get(ex.endpoint());
+    parts.uri = upstream_uri(host.as_ref().unwrap_or(&ep.authority), path.as_ref());
+    let link = ep.link(clients);
+    let mut req = Request::from_parts(parts, body);
+    let mut captured = capture_connection(&mut req);
+    let mut result = tokio::time::timeout(timeout, link.client(h2).request(req)).await;
 
     if let (Ok(Err(e)), Some((method, headers))) = (&result, replay)
         && e.is_connect()
+        && !is_cap_full(e)
     {
         let failed = ex.endpoint();
         let next = {
@@ -53,33 +68,83 @@ pub async fn send(
         if let Some(next) = next {
             ex.move_to(next);
             let pool = ex.route().pool(ex.role());
-            debug!(route = %ex.route().config.name, failed = %pool.get(failed).addr, next = %pool.get(next).addr, "connect failed; trying another endpoint");
-            let retry = bodyless(method, headers, pool.h2, upstream_uri(&pool.get(next).authority, path.as_ref()));
-            result = tokio::time::timeout(timeout, client.request(retry)).await;
+            let ep = pool.get(next);
+            debug!(route = %ex.route().config.name, failed = %pool.get(failed).addr, next = %ep.addr, "connect failed; trying another endpoint");
+            let uri = upstream_uri(host.as_ref().unwrap_or(&ep.authority), path.as_ref());
+            let mut retry = bodyless(method, headers, h2, uri);
+            captured = capture_connection(&mut retry);
+            result = tokio::time::timeout(timeout, ep.link(clients).client(h2).request(retry)).await;
         }
     }
 
     let pool = ex.route().pool(ex.role());
     let ep = pool.get(ex.endpoint());
+    let link = ep.link(clients);
+    let route = &ex.route().config.name;
+    let role = ex.role().label();
     match result {
+        Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade => {
+            warn!(route = %route, role, endpoint = %ep.addr, "upstream switched protocols unasked (101 to a request without Upgrade)");
+            ex.settle(Class::Error, true);
+            Err(Failure { response: local(StatusCode::BAD_GATEWAY, "veer: upstream switched protocols unasked\n") })
+        }
         Ok(Ok(resp)) => {
             ep.succeeded();
             Ok(resp)
+        }
+        Ok(Err(e)) if is_cap_full(&e) => {
+            let (addr, open) = (ep.addr.clone(), link.open_connections());
+            Err(cap_full(ex, addr, open))
         }
         Ok(Err(e)) => {
             if e.is_connect() {
                 ep.connect_failed();
             }
-            warn!(route = %ex.route().config.name, role = ex.role().label(), endpoint = %ep.addr, error = %error_chain(&e), "upstream request failed");
+            match too_large(&e) {
+                true => {
+                    warn!(route = %route, role, endpoint = %ep.addr, error = %error_chain(&e), "upstream response head is larger than server.max_upstream_headers fields or server.max_upstream_header_bytes bytes")
+                }
+                false => {
+                    warn!(route = %route, role, endpoint = %ep.addr, error = %error_chain(&e), "upstream request failed")
+                }
+            }
             ex.settle(Class::Error, true);
             Err(Failure { response: local(StatusCode::BAD_GATEWAY, "veer: upstream connection failed\n") })
         }
+        Err(_) if captured.connection_metadata().is_none() && link.saturated() => {
+            let (addr, open) = (ep.addr.clone(), link.open_connections());
+            Err(cap_full(ex, addr, open))
+        }
         Err(_) => {
-            warn!(route = %ex.route().config.name, role = ex.role().label(), endpoint = %ep.addr, "upstream timed out");
+            warn!(route = %route, role, endpoint = %ep.addr, "upstream timed out");
             ex.settle(Class::Error, true);
             Err(Failure { response: local(StatusCode::GATEWAY_TIMEOUT, "veer: upstream timed out\n") })
         }
     }
+}
+
+/// The request never got a connection because veer's own per-endpoint cap stayed full for
+/// the whole request timeout: veer's answer, not the version's, so it is never judged.
+fn cap_full(ex: &mut Exchange, addr: String, open: usize) -> Failure {
+    warn!(route = %ex.route().config.name, role = ex.role().label(), endpoint = %addr, open, "no upstream connection free within request_timeout (server.max_connections_per_endpoint)");
+    ex.settle(Class::ServerError, false);
+    Failure {
+        response: local(StatusCode::SERVICE_UNAVAILABLE, "veer: too many connections to the upstream endpoint\n"),
+    }
+}
+
+/// True when hyper refused the upstream's response head for its size.
+fn too_large(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_parse_too_large()
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// A request with no body (a replay of a bodyless request).
@@ -92,11 +157,14 @@ pub fn bodyless(method: Method, headers: HeaderMap, h2: bool, uri: Uri) -> Reque
     r
 }
 
-/// The client's response: the upstream answer, cleaned, with a body that records the outcome
-/// (and reports the answer to a waiting mirror comparison) when it ends.
+/// The client's response: the upstream answer, cleaned, in the client's protocol version
+/// (RFC 9110 §6.2: a proxy answers with its own version, whatever the upstream spoke), with a
+/// body that records the outcome (and reports the answer to a waiting mirror comparison) when
+/// it ends.
 pub fn respond(
     mut ex: Exchange,
     mut resp: Response<Incoming>,
+    client_version: Version,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     tap: Option<Tap>,
 ) -> Response<ProxyBody> {
@@ -110,6 +178,12 @@ pub fn respond(
     let grpc = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let fault = class == Class::ServerError || (grpc && body::grpc_fault(resp.headers()));
     let (mut parts, incoming) = resp.into_parts();
+    parts.version = client_version;
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        // The upstream framed the body by its chunks, which hyper decoded: a Content-Length
+        // beside them is stale (RFC 9112 §6.3) and would cut the body short towards the client.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     headers::strip_hop_by_hop(&mut parts.headers, switching);
     if switching {
         // The upgraded stream is the client's now; the exchange ends with the switch.

@@ -6,7 +6,9 @@
 //! rebuilt from the `:authority`). Upgrade requests keep `Connection: upgrade` and `Upgrade`
 //! so that WebSocket and similar protocols can pass through.
 
+use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -51,7 +53,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .filter(|n| !(upgrade && n == header::UPGRADE) && n != header::TE)
             .collect();
         for n in named {
             headers.remove(n);
@@ -61,16 +63,46 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for h in HOP_BY_HOP {
         headers.remove(h);
     }
-    if let Some(te) = headers.get(header::TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
-    {
-        // `TE: trailers` is how gRPC clients announce trailer support; anything else is hop-by-hop.
-        headers.remove(header::TE);
+    if headers.contains_key(header::TE) {
+        // `TE: trailers` is how gRPC clients announce trailer support, and it must reach the
+        // upstream; the transfer codings beside it are hop-by-hop.
+        let trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .any(|t| t.split(';').next().is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers")));
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         headers.remove(header::UPGRADE);
+    }
+}
+
+/// Takes the `host` field out of a request bound for an HTTP/2 upstream and returns it as the
+/// authority to send instead (RFC 9113 §8.3.1: `:authority` carries it, and a `host` beside it
+/// that differs makes nginx answer 400). `None` when there is no usable Host.
+pub fn take_authority(headers: &mut HeaderMap) -> Option<Authority> {
+    let host = headers.remove(header::HOST)?;
+    Authority::try_from(host.as_bytes()).ok()
+}
+
+/// Makes a body of unknown length travel chunked to an HTTP/1.1 upstream. Left alone, hyper
+/// sends a GET or HEAD whose length it does not know without its body (and then sends the
+/// body bytes as if they were the next request): an HTTP/2 client's GET with a body and no
+/// `content-length`, or an HTTP/1.1 one's chunked GET.
+pub fn frame_unsized_body(method: &Method, headers: &mut HeaderMap, exact_len: Option<u64>) {
+    if exact_len.is_none()
+        && matches!(*method, Method::GET | Method::HEAD)
+        && !headers.contains_key(header::CONTENT_LENGTH)
+    {
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
 }
 
@@ -153,6 +185,38 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn te_is_reduced_to_trailers_not_dropped() {
+        for te in ["trailers", "gzip, trailers", "Trailers;q=1, deflate", "deflate"] {
+            let mut h = map(&[("connection", "te"), ("te", te), ("x-app", "ok")]);
+            strip_hop_by_hop(&mut h, false);
+            let want = te.to_ascii_lowercase().contains("trailers").then_some("trailers");
+            assert_eq!(h.get("te").map(|v| v.to_str().expect("ascii")), want, "TE: {te}");
+            assert_eq!(h["x-app"], "ok");
+            assert!(!h.contains_key("connection"));
+        }
+    }
+
+    #[test]
+    fn the_host_becomes_the_authority() {
+        let mut h = map(&[("host", "shop.test:8080"), ("x-app", "ok")]);
+        assert_eq!(take_authority(&mut h).expect("authority").as_str(), "shop.test:8080");
+        assert!(!h.contains_key("host"));
+        assert!(take_authority(&mut map(&[("host", "bad host")])).is_none());
+    }
+
+    #[test]
+    fn an_unsized_get_body_is_chunked() {
+        let mut h = HeaderMap::new();
+        frame_unsized_body(&Method::GET, &mut h, None);
+        assert_eq!(h["transfer-encoding"], "chunked");
+        for (m, len, cl) in [(Method::GET, Some(3), false), (Method::GET, None, true), (Method::POST, None, false)] {
+            let mut h = if cl { map(&[("content-length", "3")]) } else { HeaderMap::new() };
+            frame_unsized_body(&m, &mut h, len);
+            assert!(!h.contains_key("transfer-encoding"), "{m} {len:?} {cl}");
+        }
     }
 
     #[test]

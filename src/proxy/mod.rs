@@ -142,7 +142,8 @@ async fn forward(
     mut req: Request<Incoming>,
     timeout: Duration,
 ) -> Response<ProxyBody> {
-    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let client_version = req.version();
+    let upgrade = client_version == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, conn, upgrade);
@@ -180,7 +181,7 @@ async fn forward(
     let Some(max_body) = replay else {
         let clients = &conn.shared.clients;
         return match attempt::send(clients, &mut ex, parts, Either::Left(body), timeout).await {
-            Ok(resp) => tagged(attempt::respond(ex, resp, client_upgrade, tap), role),
+            Ok(resp) => tagged(attempt::respond(ex, resp, client_version, client_upgrade, tap), role),
             Err(f) => {
                 if let Some(t) = tap {
                     t.finish(Class::Error);
@@ -212,13 +213,14 @@ async fn shielded(
     };
     let clients = &conn.shared.clients;
     let replay = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
+    let client_version = parts.version;
     let failed = match attempt::send(clients, &mut ex, parts, Either::Right(Full::new(body.clone())), timeout).await {
         Ok(resp) if !resp.status().is_server_error() => {
-            return tagged(attempt::respond(ex, resp, None, None), Role::Candidate);
+            return tagged(attempt::respond(ex, resp, client_version, None, None), Role::Candidate);
         }
         Ok(resp) if !policy.withdraw() => {
             policy.count(RetryOutcome::BudgetExhausted);
-            return tagged(attempt::respond(ex, resp, None, None), Role::Candidate);
+            return tagged(attempt::respond(ex, resp, client_version, None, None), Role::Candidate);
         }
         Ok(resp) => {
             // The candidate answered 5xx: it is judged for it, and the user gets stable's answer.
@@ -252,7 +254,7 @@ async fn shielded(
     match attempt::send(clients, &mut stable, parts, body, timeout).await {
         Ok(resp) => {
             policy.count(if resp.status().is_server_error() { RetryOutcome::Failed } else { RetryOutcome::Recovered });
-            tagged(attempt::respond(stable, resp, None, None), Role::Stable)
+            tagged(attempt::respond(stable, resp, client_version, None, None), Role::Stable)
         }
         Err(f) => {
             policy.count(RetryOutcome::Failed);
