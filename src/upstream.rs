@@ -304,14 +304,10 @@ pub struct ConnectionCapFull {
     cap: usize,
 }
 
-/// Why a connection to an endpoint could not be opened.
+/// The endpoint's address does not form a URI (validation normally prevents it).
 #[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error(transparent)]
-    Full(#[from] ConnectionCapFull),
-    #[error("endpoint address does not form a URI")]
-    BadAddress,
-}
+#[error("endpoint address does not form a URI")]
+struct BadAddress;
 
 /// Connects to one endpoint's address whatever the request URI says (an HTTP/2 request's URI
 /// carries the client's Host as its authority), holding one of the endpoint's connection
@@ -338,10 +334,10 @@ impl Service<Uri> for EndpointConnector {
         let mut http = self.http.clone();
         let (dst, permits, cap, wait) = (self.dst.clone(), self.permits.clone(), self.cap, self.queue_timeout);
         Box::pin(async move {
-            let dst = dst.ok_or(ConnectError::BadAddress)?;
+            let dst = dst.ok_or(BadAddress)?;
             let permit = match tokio::time::timeout(wait, permits.acquire_owned()).await {
                 Ok(Ok(p)) => p,
-                _ => return Err(ConnectError::from(ConnectionCapFull { cap }).into()),
+                _ => return Err(ConnectionCapFull { cap }.into()),
             };
             let io = http.call(dst).await?;
             Ok(Capped { io, _permit: permit })
