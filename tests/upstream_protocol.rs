@@ -203,7 +203,8 @@ async fn upstream_heads_up_to_the_configured_limits_pass() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsolicited_101_is_a_502_and_the_versions_error() {
-    let up = raw_upstream(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").await;
+    let up =
+        raw_upstream(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").await;
     let (_cfg, proxy) = proxy_for(up, "", "").await;
     let got = get(&client(), proxy.http_addr(), "/").await;
     assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.text());
@@ -252,7 +253,8 @@ async fn an_http2_clients_get_body_without_length_reaches_an_http1_upstream() {
         .header("te", "trailers")
         .body(StreamBody::new(futures_util::stream::iter(frames)))
         .expect("request");
-    let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req)).await.expect("in time").expect("response");
+    let resp =
+        tokio::time::timeout(Duration::from_secs(10), h2.request(req)).await.expect("in time").expect("response");
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-te"], "trailers", "te: trailers is kept for gRPC");
     let body = resp.into_body().collect().await.expect("body").to_bytes();
