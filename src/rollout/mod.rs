@@ -167,3 +167,24 @@ impl RolloutState {
         self.splitter.pick_candidate(self.weight_bp())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_bake_mirrors_the_candidate_s_requests_to_stable() {
+        let r = RolloutState::new("v2");
+        let at = |phase| {
+            r.set_view(|v| v.phase = phase);
+            (r.is_live(), r.is_baking())
+        };
+        assert_eq!(at(Phase::Pending), (false, false));
+        assert_eq!(at(Phase::Progressing), (true, false));
+        assert_eq!(at(Phase::Preview), (true, false));
+        assert_eq!(at(Phase::Baking), (true, true), "the bake copies the candidate's requests to stable");
+        assert_eq!(at(Phase::Promoted), (false, false), "a promoted candidate is no longer compared");
+        assert_eq!(at(Phase::Baking), (true, true));
+        assert_eq!(at(Phase::RolledBack), (false, false), "a rollback stops the copies at once");
+    }
+}
