@@ -46,7 +46,8 @@ pub struct VersionRuntime {
     /// Requests that reached this version for another reason (override header, retry on
     /// stable, a sticky user's extra requests): counted in metrics, never judged.
     pub side: VersionStats,
-    /// Outcomes of mirrored copies (candidate only): judged in blue-green preview and
+    /// Outcomes of mirrored copies: the candidate's are judged in a blue-green preview,
+    /// stable's (copies of the candidate's requests) while the candidate bakes; both are
     /// compared with the primary answers.
     pub mirror: VersionStats,
     /// Mirrored pairs compared with the primary answer, and how many differed.

@@ -3,7 +3,7 @@
 //! the direction turns: the same share of the candidate's requests is copied to stable, whose
 //! answers are stable's side of the judge's comparison (there is no other stable traffic).
 //!
-//! The client only ever sees stable's answer. Copies never slow the primary path: they run on
+//! The client only ever sees the primary's answer. Copies never slow the primary path: they run on
 //! their own tasks, at most [`MAX_IN_FLIGHT`] at a time per route; when all slots are busy the
 //! copy is dropped and counted (`class="dropped"`). Each mirrored answer is compared with the
 //! primary one — status class always, and a CRC32 of the body with `compare_body` — and the
@@ -31,7 +31,7 @@ use crate::upstream::Clients;
 /// Mirrored requests in flight per route at most.
 pub const MAX_IN_FLIGHT: usize = 64;
 
-/// What the primary (stable) answer was, for the comparison.
+/// What the primary answer was, for the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
     /// Its status class.
