@@ -75,7 +75,7 @@ where
         (&Method::GET, [] | ["index.html"]) => dashboard(),
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["readyz"]) if shared.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        (&Method::GET, ["readyz"]) => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, ["readyz"]) => readyz(shared),
         (&Method::GET, ["metrics"]) => {
             control::flush_metrics(&shared.snapshot());
             let mut r = Response::new(Full::new(Bytes::from(shared.telemetry.render())));
@@ -115,12 +115,30 @@ where
                 Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a non-negative integer".into()),
                 None => Some(1000),
             };
-            json(StatusCode::OK, &shared.journal.events(query.get("route"), limit))
+            let journal = shared.journal.clone();
+            let route = query.get("route").map(str::to_string);
+            // File reads and parsing stay off the proxy's runtime.
+            match tokio::task::spawn_blocking(move || journal.events(route.as_deref(), limit)).await {
+                Ok(events) => json(StatusCode::OK, &events),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the journal failed: {e}")),
+            }
         }
         (&Method::GET, ["api", "v1", "routes", name, "report"]) => match shared.snapshot().route(name) {
             Some(r) => {
-                let events = shared.journal.events(Some(name), None);
-                let mut resp = Response::new(Full::new(Bytes::from(report::render(&RouteStatus::of(r), &events))));
+                let status = RouteStatus::of(r);
+                let journal = shared.journal.clone();
+                let (route, candidate) = (name.to_string(), status.candidate.as_ref().map(|c| c.version.clone()));
+                let read = move || match candidate {
+                    Some(c) => journal.rollout_events(&route, &c),
+                    None => journal.events(Some(&route), Some(REPORT_EVENTS)),
+                };
+                let events = match tokio::task::spawn_blocking(read).await {
+                    Ok(events) => events,
+                    Err(e) => {
+                        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the journal failed: {e}"));
+                    }
+                };
+                let mut resp = Response::new(Full::new(Bytes::from(report::render(&status, &events))));
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/markdown; charset=utf-8"));
                 resp
@@ -197,10 +215,44 @@ where
     };
     match sender.command(route, cmd, reason).await {
         Ok(status) => json(StatusCode::OK, &status),
+        Err(CommandFailure::Command(e @ CommandError::NotRecorded(_))) => {
+            // In effect (weight 0 already), but a restart could not prove it without retrying.
+            let status = shared.snapshot().route(route).map(|r| RouteStatus::of(r));
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "error": e.to_string(), "applied": true, "status": status }),
+            )
+        }
         Err(e @ CommandFailure::UnknownRoute(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(CommandFailure::Command(CommandError::Refused(why))) => error(StatusCode::CONFLICT, why),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// How many of a route's newest events a report of a route without candidate shows.
+const REPORT_EVENTS: usize = 1000;
+
+/// 200 while serving, 503 while draining. Rollbacks the state dir has not recorded yet are
+/// listed in the body but do not fail readiness: traffic is right (the candidate is at 0%),
+/// and pulling every instance of a fleet whose disks filled up would hurt more.
+fn readyz(shared: &Shared) -> AdminResponse {
+    let snap = shared.snapshot();
+    let mut body = String::from("ready\n");
+    for route in &snap.routes {
+        if let Some(p) = route.rollout().and_then(|r| r.view().journal_pending) {
+            body.push_str(&format!(
+                "journal: route {} has an unrecorded {} from {} ({} attempts): {}\n",
+                route.config.name,
+                p.kind.label(),
+                p.at,
+                p.attempts,
+                p.error
+            ));
+        }
+    }
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
 }
 
 /// `key=value&…` query parameters (no percent-decoding is needed for route names and numbers).

@@ -53,6 +53,25 @@ pub fn render(status: &RouteStatus, events: &[Event]) -> String {
     s
 }
 
+/// `text` as literal Markdown: every ASCII punctuation character backslash-escaped (so no
+/// link, emphasis, table cell or HTML can be injected by an operator's `--reason`), line breaks
+/// as spaces, other control characters dropped.
+pub fn inert(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 4);
+    for c in text.chars() {
+        match c {
+            '\n' | '\r' | '\t' => out.push(' '),
+            c if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') => {}
+            c if c.is_ascii_punctuation() => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn outcome(p: Phase) -> &'static str {
     match p {
         Phase::RolledBack => "**rolled back** to 100% stable",
@@ -75,7 +94,8 @@ fn incident(s: &mut String, rb: &Event, candidate: &str) {
             rb.at
         );
     } else {
-        let _ = writeln!(s, "At {} an operator aborted candidate `{candidate}` (reason: {}).\n", rb.at, rb.reason);
+        let _ =
+            writeln!(s, "At {} an operator aborted candidate `{candidate}` (reason: {}).\n", rb.at, inert(&rb.reason));
     }
 
     let _ = writeln!(s, "## Root-cause signal\n");
@@ -182,7 +202,43 @@ fn timeline(s: &mut String, events: &[Event]) {
             e.from.label(),
             e.to.label(),
             e.candidate_weight,
-            e.reason.replace('|', "\\|")
+            inert(&e.reason)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_cannot_inject_markdown_or_escape_sequences() {
+        let hostile = "oops\x1b[2J](http://x) <b>*x*</b> | cell\nnext";
+        let got = inert(hostile);
+        assert_eq!(got, "oops\\[2J\\]\\(http\\:\\/\\/x\\) \\<b\\>\\*x\\*\\<\\/b\\> \\| cell next");
+        assert!(!got.contains('\x1b') && !got.contains("](") && !got.contains('\n'));
+        assert_eq!(inert("plain words"), "plain words");
+    }
+
+    #[test]
+    fn the_report_escapes_journal_reasons() {
+        let status: RouteStatus = serde_json::from_value(serde_json::json!({
+            "name": "web", "phase": "rolled_back", "step": null, "candidate_weight": 0.0,
+            "stable": { "version": "v1", "endpoints": [], "window": crate::stats::window::WindowFigures::default() },
+            "candidate": null, "steps": [50.0, 100.0], "last_transition": null,
+        }))
+        .expect("status JSON");
+        let event = |kind: &str, to: &str| -> Event {
+            serde_json::from_value(serde_json::json!({
+                "at": "2026-12-01T00:00:00.000Z", "route": "web", "kind": kind, "from": "progressing", "to": to,
+                "candidate_weight": 0.0, "reason": "bad\x1b[2J](http://x)", "evidence": { "rule": "manual" },
+                "step": null, "candidate_version": "(none)", "stable_version": "v1",
+            }))
+            .expect("event JSON")
+        };
+        let out = render(&status, &[event("started", "progressing"), event("rolled_back", "rolled_back")]);
+        assert!(!out.contains('\x1b'), "{out:?}");
+        assert!(!out.contains("](http"), "{out}");
+        assert!(out.contains("reason: bad\\[2J\\]\\(http\\:\\/\\/x\\)"), "{out}");
     }
 }

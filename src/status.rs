@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::journal::Event;
 use crate::rollout::Phase;
 use crate::rollout::judge::JudgeFigures;
+use crate::rollout::machine::EventKind;
 use crate::snapshot::Route;
 use crate::stats::window::WindowFigures;
 
@@ -36,6 +37,27 @@ pub struct RouteStatus {
     /// The judge's live figures.
     #[serde(default)]
     pub judge: JudgeFigures,
+    /// A rollback in effect that the state dir could not record yet, retried every tick.
+    /// While it is set nothing else is recorded for the route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_pending: Option<JournalPending>,
+}
+
+/// A transition applied to traffic but not yet in the journal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JournalPending {
+    /// RFC 3339 time of the transition.
+    pub at: String,
+    /// What happened (`rolled_back`).
+    pub kind: EventKind,
+    /// Phase after.
+    pub to: Phase,
+    /// Why.
+    pub reason: String,
+    /// Failed attempts to record it so far.
+    pub attempts: u64,
+    /// The latest write error.
+    pub error: String,
 }
 
 /// The rollback that put a route in `rolled_back`.
@@ -109,6 +131,7 @@ impl RouteStatus {
                 rule: e.evidence.get("rule").and_then(|r| r.as_str()).unwrap_or("manual").to_string(),
                 evidence: e.evidence.clone(),
             }),
+            journal_pending: view.as_ref().and_then(|v| v.journal_pending.clone()),
             judge: view.map(|v| v.judge).unwrap_or_default(),
         }
     }

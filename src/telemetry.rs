@@ -39,6 +39,10 @@ pub const RETRIES_TOTAL: &str = "veer_retries_total";
 pub const MIRRORED_TOTAL: &str = "veer_mirrored_requests_total";
 /// `veer_mirror_mismatches_total{route}`.
 pub const MIRROR_MISMATCHES: &str = "veer_mirror_mismatches_total";
+/// `veer_journal_pending{route}`: 1 while a rollback in effect is not in the journal yet.
+pub const JOURNAL_PENDING: &str = "veer_journal_pending";
+/// `veer_journal_write_failures_total{route}`: failed writes to the state dir.
+pub const JOURNAL_WRITE_FAILURES: &str = "veer_journal_write_failures_total";
 /// `veer_config_reloads_total{outcome}`.
 pub const CONFIG_RELOADS: &str = "veer_config_reloads_total";
 
@@ -86,6 +90,14 @@ impl Telemetry {
                 "Requests copied to the candidate, by the class of its answer (dropped: queue full)."
             );
             metrics::describe_counter!(MIRROR_MISMATCHES, "Mirrored answers that differed from the primary answer.");
+            metrics::describe_gauge!(
+                JOURNAL_PENDING,
+                "1 while a rollback in effect could not be recorded in the state dir (retried every tick)."
+            );
+            metrics::describe_counter!(
+                JOURNAL_WRITE_FAILURES,
+                "Writes to the state dir (journal, state file, rollback marker) that failed."
+            );
             metrics::describe_gauge!(JUDGE_EVIDENCE, "The judge's evidence against the candidate, ln E, per rule.");
             metrics::describe_gauge!(
                 JUDGE_THRESHOLD,

@@ -65,14 +65,46 @@ pub fn render(routes: &[RouteStatus], mut rates: Option<&mut Rates>) -> String {
             let _ = writeln!(s, "  judge     {:<13} ln E/threshold: {}", r.judge.verdict, rules.join("  "));
         }
         if let Some(rb) = &r.rollback {
-            let _ = writeln!(s, "  rollback  {} by rule {}", rb.at, rb.rule);
+            let _ = writeln!(s, "  rollback  {} by rule {}", inert(&rb.at), inert(&rb.rule));
         }
         if let Some(t) = &r.last_transition {
-            let _ = writeln!(s, "  last      {} {} -> {}: {}", t.at, t.from.label(), t.to.label(), t.reason);
+            let _ = writeln!(
+                s,
+                "  last      {} {} -> {}: {}",
+                inert(&t.at),
+                t.from.label(),
+                t.to.label(),
+                inert(&t.reason)
+            );
+        }
+        if let Some(p) = &r.journal_pending {
+            let _ = writeln!(
+                s,
+                "  journal   NOT RECORDED: {} at {} ({} attempts, retrying): {}",
+                p.kind.label(),
+                inert(&p.at),
+                p.attempts,
+                inert(&p.error)
+            );
         }
         s.push('\n');
     }
     s
+}
+
+/// `text` with every control character (escape sequences, carriage returns, newlines) and
+/// bidirectional override shown as a `\u{..}` escape, so an operator-supplied reason cannot
+/// drive the terminal or disguise what it says.
+pub fn inert(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn bar(percent: f64) -> String {
@@ -93,6 +125,26 @@ fn plan(r: &RouteStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reason_cannot_drive_the_terminal() {
+        assert_eq!(inert("bad\x1b[2J\r\nbuild\u{9b}\u{202e}"), "bad\\u{1b}[2J\\u{d}\\u{a}build\\u{9b}\\u{202e}");
+        assert_eq!(inert("plain reason, ünïcode"), "plain reason, ünïcode");
+        let mut st: RouteStatus = serde_json::from_value(serde_json::json!({
+            "name": "web", "phase": "rolled_back", "step": null, "candidate_weight": 0.0,
+            "stable": { "version": "v1", "endpoints": [], "window": crate::stats::window::WindowFigures::default() },
+            "candidate": null, "steps": [50.0, 100.0],
+            "last_transition": { "at": "2026-12-01T00:00:00Z", "from": "progressing", "to": "rolled_back",
+                                 "reason": "x\x1b[2J](http://x)" },
+            "rollback": { "at": "2026-12-01T00:00:00Z", "rule": "manual\x1b[31m", "evidence": null },
+        }))
+        .expect("status JSON");
+        let out = render(std::slice::from_ref(&st), None);
+        assert!(!out.contains('\x1b'), "{out:?}");
+        assert!(out.contains("x\\u{1b}[2J](http://x)"), "{out}");
+        st.rollback = None;
+        assert!(!render(&[st], None).contains('\x1b'));
+    }
 
     #[test]
     fn bar_fills_in_proportion() {

@@ -4,7 +4,10 @@
 //! A snap back stores weight 0 in the same tick the judge fails the candidate; in-flight
 //! candidate requests finish. If the state directory cannot be written, the controller holds
 //! (no step forward, loud logs) but still serves, and still rolls back: a broken disk never
-//! keeps a bad candidate in front of users.
+//! keeps a bad candidate in front of users. A rollback the journal could not record stays
+//! pending: it goes into the route's pre-allocated rollback marker (and the state file, if that
+//! can be written), is retried every tick, and nothing else is recorded before it, so a
+//! restart never undoes it.
 //!
 //! In a blue-green preview the judge reads the candidate's mirrored traffic. While the
 //! candidate bakes at 100%, stable's side is its answers to copies of the candidate's requests,
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use metrics::Gauge;
+use metrics::{Counter, Gauge};
 use serde_json::json;
 use tracing::{error, info, warn};
 
@@ -25,12 +28,15 @@ use super::RolloutState;
 use super::judge::{Baseline, Judge, JudgeState, Observation, RuleKind, Verdict};
 use super::machine::{Change, Command, EventKind, Machine, Plan};
 use crate::config::RouteConfig;
-use crate::journal::{Event, Journal, JournalError, RouteRecord, timestamp};
+use crate::journal::{Event, Journal, JournalError, Recovered, RouteRecord, timestamp};
 use crate::notify::Notifier;
 use crate::runtime::{RouteRuntime, VersionRuntime};
 use crate::stats::Totals;
 use crate::stats::window::{Reading, WindowFigures};
-use crate::telemetry::{JUDGE_EVIDENCE, JUDGE_THRESHOLD, ROLLBACKS_TOTAL, Telemetry};
+use crate::status::JournalPending;
+use crate::telemetry::{
+    JOURNAL_PENDING, JOURNAL_WRITE_FAILURES, JUDGE_EVIDENCE, JUDGE_THRESHOLD, ROLLBACKS_TOTAL, Telemetry,
+};
 
 /// Mirrored traffic as read at one tick.
 #[derive(Debug, Clone)]
@@ -84,6 +90,25 @@ pub enum CommandError {
     /// The state directory could not record it (503).
     #[error("not applied: {0}")]
     Journal(#[from] JournalError),
+    /// A rollback: in effect, but the journal could not record it; retried every tick (503).
+    #[error("applied, not recorded (retrying every tick): {0}")]
+    NotRecorded(JournalError),
+}
+
+/// A rollback in effect that the journal has not recorded yet.
+#[derive(Debug, Clone)]
+struct Unrecorded {
+    event: Event,
+    attempts: u64,
+    error: String,
+}
+
+/// What became of a transition that reached traffic.
+enum Applied {
+    /// Journaled.
+    Recorded,
+    /// A rollback in effect that the journal could not record (kept pending).
+    Unrecorded(JournalError),
 }
 
 /// Where the controller sends what it decided.
@@ -108,6 +133,10 @@ pub struct RouteController {
     last_checkpoint: Instant,
     /// The mirror pair counters at the previous tick, to feed the judge increments.
     last_pairs: (u64, u64),
+    /// A rollback in effect that the journal has not recorded yet.
+    unrecorded: Option<Unrecorded>,
+    pending_gauge: Gauge,
+    write_failures: Counter,
 }
 
 /// How often the judge's evidence is saved between transitions, so a crash loses at most
@@ -134,10 +163,20 @@ impl RouteController {
         now: Instant,
     ) -> Self {
         let plan = Plan::of(&config.rollout);
+        let write_failures = out.telemetry.route_total(JOURNAL_WRITE_FAILURES, &config.name);
+        if let Err(e) = out.journal.prepare_marker(&config.name) {
+            write_failures.increment(1);
+            warn!(route = %config.name, error = %e, "cannot pre-allocate the rollback marker");
+        }
         let recovered = out.journal.recover(&config.name, rollout.candidate_version());
-        let last_event = recovered.as_ref().map(|r| r.last_event.clone());
+        let last_event = recovered.as_ref().map(|r| r.record.last_event.clone());
+        let unrecorded = recovered.as_ref().filter(|r| r.unrecorded).map(|r| Unrecorded {
+            event: r.record.last_event.clone(),
+            attempts: 0,
+            error: "recovered from the rollback marker or state file; not in the journal yet".into(),
+        });
         let (machine, judge) = match recovered {
-            Some(rec) => {
+            Some(Recovered { record: rec, .. }) => {
                 info!(route = %config.name, candidate = rollout.candidate_version(), phase = rec.machine.phase.label(), step = rec.machine.step, "rollout state recovered");
                 let rollback = (rec.machine.phase == Phase::RolledBack).then(|| rec.last_event.clone());
                 rollout.set_view(|v| {
@@ -175,7 +214,11 @@ impl RouteController {
             last_event,
             last_checkpoint: now,
             last_pairs,
+            unrecorded,
+            pending_gauge: out.telemetry.route_gauge(JOURNAL_PENDING, &config.name),
+            write_failures,
         };
+        c.publish_unrecorded();
         // A recovered rollout resumes at its recorded weight; a new one stays at 0 until its
         // start is journaled.
         c.rollout.set_weight_bp(c.machine.weight_bp());
@@ -230,6 +273,7 @@ impl RouteController {
         let pairs =
             (mirror.compared.saturating_sub(self.last_pairs.0), mirror.mismatched.saturating_sub(self.last_pairs.1));
         self.last_pairs = (mirror.compared, mirror.mismatched);
+        let _ = self.retry_unrecorded(out);
         if self.machine.phase() == Phase::Pending {
             self.try_start(now, out);
             return;
@@ -312,7 +356,8 @@ impl RouteController {
             _ => json!(null),
         };
         match self.apply(change, evidence, out) {
-            Ok(()) => Ok(()),
+            Ok(Applied::Recorded) => Ok(()),
+            Ok(Applied::Unrecorded(e)) => Err(CommandError::NotRecorded(e)),
             Err(e) => {
                 (self.machine, self.judge) = before;
                 Err(e.into())
@@ -338,6 +383,7 @@ impl RouteController {
         if let Some(e) = &self.last_event
             && let Err(err) = out.journal.checkpoint(&self.record(e.clone()))
         {
+            self.write_failures.increment(1);
             warn!(route = %self.config.name, error = %err, "cannot save the judge's evidence");
         }
     }
@@ -354,8 +400,14 @@ impl RouteController {
     }
 
     /// Journal, then traffic, then everyone else. A rollback goes to traffic even when the
-    /// journal fails; anything else is held.
-    fn apply(&mut self, change: Change, evidence: serde_json::Value, out: &Outputs<'_>) -> Result<(), JournalError> {
+    /// journal fails (and stays pending until it is recorded); anything else is held, also
+    /// while an earlier rollback is still unrecorded.
+    fn apply(
+        &mut self,
+        change: Change,
+        evidence: serde_json::Value,
+        out: &Outputs<'_>,
+    ) -> Result<Applied, JournalError> {
         let event = Event {
             at: timestamp(SystemTime::now()),
             route: self.config.name.clone(),
@@ -369,15 +421,39 @@ impl RouteController {
             candidate_version: self.rollout.candidate_version().to_string(),
             stable_version: self.stable_version.clone(),
         };
-        if let Err(e) = out.journal.record(&event, &self.record(event.clone())) {
-            if change.kind != EventKind::RolledBack {
+        let rollback = change.kind == EventKind::RolledBack;
+        let recorded = match self.retry_unrecorded(out) {
+            // Nothing is recorded after an unrecorded rollback: on restart it would win.
+            Err(e) if !rollback => Err(e),
+            _ => match out.journal.record(&event, &self.record(event.clone())) {
+                Err(e) if e.event_appended() => {
+                    self.write_failures.increment(1);
+                    warn!(route = %self.config.name, error = %e, "the journal has the transition but the state file is stale");
+                    Ok(())
+                }
+                Err(e) => {
+                    self.write_failures.increment(1);
+                    Err(e)
+                }
+                Ok(()) => Ok(()),
+            },
+        };
+        let applied = match recorded {
+            Ok(()) => Applied::Recorded,
+            Err(e) if !rollback => {
                 error!(route = %self.config.name, kind = change.kind.label(), error = %e, "cannot record the transition; holding the rollout until the state dir is writable");
                 return Err(e);
             }
-            error!(route = %self.config.name, error = %e, "cannot record the rollback; rolling back anyway");
-        }
+            Err(e) => {
+                error!(route = %self.config.name, error = %e, "cannot record the rollback; rolling back anyway and retrying the record every tick");
+                Applied::Unrecorded(e)
+            }
+        };
         self.rollout.set_weight_bp(change.weight_bp);
         self.last_event = Some(event.clone());
+        if let Applied::Unrecorded(e) = &applied {
+            self.keep_unrecorded(&event, e, out);
+        }
         if change.kind == EventKind::RolledBack {
             let rule = event.evidence.get("rule").and_then(|r| r.as_str()).unwrap_or("manual").to_string();
             warn!(route = %self.config.name, candidate = self.rollout.candidate_version(), %rule, "candidate rolled back to 0%");
@@ -391,7 +467,67 @@ impl RouteController {
         });
         self.publish();
         out.notifier.notify(&event);
+        Ok(applied)
+    }
+
+    /// Holds `event` (a rollback in effect) until the journal takes it: in the rollback
+    /// marker, which is written in place and so works on a full disk, and in the state file
+    /// when that can be written.
+    fn keep_unrecorded(&mut self, event: &Event, error: &JournalError, out: &Outputs<'_>) {
+        if let Some(old) = &self.unrecorded {
+            warn!(route = %self.config.name, at = %old.event.at, "an older unrecorded transition is superseded by a new rollback");
+        }
+        self.unrecorded = Some(Unrecorded { event: event.clone(), attempts: 1, error: error.to_string() });
+        if let Err(e) = out.journal.mark_unrecorded(event) {
+            self.write_failures.increment(1);
+            error!(route = %self.config.name, error = %e, "cannot write the rollback marker either");
+        }
+        if let Err(e) = out.journal.checkpoint(&self.record(event.clone())) {
+            self.write_failures.increment(1);
+            warn!(route = %self.config.name, error = %e, "cannot write the state file of the rollback");
+        }
+        self.publish_unrecorded();
+    }
+
+    /// Tries to append the unrecorded rollback, if any. `Ok` when nothing is pending anymore.
+    fn retry_unrecorded(&mut self, out: &Outputs<'_>) -> Result<(), JournalError> {
+        let Some(pending) = &mut self.unrecorded else { return Ok(()) };
+        if let Err(e) = out.journal.append_event(&pending.event) {
+            pending.attempts += 1;
+            pending.error = e.to_string();
+            if pending.attempts.is_power_of_two() {
+                warn!(route = %self.config.name, attempts = pending.attempts, error = %e, "the rollback is still not recorded");
+            }
+            self.write_failures.increment(1);
+            self.publish_unrecorded();
+            return Err(e);
+        }
+        let event = pending.event.clone();
+        self.unrecorded = None;
+        info!(route = %self.config.name, at = %event.at, "the pending rollback is recorded in the journal");
+        if let Err(e) = out.journal.checkpoint(&self.record(event)) {
+            self.write_failures.increment(1);
+            warn!(route = %self.config.name, error = %e, "cannot update the state file after recording the rollback");
+        }
+        if let Err(e) = out.journal.clear_marker(&self.config.name) {
+            // Harmless: the journal has the rollback, so the next start sees the marker as stale.
+            warn!(route = %self.config.name, error = %e, "cannot empty the rollback marker");
+        }
+        self.publish_unrecorded();
         Ok(())
+    }
+
+    fn publish_unrecorded(&self) {
+        self.pending_gauge.set(if self.unrecorded.is_some() { 1.0 } else { 0.0 });
+        let pending = self.unrecorded.as_ref().map(|u| JournalPending {
+            at: u.event.at.clone(),
+            kind: u.event.kind,
+            to: u.event.to,
+            reason: u.event.reason.clone(),
+            attempts: u.attempts,
+            error: u.error.clone(),
+        });
+        self.rollout.set_view(|v| v.journal_pending = pending);
     }
 
     fn publish(&self) {

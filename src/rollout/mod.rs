@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::Event;
 use crate::split::{FULL_BP, Splitter};
+use crate::status::JournalPending;
 use judge::JudgeFigures;
 
 /// Where a rollout stands.
@@ -80,6 +81,8 @@ pub struct RolloutView {
     pub rollback: Option<Event>,
     /// The judge's latest figures.
     pub judge: JudgeFigures,
+    /// A rollback in effect that the journal has not recorded yet.
+    pub journal_pending: Option<JournalPending>,
 }
 
 /// The live state of one candidate's rollout.
@@ -112,6 +115,7 @@ impl RolloutState {
                 last_transition: None,
                 rollback: None,
                 judge: JudgeFigures::default(),
+                journal_pending: None,
             }),
         }
     }
