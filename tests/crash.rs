@@ -115,8 +115,10 @@ async fn an_unwritable_state_dir_holds_but_serves_and_still_rolls_back() {
     let st = status(&c, &v).await;
     assert_eq!((st["phase"].as_str(), st["candidate_weight"].as_f64()), (Some("pending"), Some(0.0)));
     assert_eq!(cand.hits(), 0);
-    // An operator's abort still takes effect.
-    assert_eq!(post(&c, v.admin, "/api/v1/routes/web/abort", &[]).await.status, 200);
+    // An operator's abort still takes effect, and the answer says it is not recorded.
+    let aborted = post(&c, v.admin, "/api/v1/routes/web/abort", &[]).await;
+    assert_eq!(aborted.status, 503, "{}", aborted.text());
+    assert!(aborted.text().contains("applied, not recorded"), "{}", aborted.text());
     assert_eq!(status(&c, &v).await["phase"], "rolled_back");
 }
 

@@ -170,7 +170,8 @@ async fn the_judges_rollback_under_a_broken_journal_survives_a_restart() {
     healthy.store(true, Ordering::Relaxed);
     let v = Veer::spawn(&cfg.path);
     assert_rolled_back_and_stable_only(&c, &v, &cand).await;
-    assert_eq!(route_status(&c, v.admin, "web").await["rollback"]["rule"], "max_error_rate");
+    let rule = route_status(&c, v.admin, "web").await["rollback"]["rule"].clone();
+    assert!(rule.as_str().is_some_and(|r| r != "manual"), "the judge's rule is kept: {rule}");
 }
 
 /// Writes a journal of about `bytes` bytes of events of route `web` (candidate `v2`).
