@@ -5,21 +5,19 @@
 //! default. When `admin.token_file` is set, mutating calls need `Authorization: Bearer
 //! <token>`, compared in constant time.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::connection::{self, ConnSettings};
 use crate::control::{self, CommandFailure};
 use crate::reload::{self, ReloadError};
 use crate::report;
@@ -30,13 +28,19 @@ use crate::status::RouteStatus;
 
 type AdminResponse = Response<Full<Bytes>>;
 
-/// Accepts admin connections until shutdown completes (the owner aborts this task).
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts admin connections until shutdown completes (the owner aborts this task). At most
+/// `max_connections` are served at once; beyond that, accepting pauses and further clients
+/// wait in the listen backlog, so that they never take file descriptors from the proxy
+/// listener. Each connection has `[admin]`'s header and idle timeouts (as of start).
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, max_connections: usize) {
+    let settings = Arc::new(ConnSettings::admin(&shared.snapshot().config.admin));
+    let limit = Arc::new(Semaphore::new(max_connections));
     // Connections live in this task's set: when the proxy stops the admin server, its
     // keep-alive connections stop with it.
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
+        let Ok(permit) = limit.clone().acquire_owned().await else { return };
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -46,14 +50,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let shared = shared.clone();
+        let settings = settings.clone();
         connections.spawn(async move {
-            let svc = service_fn(move |req| {
+            let handler = move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-            });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await {
-                debug!(%peer, error = %e, "admin connection error");
-            }
+                async move { handle(&shared, req).await }
+            };
+            connection::serve_admin(stream, &settings, handler).await;
+            debug!(%peer, "admin connection closed");
+            drop(permit);
         });
     }
 }
@@ -67,6 +72,9 @@ where
 {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
+    if let Some(resp) = misdirected(shared, &req) {
+        return resp;
+    }
     let mutating = req.method() == Method::POST;
     if mutating && let Some(resp) = cross_site(&req).or_else(|| refusal(shared, &req)) {
         return resp;
@@ -150,6 +158,45 @@ where
         }
         _ => error(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}")),
     }
+}
+
+/// DNS rebinding: a page on `rebind.evil`, whose name the attacker then points at 127.0.0.1,
+/// talks to a loopback admin API as a same-origin page (its `Origin` matches its `Host`). On a
+/// loopback listener only loopback names — `localhost`, `127.0.0.0/8`, `[::1]`, any port — and
+/// the host of `admin.public_url` are accepted in `Host`; anything else is answered 421.
+/// (A request without a `Host`, or with an empty one, comes from no browser and passes.)
+fn misdirected<B>(shared: &Shared, req: &Request<B>) -> Option<AdminResponse> {
+    let snap = shared.snapshot();
+    let admin = &snap.config.admin;
+    if !admin.listen.ip().is_loopback() {
+        return None;
+    }
+    let host = match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok().map(str::to_string),
+        None => Some(req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default()),
+    };
+    let allowed = host.as_deref().is_some_and(|h| h.is_empty() || loopback_host(h, admin.public_url.as_ref()));
+    (!allowed).then(|| {
+        let shown = host.unwrap_or_else(|| "(not text)".into());
+        error(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("Host {shown:?} is not this admin API's name: use 127.0.0.1, [::1] or localhost (or set admin.public_url)"),
+        )
+    })
+}
+
+/// True when `host` (with or without a port) names the loopback interface or the host of
+/// `public_url`.
+fn loopback_host(host: &str, public_url: Option<&http::Uri>) -> bool {
+    let Ok(authority) = host.parse::<http::uri::Authority>() else { return false };
+    let name = authority.host();
+    if name.eq_ignore_ascii_case("localhost")
+        || public_url.and_then(|u| u.host()).is_some_and(|p| name.eq_ignore_ascii_case(p))
+    {
+        return true;
+    }
+    let bare = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+    bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A browser on another site must not be able to abort or promote a rollout through an
@@ -319,4 +366,25 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> AdminResponse {
 
 fn error(status: StatusCode, message: String) -> AdminResponse {
     json(status, &serde_json::json!({ "error": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_names_and_the_public_host_are_this_admin_api() {
+        for ok in ["127.0.0.1", "127.0.0.1:9901", "127.8.9.10:1", "[::1]", "[::1]:9901", "localhost", "LOCALHOST:80"] {
+            assert!(loopback_host(ok, None), "{ok}");
+        }
+        for bad in
+            ["rebind.evil", "rebind.evil:9901", "10.0.0.1", "[::2]:9901", "localhost.evil", "127.0.0.1.evil", "a b"]
+        {
+            assert!(!loopback_host(bad, None), "{bad}");
+        }
+        let public: http::Uri = "https://veer.example.com:8443/".parse().expect("uri");
+        assert!(loopback_host("veer.example.com", Some(&public)));
+        assert!(loopback_host("Veer.Example.com:443", Some(&public)));
+        assert!(!loopback_host("rebind.evil", Some(&public)));
+    }
 }

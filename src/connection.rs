@@ -8,25 +8,36 @@
 //! HTTP/1.1 connection a doubled read buffer for its lifetime.)
 //! The hyper settings are built once per configuration generation ([`ConnSettings`]), not per
 //! connection.
+//!
+//! A watchdog bounds what a client may hold without doing anything: a connection with no
+//! request in flight for `idle_timeout` is closed (HTTP/2: GOAWAY), and an HTTP/2 connection
+//! whose client has begun a header block but not finished it within `header_read_timeout` is
+//! cut (hyper bounds that for HTTP/1.1 itself, and only for HTTP/1.1). The admin listener
+//! serves its connections the same way ([`serve_admin`]).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::HeaderValue;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use crate::config::ServerConfig;
+use crate::config::{AdminConfig, ServerConfig};
 use crate::proxy::{self, ConnInfo};
 use crate::server::Shared;
 
@@ -38,29 +49,78 @@ pub struct ConnSettings {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// Header fields allowed in one HTTP/2 request (hyper's h2 server has no such limit).
+    max_headers: usize,
 }
 
 /// hyper keeps up to this many request headers on the stack; asking for a limit, even the
 /// same one, moves them to the heap on every request.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
+/// How often an HTTP/2 client connection is pinged, and how long the answer may take before
+/// the connection is considered dead and closed. Pings find peers that vanished without a
+/// FIN; idle-but-alive clients are closed by `idle_timeout` instead.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 impl ConnSettings {
     /// The settings for a generation's `[server]` table.
     pub fn new(s: &ServerConfig, tls: Option<TlsAcceptor>) -> ConnSettings {
+        let limits = Limits {
+            header_read_timeout: s.header_read_timeout,
+            idle_timeout: s.idle_timeout,
+            max_header_bytes: s.max_header_bytes,
+            max_headers: s.max_headers,
+        };
+        ConnSettings::with(&limits, tls)
+    }
+
+    /// The settings for the admin listener's connections (`[admin]`).
+    pub fn admin(a: &AdminConfig) -> ConnSettings {
+        let limits = Limits {
+            header_read_timeout: a.header_read_timeout,
+            idle_timeout: a.idle_timeout,
+            max_header_bytes: 64 * 1024,
+            max_headers: HYPER_DEFAULT_MAX_HEADERS,
+        };
+        ConnSettings::with(&limits, None)
+    }
+
+    fn with(l: &Limits, tls: Option<TlsAcceptor>) -> ConnSettings {
         let mut h1 = http1::Builder::new();
+        // hyper starts this timer as soon as a keep-alive connection goes idle, so it also
+        // bounds the keep-alive idle time of HTTP/1.1 connections (with `idle_timeout`).
         h1.timer(TokioTimer::new())
-            .header_read_timeout(s.header_read_timeout)
-            .max_header_size(s.max_header_bytes)
-            .max_buf_size(s.max_header_bytes.max(8192));
-        if s.max_headers != HYPER_DEFAULT_MAX_HEADERS {
-            h1.max_headers(s.max_headers);
+            .header_read_timeout(l.header_read_timeout)
+            .max_header_size(l.max_header_bytes)
+            .max_buf_size(l.max_header_bytes.max(8192));
+        if l.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            h1.max_headers(l.max_headers);
         }
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(256);
-        ConnSettings { tls, h1, h2, header_read_timeout: s.header_read_timeout }
+            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256)
+            .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+        ConnSettings {
+            tls,
+            h1,
+            h2,
+            header_read_timeout: l.header_read_timeout,
+            idle_timeout: l.idle_timeout,
+            max_headers: l.max_headers,
+        }
     }
+}
+
+/// The limits a listener's connections are served with.
+struct Limits {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    max_header_bytes: usize,
+    max_headers: usize,
 }
 
 impl std::fmt::Debug for ConnSettings {
@@ -97,47 +157,81 @@ fn classify(first: &[u8]) -> Protocol {
 /// `header_read_timeout`).
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
-/// Serves one accepted client connection to its end (or the end of a drain).
+/// Serves one accepted client connection to its end (or the end of a drain). The connection
+/// permit lives in the connection's [`ConnInfo`], so an upgraded tunnel, which outlives the
+/// HTTP connection, keeps holding it.
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     tls: bool,
     shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let settings = shared.conn_settings();
     let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value");
-    let info = Arc::new(ConnInfo { shared, client_ip, proto: if tls { "https" } else { "http" } });
+    let info = Arc::new(ConnInfo { shared, client_ip, proto: if tls { "https" } else { "http" }, permit });
     let deadline = Instant::now() + settings.header_read_timeout;
+    let max_headers = settings.max_headers;
+    let handler = move |req: Request<Incoming>| {
+        let info = info.clone();
+        async move {
+            // hyper's HTTP/2 server has no field-count limit: the one HTTP/1.1 gets is kept here.
+            if req.version() == Version::HTTP_2 && req.headers().len() > max_headers {
+                return proxy::local(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "veer: too many header fields\n");
+            }
+            match proxy::handle(info, req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        }
+    };
     match (tls, &settings.tls) {
         (false, _) => {
             let Some(protocol) = sniff(&stream, deadline, &mut shutdown).await else { return };
-            run(&settings, protocol, TokioIo::new(stream), info, shutdown).await
+            run(&settings, protocol, stream, handler, shutdown).await
         }
         // Boxed: a TLS session is large, and plain connections should not carry its room.
         (true, Some(acceptor)) => {
-            Box::pin(serve_tls(acceptor, stream, peer, deadline, &settings, info, shutdown)).await
+            Box::pin(serve_tls(acceptor, stream, peer, deadline, &settings, handler, shutdown)).await
         }
         (true, None) => debug!(%peer, "TLS connection without a TLS configuration"),
     }
 }
 
+/// Serves one admin connection with the admin listener's limits. The admin API is never
+/// drained (it answers `/readyz` with 503 while the proxy drains): its owner aborts it.
+pub(crate) async fn serve_admin<H, F>(stream: TcpStream, settings: &ConnSettings, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<http_body_util::Full<Bytes>>> + Send + 'static,
+{
+    let (_never, mut shutdown) = watch::channel(false);
+    let deadline = Instant::now() + settings.header_read_timeout;
+    let Some(protocol) = sniff(&stream, deadline, &mut shutdown).await else { return };
+    run(settings, protocol, stream, handler, shutdown).await
+}
+
 /// The TLS handshake (within `header_read_timeout`), then the protocol ALPN chose.
-async fn serve_tls(
+async fn serve_tls<H, F, B>(
     acceptor: &TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
     deadline: Instant,
     settings: &ConnSettings,
-    info: Arc<ConnInfo>,
+    handler: H,
     shutdown: watch::Receiver<bool>,
-) {
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(s)) => {
             // HTTP/2 over TLS is negotiated with ALPN or not spoken (RFC 9113, 3.2).
             let protocol = if s.get_ref().1.alpn_protocol() == Some(b"h2") { Protocol::Http2 } else { Protocol::Http1 };
-            run(settings, protocol, TokioIo::new(s), info, shutdown).await
+            run(settings, protocol, s, handler, shutdown).await
         }
         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -180,30 +274,307 @@ async fn sniff(stream: &TcpStream, deadline: Instant, shutdown: &mut watch::Rece
 /// Serves `io` with the builder for `protocol`. Only an HTTP/1.1 connection lives inline in
 /// the connection task: HTTP/2's is boxed, so that the task of every HTTP/1.1 connection
 /// (nearly all of them) is no larger than it needs.
-async fn run<I>(
+async fn run<I, H, F, B>(
     settings: &ConnSettings,
     protocol: Protocol,
     io: I,
-    info: Arc<ConnInfo>,
+    handler: H,
     shutdown: watch::Receiver<bool>,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // Set when the first request arrives (see `drive`).
-    let first = Arc::new((AtomicBool::new(false), Notify::new()));
-    let seen = first.clone();
+    let activity = Arc::new(Activity::new());
+    let seen = activity.clone();
     let svc = service_fn(move |req| {
-        if !seen.0.load(Ordering::Relaxed) {
-            seen.0.store(true, Ordering::Relaxed);
-            seen.1.notify_one();
-        }
-        proxy::handle(info.clone(), req)
+        // Taken before the request is handled and released when its response body is done
+        // with (or dropped): while any is held, the connection is not idle.
+        let busy = Busy::enter(&seen);
+        let fut = handler(req);
+        async move { Ok::<_, Infallible>(fut.await.map(|body| Tracked { body, _busy: busy })) }
     });
     let grace = settings.header_read_timeout.min(FIRST_REQUEST_GRACE);
+    let watch = Watch { activity: &activity, idle: settings.idle_timeout, head: settings.header_read_timeout, grace };
     if protocol == Protocol::Http2 {
-        Box::pin(drive(settings.h2.serve_connection(io, svc), &first, grace, shutdown)).await
+        let io = TokioIo::new(FrameWatch { io, scan: FrameScan::default(), activity: activity.clone() });
+        Box::pin(drive(settings.h2.serve_connection(io, svc), watch, shutdown)).await
     } else {
-        drive(settings.h1.serve_connection(io, svc).with_upgrades(), &first, grace, shutdown).await
+        drive(settings.h1.serve_connection(TokioIo::new(io), svc).with_upgrades(), watch, shutdown).await
+    }
+}
+
+/// "Never" in the millisecond clocks of [`Activity`].
+const NEVER: u64 = u64::MAX;
+
+/// What a connection's watchdog reads: requests in flight, since when none has been, and
+/// since when a request head has been arriving without being complete (HTTP/2 only). Times
+/// are milliseconds since the connection was accepted.
+struct Activity {
+    born: Instant,
+    active: AtomicUsize,
+    idle_since: AtomicU64,
+    head_since: AtomicU64,
+    /// Told when a header block starts: the head deadline may be nearer than the one armed.
+    head_started: Notify,
+    /// Set (and told) when the first request arrives (see `drive`).
+    first_seen: AtomicBool,
+    first: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            born: Instant::now(),
+            active: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(NEVER),
+            head_started: Notify::new(),
+            first_seen: AtomicBool::new(false),
+            first: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(NEVER - 1)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.born + Duration::from_millis(ms)
+    }
+}
+
+/// One request in flight on a connection.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn enter(a: &Arc<Activity>) -> Busy {
+        a.active.fetch_add(1, Ordering::Relaxed);
+        if !a.first_seen.load(Ordering::Relaxed) {
+            a.first_seen.store(true, Ordering::Relaxed);
+            a.first.notify_one();
+        }
+        Busy(a.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        if a.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            a.idle_since.store(a.now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until it is done with.
+    struct Tracked<B> {
+        #[pin]
+        body: B,
+        _busy: Busy,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Follows the HTTP/2 frames a client sends, only as far as telling whether it is in the
+/// middle of a header block (or of any frame header): hyper's HTTP/2 server has no
+/// header-read deadline, and a client that opens a HEADERS frame and stops would otherwise
+/// hold its connection for as long as it likes.
+#[derive(Debug)]
+struct FrameScan {
+    /// Bytes of the connection preface still to come.
+    preface_left: u8,
+    /// The frame header being read, and how much of it has arrived.
+    head: [u8; 9],
+    head_len: u8,
+    /// Payload bytes of the current frame still to come.
+    payload_left: u32,
+    /// The current frame carries a header block fragment.
+    header_frame: bool,
+    /// A header block has begun and its END_HEADERS frame has not been seen yet.
+    block_open: bool,
+}
+
+impl Default for FrameScan {
+    fn default() -> FrameScan {
+        FrameScan {
+            preface_left: PREFACE.len() as u8,
+            head: [0; 9],
+            head_len: 0,
+            payload_left: 0,
+            header_frame: false,
+            block_open: false,
+        }
+    }
+}
+
+/// Frame types that carry a header block fragment (RFC 9113, 6.2, 6.6, 6.10) and the
+/// END_HEADERS flag.
+const HEADERS: u8 = 0x1;
+const PUSH_PROMISE: u8 = 0x5;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+
+impl FrameScan {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.preface_left > 0 {
+                let n = bytes.len().min(usize::from(self.preface_left));
+                self.preface_left -= n as u8;
+                bytes = &bytes[n..];
+            } else if self.payload_left > 0 {
+                let n = bytes.len().min(self.payload_left as usize);
+                self.payload_left -= n as u32;
+                bytes = &bytes[n..];
+            } else {
+                let at = usize::from(self.head_len);
+                let n = bytes.len().min(9 - at);
+                self.head[at..at + n].copy_from_slice(&bytes[..n]);
+                self.head_len += n as u8;
+                bytes = &bytes[n..];
+                if self.head_len == 9 {
+                    self.head_len = 0;
+                    let h = self.head;
+                    self.payload_left = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+                    self.header_frame = matches!(h[3], HEADERS | PUSH_PROMISE | CONTINUATION);
+                    if self.header_frame {
+                        self.block_open = h[4] & END_HEADERS == 0;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The client is in the middle of a preface, a frame header or a header block.
+    fn pending(&self) -> bool {
+        (self.preface_left > 0 && usize::from(self.preface_left) < PREFACE.len())
+            || self.head_len > 0
+            || (self.header_frame && self.payload_left > 0)
+            || self.block_open
+    }
+}
+
+/// An HTTP/2 client connection's byte stream, with its incoming frames followed by a
+/// [`FrameScan`] that reports to the connection's [`Activity`].
+struct FrameWatch<I> {
+    io: I,
+    scan: FrameScan,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FrameWatch<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r
+            && buf.filled().len() > before
+        {
+            let was = this.scan.pending();
+            this.scan.feed(&buf.filled()[before..]);
+            match (was, this.scan.pending()) {
+                (false, true) => {
+                    this.activity.head_since.store(this.activity.now_ms(), Ordering::Relaxed);
+                    this.activity.head_started.notify_one();
+                }
+                (true, false) => this.activity.head_since.store(NEVER, Ordering::Relaxed),
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FrameWatch<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// What the watchdog of one connection enforces.
+struct Watch<'a> {
+    activity: &'a Activity,
+    idle: Duration,
+    head: Duration,
+    /// How long a drain waits for a first request already on its way.
+    grace: Duration,
+}
+
+/// The watchdog's finding.
+enum Verdict {
+    /// A header block has been arriving for longer than `header_read_timeout`.
+    Cut,
+    /// No request has been in flight for `idle_timeout`.
+    Idle,
+    /// Nothing due: look again then.
+    Until(Instant),
+}
+
+impl Watch<'_> {
+    fn verdict(&self) -> Verdict {
+        let a = self.activity;
+        let now = Instant::now();
+        let head_since = a.head_since.load(Ordering::Relaxed);
+        let head_due = (head_since != NEVER).then(|| a.at(head_since) + self.head);
+        if head_due.is_some_and(|due| due <= now) {
+            return Verdict::Cut;
+        }
+        let idle_due = if a.active.load(Ordering::Relaxed) == 0 {
+            let due = a.at(a.idle_since.load(Ordering::Relaxed)) + self.idle;
+            if due <= now {
+                return Verdict::Idle;
+            }
+            due
+        } else {
+            // Busy now; it can become idle no sooner than this.
+            now + self.idle
+        };
+        Verdict::Until(head_due.map_or(idle_due, |h| h.min(idle_due)))
     }
 }
 
@@ -242,35 +613,92 @@ where
     }
 }
 
-/// Runs `conn` to its end; when the proxy drains, lets in-flight requests finish first.
-async fn drive<C: Graceful>(
-    conn: C,
-    first: &(AtomicBool, Notify),
-    grace: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// How long an idle connection that was told to close (HTTP/2: GOAWAY) may take to do so
+/// before it is cut, when no request raced the GOAWAY.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Lets an idle connection that was asked to close finish: a client that ignores its GOAWAY
+/// (and the ping that follows it) is cut after [`IDLE_CLOSE_GRACE`]; a request that raced the
+/// GOAWAY gets up to `header_read_timeout` more.
+async fn close_idle<C: Graceful>(mut conn: Pin<&mut C>, watch: &Watch<'_>) {
+    let start = Instant::now();
+    let grace = start + IDLE_CLOSE_GRACE.min(watch.head);
+    if tokio::time::timeout_at(grace, conn.as_mut()).await.is_ok() {
+        return;
+    }
+    if watch.activity.active.load(Ordering::Relaxed) > 0
+        && tokio::time::timeout_at(start + watch.head, conn.as_mut()).await.is_ok()
+    {
+        return;
+    }
+    debug!("idle client connection cut: it did not close when asked to");
+}
+
+/// Runs `conn` to its end, under the watchdog; when the proxy drains, lets in-flight requests
+/// finish first.
+async fn drive<C: Graceful>(conn: C, watch: Watch<'_>, mut shutdown: watch::Receiver<bool>) {
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r { debug!(error = %e, "client connection ended with an error") }
-            return;
+    let first = Instant::now();
+    let timer = tokio::time::sleep_until(first + watch.head.min(watch.idle));
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r { debug!(error = %e, "client connection ended with an error") }
+                return;
+            }
+            // Mapped to `()`: the guard `wait_for` returns must not live across the awaits below.
+            () = async { let _ = shutdown.wait_for(|draining| *draining).await; } => break,
+            _ = &mut timer => match watch.verdict() {
+                Verdict::Cut => {
+                    debug!("client connection cut: its request head took longer than header_read_timeout");
+                    return;
+                }
+                Verdict::Idle => {
+                    debug!("closing an idle client connection");
+                    conn.as_mut().shutdown();
+                    close_idle(conn.as_mut(), &watch).await;
+                    return;
+                }
+                Verdict::Until(at) => timer.as_mut().reset(at),
+            },
+            _ = watch.activity.head_started.notified() => {
+                if let Verdict::Until(at) = watch.verdict()
+                    && at < timer.deadline()
+                {
+                    timer.as_mut().reset(at);
+                }
+            }
         }
-        _ = shutdown.wait_for(|draining| *draining) => {}
     }
     // hyper drops a connection whose first bytes it has not read yet, although the client,
     // whose connection was accepted, may have sent its request already: give it a moment.
-    if !first.0.load(Ordering::Relaxed) {
+    let a = watch.activity;
+    if !a.first_seen.load(Ordering::Relaxed) {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r { debug!(error = %e, "client connection ended with an error while draining") }
                 return;
             }
-            _ = tokio::time::timeout(grace, first.1.notified()) => {}
+            _ = tokio::time::timeout(watch.grace, a.first.notified()) => {}
         }
     }
     conn.as_mut().shutdown();
-    if let Err(e) = conn.await {
-        debug!(error = %e, "client connection ended with an error while draining")
+    // In-flight requests finish (the drain bounds them); a client with none that does not
+    // close when told to (HTTP/2: ignores its GOAWAY) is cut instead of holding the drain.
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r { debug!(error = %e, "client connection ended with an error while draining") }
+                return;
+            }
+            _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => {
+                if a.active.load(Ordering::Relaxed) == 0 {
+                    debug!("idle client connection cut while draining: it did not close when asked to");
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -286,5 +714,41 @@ mod tests {
         assert_eq!(classify(b"POST / HTTP/1.1\r\n"), Protocol::Http1);
         assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: a\r\n"), Protocol::Http1);
         assert_eq!(classify(b"PRI * HTTP/1.1\r\n\r\nSM\r\n\r\n"), Protocol::Http1);
+    }
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 1];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn a_header_block_is_pending_until_its_end_headers_frame_is_whole() {
+        let mut s = FrameScan::default();
+        assert!(!s.pending(), "nothing sent yet is idle, not a head under way");
+        s.feed(&PREFACE[..5]);
+        assert!(s.pending(), "a partial preface");
+        s.feed(&PREFACE[5..]);
+        s.feed(&frame(4, 0, &[]));
+        assert!(!s.pending(), "preface and SETTINGS: idle");
+        let headers = frame(HEADERS, END_HEADERS, &[0x82; 20]);
+        s.feed(&headers[..4]);
+        assert!(s.pending(), "a partial frame header");
+        s.feed(&headers[4..15]);
+        assert!(s.pending(), "a partial HEADERS payload");
+        s.feed(&headers[15..]);
+        assert!(!s.pending(), "a complete header block");
+        s.feed(&frame(HEADERS, 0, &[0x82; 3]));
+        assert!(s.pending(), "HEADERS without END_HEADERS: the block goes on");
+        s.feed(&frame(CONTINUATION, 0, &[0x82; 3]));
+        assert!(s.pending());
+        s.feed(&frame(CONTINUATION, END_HEADERS, &[0x82; 3]));
+        assert!(!s.pending(), "the block ends with END_HEADERS");
+        let data = frame(0, 0, &[0; 100]);
+        s.feed(&data[..50]);
+        assert!(!s.pending(), "a body under way is not a head");
+        s.feed(&data[50..]);
+        assert!(!s.pending());
     }
 }

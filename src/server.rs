@@ -43,6 +43,8 @@ pub struct Shared {
     pub journal: Arc<Journal>,
     commands: OnceLock<CommandSender>,
     draining: AtomicBool,
+    /// Set when a drain runs out of time: upgraded tunnels still open are cut.
+    tunnels_cut: watch::Sender<bool>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -82,6 +84,11 @@ impl Shared {
     /// Where operator commands go (the control-plane thread).
     pub fn commands(&self) -> Option<&CommandSender> {
         self.commands.get()
+    }
+
+    /// Becomes true when a drain has waited `drain_timeout` and what is left is cut.
+    pub(crate) fn tunnels_cut(&self) -> watch::Receiver<bool> {
+        self.tunnels_cut.subscribe()
     }
 
     /// True once shutdown has begun; `/readyz` answers 503.
@@ -155,6 +162,7 @@ impl Proxy {
             journal: Arc::new(Journal::new(&config.state_dir)),
             commands: OnceLock::new(),
             draining: AtomicBool::new(false),
+            tunnels_cut: watch::channel(false).0,
             reload_lock: tokio::sync::Mutex::new(()),
         });
         let bind = |what, addr| async move {
@@ -184,7 +192,7 @@ impl Proxy {
             accepting.spawn(accept_loop(l, true, shared.clone(), connections.clone(), shutdown.subscribe()));
         }
         let mut tasks = JoinSet::new();
-        tasks.spawn(admin::serve(admin_listener, shared.clone()));
+        tasks.spawn(admin::serve(admin_listener, shared.clone(), config.admin.max_connections));
         tasks.spawn(crate::health::run(shared.clone()));
         if let Some(file) = &config.admin.token_file {
             warn_if_world_readable(file);
@@ -243,7 +251,8 @@ impl Proxy {
         if finished {
             info!("drained");
         } else {
-            warn!("drain timeout reached with requests still in flight");
+            warn!("drain timeout reached with requests or upgraded connections still open; cutting them");
+            self.shared.tunnels_cut.send_replace(true);
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}

@@ -21,7 +21,8 @@ type Case = (&'static str, &'static str, &'static [(&'static str, &'static [u8])
 const CASES: &[Case] = &[
     ("PUT", "/", &[AUTH], b"\xffGG\0\0", 405),
     ("POST", "/api/v1/routes/plain/promote", &[AUTH, ("origin", b"https://127.0.0.1:9901")], b"7777gnrto", 400),
-    ("POST", "/api/v1/routes/", &[("host", b"a"), ("origin", b"https://a")], b"", 401),
+    // A Host that is not a loopback name is refused before anything else (DNS rebinding).
+    ("POST", "/api/v1/routes/", &[("host", b"a"), ("origin", b"https://a")], b"", 421),
     ("POST", "/api/v1/routes//retry", &[("authorization", b""), ("origin", b"p#rq0ame")], b"", 403),
     ("GET", "/api/v1/routes/plain/report?=", &[], b"", 200),
     ("GET", "/api/v1/events/?route=+n", &[("host", b"")], b"", 200),

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// A client must send its whole request head within this.
     pub header_read_timeout: Duration,
+    /// A client connection with no request in flight (HTTP/1.1 keep-alive, or HTTP/2 with no
+    /// open stream) is closed after this, so idle clients cannot hold `max_connections`.
+    pub idle_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub drain_timeout: Duration,
     /// Runtime worker threads; 0 means one per core.
@@ -83,6 +86,17 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Bearer token file for mutating calls (absolute path).
     pub token_file: Option<PathBuf>,
+    /// Admin connections held at once; accept pauses beyond it, so that a flood of admin
+    /// connections cannot take the file descriptors the proxy listener needs.
+    pub max_connections: usize,
+    /// An admin client must send its whole request head within this.
+    pub header_read_timeout: Duration,
+    /// An idle admin connection is closed after this.
+    pub idle_timeout: Duration,
+    /// The public address operators reach the admin API at (behind a reverse proxy or a DNS
+    /// name), when not loopback: its host is accepted in `Host` besides the loopback names,
+    /// and links to the admin API use it.
+    pub public_url: Option<http::Uri>,
 }
 
 /// `[[notify]]`.
@@ -105,6 +119,9 @@ pub struct RouteConfig {
     pub path_prefix: String,
     /// Requests in flight at once; 0 is unbounded.
     pub max_inflight: usize,
+    /// `Upgrade` protocol tokens passed to the upstream (lower case, `websocket` by default;
+    /// never `h2c`, which would open a tunnel past routing and measurement).
+    pub upgrades: Vec<String>,
     /// The version users get today.
     pub stable: VersionConfig,
     /// The version being rolled out, if any.

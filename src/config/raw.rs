@@ -37,6 +37,7 @@ pub struct RawServer {
     pub tls_key: Option<Sp<String>>,
     pub request_timeout: Option<Sp<String>>,
     pub header_read_timeout: Option<Sp<String>>,
+    pub idle_timeout: Option<Sp<String>>,
     pub drain_timeout: Option<Sp<String>>,
     pub workers: Option<Sp<i64>>,
     pub max_connections: Option<Sp<i64>>,
@@ -54,6 +55,10 @@ pub struct RawServer {
 pub struct RawAdmin {
     pub listen: Option<Sp<String>>,
     pub token_file: Option<Sp<String>>,
+    pub max_connections: Option<Sp<i64>>,
+    pub header_read_timeout: Option<Sp<String>>,
+    pub idle_timeout: Option<Sp<String>>,
+    pub public_url: Option<Sp<String>>,
 }
 
 /// `[state]`: where rollout state and the journal live.
@@ -79,6 +84,7 @@ pub struct RawRoute {
     pub hosts: Option<Vec<Sp<String>>>,
     pub path_prefix: Option<Sp<String>>,
     pub max_inflight: Option<Sp<i64>>,
+    pub upgrades: Option<Vec<Sp<String>>>,
     pub stable: RawVersion,
     pub candidate: Option<RawVersion>,
     #[serde(default)]

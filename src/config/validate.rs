@@ -129,6 +129,7 @@ impl Validator<'_> {
                 "server.header_read_timeout",
                 Duration::from_secs(10),
             ),
+            idle_timeout: self.duration(s.idle_timeout.as_ref(), "server.idle_timeout", Duration::from_secs(60)),
             drain_timeout: self.duration(s.drain_timeout.as_ref(), "server.drain_timeout", Duration::from_secs(30)),
             workers: self.count(s.workers.as_ref(), "server.workers", 0, 0, 1024),
             max_connections: self.count(s.max_connections.as_ref(), "server.max_connections", 10_000, 1, 10_000_000),
@@ -169,6 +170,14 @@ impl Validator<'_> {
         let admin = AdminConfig {
             listen: self.addr(a.listen.as_ref(), "admin.listen", "127.0.0.1:9901"),
             token_file: a.token_file.as_ref().map(|t| self.path(t)),
+            max_connections: self.count(a.max_connections.as_ref(), "admin.max_connections", 64, 1, 100_000),
+            header_read_timeout: self.duration(
+                a.header_read_timeout.as_ref(),
+                "admin.header_read_timeout",
+                Duration::from_secs(10),
+            ),
+            idle_timeout: self.duration(a.idle_timeout.as_ref(), "admin.idle_timeout", Duration::from_secs(60)),
+            public_url: a.public_url.as_ref().and_then(|u| self.public_url(u)),
         };
         // Anyone who can reach the admin API can abort or promote a rollout: off loopback, a
         // token is mandatory.
@@ -231,6 +240,10 @@ impl Validator<'_> {
             None => "/".to_string(),
         };
         let max_inflight = self.count(r.max_inflight.as_ref(), &k("max_inflight"), 0, 0, i64::MAX);
+        let upgrades = match &r.upgrades {
+            None => vec!["websocket".to_string()],
+            Some(list) => list.iter().filter_map(|u| self.upgrade_token(u, &k("upgrades"))).collect(),
+        };
         let stable = self.version(&r.stable, &k("stable"));
         let candidate = r.candidate.as_ref().map(|c| self.version(c, &k("candidate")));
         if let Some(c) = &candidate
@@ -248,6 +261,7 @@ impl Validator<'_> {
             hosts,
             path_prefix,
             max_inflight,
+            upgrades,
             stable,
             candidate,
             rollout: self.rollout(&r.rollout, &k("rollout")),
@@ -459,6 +473,41 @@ impl Validator<'_> {
             }
             _ => {
                 self.err(s, key, "set exactly one of `header` or `cookie`");
+                None
+            }
+        }
+    }
+
+    /// One `upgrades` entry: an HTTP token (RFC 9110 §5.6.2), lower-cased; `h2c` is refused.
+    fn upgrade_token(&mut self, u: &Sp<String>, key: &str) -> Option<String> {
+        let token = u.get_ref().trim().to_ascii_lowercase();
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if token.is_empty() || !token.bytes().all(tchar) {
+            self.err(u, key, format!("{:?} is not an upgrade protocol name such as \"websocket\"", u.get_ref()));
+            None
+        } else if token == "h2c" {
+            let msg = "\"h2c\" can never be forwarded: an upgraded h2c connection would bypass routing, the split and measurement (clients speak HTTP/2 to veer directly instead)";
+            self.err(u, key, msg);
+            None
+        } else {
+            Some(token)
+        }
+    }
+
+    /// `admin.public_url`: an http(s) URL with a host.
+    fn public_url(&mut self, u: &Sp<String>) -> Option<http::Uri> {
+        match u.get_ref().parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some_and(|h| !h.is_empty()) =>
+            {
+                Some(uri)
+            }
+            _ => {
+                self.err(
+                    u,
+                    "admin.public_url",
+                    format!("{:?} is not an http:// or https:// URL with a host", u.get_ref()),
+                );
                 None
             }
         }
@@ -678,6 +727,39 @@ endpoints = ["127.0.0.1:9002"]
             parse(Path::new("t.toml"), &format!("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"t\"\n{BASE}"))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn connection_keys_get_defaults() {
+        let c = parse(Path::new("t.toml"), BASE).expect("valid");
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.routes[0].upgrades, ["websocket"]);
+        assert_eq!(c.admin.max_connections, 64);
+        assert_eq!(c.admin.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.admin.idle_timeout, Duration::from_secs(60));
+        assert!(c.admin.public_url.is_none());
+    }
+
+    #[test]
+    fn h2c_is_never_an_allowed_upgrade() {
+        let src = BASE.replace("name = \"web\"", "name = \"web\"\nupgrades = [\"WebSocket\", \"h2c\", \"bad token\"]");
+        let d = errs(&src);
+        let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(d.len(), 2, "{msgs:?}");
+        assert!(d.iter().all(|d| d.key == "routes[0].upgrades"), "{d:?}");
+        assert!(msgs[0].contains("h2c") && msgs[0].contains("never"), "{msgs:?}");
+        let ok = BASE.replace("name = \"web\"", "name = \"web\"\nupgrades = [\"WebSocket\", \"foo\"]");
+        assert_eq!(parse(Path::new("t.toml"), &ok).expect("valid").routes[0].upgrades, ["websocket", "foo"]);
+    }
+
+    #[test]
+    fn admin_limits_and_public_url_are_checked() {
+        let d = errs(&format!("[admin]\nmax_connections = 0\npublic_url = \"ftp://x\"\nidle_timeout = \"0s\"\n{BASE}"));
+        let keys: Vec<&str> = d.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["admin.max_connections", "admin.public_url", "admin.idle_timeout"], "{d:?}");
+        let c = parse(Path::new("t.toml"), &format!("[admin]\npublic_url = \"https://veer.example:8443/\"\n{BASE}"))
+            .expect("valid");
+        assert_eq!(c.admin.public_url.expect("set").host(), Some("veer.example"));
     }
 
     #[test]

@@ -12,10 +12,11 @@ use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::body::{self, Exchange, ProxyBody, RecordingBody, Tap};
-use super::{headers, local};
+use super::{ConnInfo, headers, local};
 use crate::stats::Class;
 use crate::upstream::{Clients, UpstreamBody, is_cap_full};
 use hyper_util::client::legacy::connect::capture_connection;
+use std::sync::Arc;
 
 /// A failed attempt: already settled (the version's error, unless veer's own connection cap
 /// was the cause); `response` is what the client gets unless the request is retried elsewhere.
@@ -165,15 +166,16 @@ pub fn respond(
     mut ex: Exchange,
     mut resp: Response<Incoming>,
     client_version: Version,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<(hyper::upgrade::OnUpgrade, Arc<ConnInfo>)>,
     tap: Option<Tap>,
 ) -> Response<ProxyBody> {
     let status = resp.status();
     let class = Class::of_status(status);
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+    // A switch nobody asked for never gets here: `send` made it a 502.
+    if let (true, Some((client_upgrade, conn))) = (switching, client_upgrade) {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(splice(client_upgrade, upstream_upgrade));
+        tokio::spawn(splice(client_upgrade, upstream_upgrade, conn));
     }
     let grpc = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let fault = class == Class::ServerError || (grpc && body::grpc_fault(resp.headers()));
@@ -202,16 +204,25 @@ pub fn upstream_uri(authority: &http::uri::Authority, path: Option<&http::uri::P
     Uri::from_parts(p).expect("scheme, authority and path are set")
 }
 
-/// Joins the two halves of an upgraded connection until either side closes.
-async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// Joins the two halves of an upgraded connection until either side closes, or a drain runs
+/// out of time. `conn` (with its connection permit) lives as long as the tunnel does, so that
+/// tunnels count against `max_connections` and a drain waits for them.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, conn: Arc<ConnInfo>) {
+    let mut cut = conn.shared.tunnels_cut();
     match tokio::try_join!(client, upstream) {
         Ok((c, u)) => {
             let mut c = hyper_util::rt::TokioIo::new(c);
             let mut u = hyper_util::rt::TokioIo::new(u);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                debug!(error = %e, "upgraded connection ended with an error");
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+                    if let Err(e) = r {
+                        debug!(error = %e, "upgraded connection ended with an error");
+                    }
+                }
+                _ = cut.wait_for(|cut| *cut) => debug!("upgraded connection cut: drain_timeout reached"),
             }
         }
         Err(e) => debug!(error = %e, "protocol upgrade failed"),
     }
+    drop(conn);
 }

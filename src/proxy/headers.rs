@@ -3,8 +3,9 @@
 //! Hop-by-hop headers describe one connection and must not cross the proxy (RFC 9110 §7.6.1),
 //! including any header the `Connection` header names. `X-Forwarded-*` tell the upstream who
 //! the client was; the `Host` header is kept as the client sent it (for HTTP/2 clients it is
-//! rebuilt from the `:authority`). Upgrade requests keep `Connection: upgrade` and `Upgrade`
-//! so that WebSocket and similar protocols can pass through.
+//! rebuilt from the `:authority`). Upgrade requests for a protocol the route allows keep
+//! `Connection: upgrade` and `Upgrade` so that WebSocket and similar protocols can pass
+//! through; any other upgrade request is forwarded as a plain request without them.
 
 use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -29,6 +30,25 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// True when the request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+/// True when every protocol the `Upgrade` header names is in `allowed` (lower-case names,
+/// compared case-insensitively, without a `/version`). `h2c` never is: the upgraded
+/// connection would be a tunnel to the upstream that skips routing, the split and
+/// measurement for every request sent on it.
+pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::UPGRADE) {
+        let Ok(value) = value.to_str() else { return false };
+        for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let name = token.split_once('/').map_or(token, |(n, _)| n).trim();
+            if name.eq_ignore_ascii_case("h2c") || !allowed.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -217,6 +237,21 @@ mod tests {
             frame_unsized_body(&m, &mut h, len);
             assert!(!h.contains_key("transfer-encoding"), "{m} {len:?} {cl}");
         }
+    }
+
+    #[test]
+    fn only_listed_upgrades_are_allowed_and_never_h2c() {
+        let allowed = ["websocket".to_string(), "h2c".to_string()];
+        let ok = |v: &str| upgrade_allowed(&map(&[("connection", "upgrade"), ("upgrade", v)]), &allowed);
+        assert!(ok("websocket"));
+        assert!(ok("WebSocket"));
+        assert!(ok("websocket/13"));
+        assert!(!ok("h2c"), "h2c is refused even when listed");
+        assert!(!ok("H2C"));
+        assert!(!ok("websocket, h2c"), "every protocol offered must be allowed");
+        assert!(!ok("foo"));
+        assert!(!ok(" , "));
+        assert!(!upgrade_allowed(&map(&[("connection", "upgrade")]), &allowed));
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     /// `http` or `https`.
     pub proto: &'static str,
+    /// The connection's `max_connections` slot: held as long as anything of the connection
+    /// lives, an upgraded tunnel included.
+    pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Handles one request; never fails (errors become responses).
@@ -137,14 +140,18 @@ fn endpoint_for(route: &Route, a: Assignment, start: Instant) -> Option<(Role, L
 }
 
 async fn forward(
-    conn: &ConnInfo,
+    conn: &Arc<ConnInfo>,
     mut ex: Exchange,
     mut req: Request<Incoming>,
     timeout: Duration,
 ) -> Response<ProxyBody> {
     let client_version = req.version();
-    let upgrade = client_version == Version::HTTP_11 && headers::is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // An upgrade the route does not allow is forwarded as a plain request: the hop-by-hop
+    // stripping below removes its `Upgrade` and `Connection` headers.
+    let upgrade = client_version == Version::HTTP_11
+        && headers::is_upgrade(req.headers())
+        && headers::upgrade_allowed(req.headers(), &ex.route().config.upgrades);
+    let client_upgrade = upgrade.then(|| (hyper::upgrade::on(&mut req), conn.clone()));
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, conn, upgrade);
     let (role, judged) = (ex.role(), ex.lane() == Lane::Judged);
