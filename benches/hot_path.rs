@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use veer::rollout::RolloutState;
-use veer::stats::{Class, Outcome, VersionStats};
+use veer::stats::{Class, Outcome, Source, VersionStats};
 
 fn outcome(i: u64) -> Outcome {
     Outcome {
         class: if i.is_multiple_of(50) { Class::ServerError } else { Class::Success },
         fault: i.is_multiple_of(50),
         latency: Duration::from_micros(200 + (i * 7919) % 50_000),
+        source: Source::Upstream,
     }
 }
 

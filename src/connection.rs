@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -38,8 +38,10 @@ use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use crate::config::{AdminConfig, ServerConfig};
+use crate::proxy::error::Refusal;
 use crate::proxy::{self, ConnInfo};
 use crate::server::Shared;
+use crate::stats::Source;
 
 /// What every client connection of one configuration generation is served with: the TLS
 /// acceptor and the hyper builders, built when the generation is published.
@@ -178,7 +180,8 @@ pub(crate) async fn serve(
         async move {
             // hyper's HTTP/2 server has no field-count limit: the one HTTP/1.1 gets is kept here.
             if req.version() == Version::HTTP_2 && req.headers().len() > max_headers {
-                return proxy::local(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "veer: too many header fields\n");
+                info.shared.telemetry.count_unrouted(Source::Client);
+                return Refusal::TooManyHeaders.response(proxy::is_grpc(req.headers()));
             }
             match proxy::handle(info, req).await {
                 Ok(r) => r,

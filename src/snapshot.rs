@@ -152,27 +152,55 @@ impl Route {
         self.runtime.candidate.as_ref().map(|(r, _)| r)
     }
 
-    /// Admits one more request under `max_inflight`; false means shed it. Unbounded routes
+    /// Admits one more request under `max_inflight`; `None` means shed it. The slot is held
+    /// by the returned [`Admission`] and freed exactly once, when it drops, whichever way
+    /// the request ends (a retry on stable takes the same slot along). Unbounded routes
     /// count nothing, so they touch no shared counter.
     #[inline]
-    pub fn admit(&self) -> bool {
-        if self.config.max_inflight == 0 {
-            return true;
+    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
+        let counted = self.config.max_inflight != 0;
+        if counted {
+            let before = self.inflight.fetch_add(1, Ordering::Relaxed);
+            if before >= self.config.max_inflight {
+                self.inflight.fetch_sub(1, Ordering::Relaxed);
+                return None;
+            }
         }
-        let before = self.inflight.fetch_add(1, Ordering::Relaxed);
-        if before >= self.config.max_inflight {
-            self.inflight.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
+        Some(Admission { route: self.clone(), counted })
     }
 
-    /// Releases a slot taken by [`Route::admit`].
+    /// Requests currently holding a `max_inflight` slot (0 on unbounded routes).
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+}
+
+/// One request's `max_inflight` slot on a route; dropping it frees the slot. It is not
+/// `Clone`, so a slot can only be freed once, and it moves with the request from its first
+/// attempt to a retry.
+#[derive(Debug)]
+pub struct Admission {
+    route: Arc<Route>,
+    counted: bool,
+}
+
+impl Admission {
+    /// The route the slot belongs to.
     #[inline]
-    pub fn release(&self) {
-        if self.config.max_inflight == 0 {
-            return;
+    pub fn route(&self) -> &Arc<Route> {
+        &self.route
+    }
+
+    /// A stand-in that holds no slot and frees nothing, for a holder whose slot moved on.
+    pub fn unbounded(route: Arc<Route>) -> Admission {
+        Admission { route, counted: false }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.counted {
+            self.route.inflight.fetch_sub(1, Ordering::Relaxed);
         }
-        self.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }

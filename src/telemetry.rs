@@ -17,9 +17,12 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::stats::{Class, Totals, buckets};
+use crate::stats::{Class, Source, Totals, buckets};
 
-/// `veer_requests_total{route, role, version, class}`.
+/// `veer_requests_total{route, role, version, class, source}`; `source` is `upstream` (a
+/// version answered), `proxy` (veer answered itself) or `client` (the client broke the
+/// exchange). Requests no route matched are counted under `route=""`, `role=""`,
+/// `version=""`.
 pub const REQUESTS_TOTAL: &str = "veer_requests_total";
 /// `veer_request_duration_seconds{route, role, version}`.
 pub const REQUEST_DURATION: &str = "veer_request_duration_seconds";
@@ -50,6 +53,9 @@ pub const CONFIG_RELOADS: &str = "veer_config_reloads_total";
 pub struct Telemetry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// `veer_requests_total{route="", role="", version="", class="4xx", source}` for requests
+    /// veer refused before any route was chosen: `[0]` `source="proxy"`, `[1]` `"client"`.
+    unrouted: [Counter; 2],
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -66,11 +72,17 @@ impl Telemetry {
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
-        let t = Telemetry { recorder, handle };
+        let unrouted = metrics::with_local_recorder(&recorder as &dyn Recorder, || {
+            [Source::Proxy, Source::Client].map(|s| {
+                let (role, version, class) = ("", "", Class::ClientError.label());
+                metrics::counter!(REQUESTS_TOTAL, "route" => "", "role" => role, "version" => version, "class" => class, "source" => s.label())
+            })
+        });
+        let t = Telemetry { recorder, handle, unrouted };
         t.with(|| {
             metrics::describe_counter!(
                 REQUESTS_TOTAL,
-                "Requests proxied, by route, role, version and status class (error = no response)."
+                "Requests, by route, role, version, status class (error = no response) and source (upstream, proxy, client)."
             );
             metrics::describe_histogram!(
                 REQUEST_DURATION,
@@ -115,10 +127,17 @@ impl Telemetry {
     pub fn version(&self, route: &str, role: &'static str, version: &str) -> VersionMetrics {
         let (r, v) = (route.to_string(), version.to_string());
         self.with(|| VersionMetrics {
-            requests: Class::ALL.map(|c| metrics::counter!(REQUESTS_TOTAL, "route" => r.clone(), "role" => role, "version" => v.clone(), "class" => c.label())),
+            requests: Source::ALL.map(|s| Class::ALL.map(|c| metrics::counter!(REQUESTS_TOTAL, "route" => r.clone(), "role" => role, "version" => v.clone(), "class" => c.label(), "source" => s.label()))),
             duration: metrics::histogram!(REQUEST_DURATION, "route" => r.clone(), "role" => role, "version" => v.clone()),
             flushed: Mutex::new(Flushed::default()),
         })
+    }
+
+    /// Counts a request refused before routing (no route: 404 from `Proxy`; a request no route
+    /// may see, such as a missing `Host`: 4xx from `Client`). Rare enough for a shared counter.
+    pub fn count_unrouted(&self, source: Source) {
+        let i = if source == Source::Client { 1 } else { 0 };
+        self.unrouted[i].increment(1);
     }
 
     /// A per-route gauge.
@@ -163,14 +182,14 @@ impl Telemetry {
 
 #[derive(Debug, Default)]
 struct Flushed {
-    classes: [u64; 6],
+    classes: [[u64; 6]; 3],
     prom_count: [u64; buckets::PROM_COUNT],
     prom_sum_us: [u64; buckets::PROM_COUNT],
 }
 
 /// Metric handles of one version, resolved once when the version appears.
 pub struct VersionMetrics {
-    requests: [Counter; 6],
+    requests: [[Counter; 6]; 3],
     duration: Histogram,
     flushed: Mutex<Flushed>,
 }
@@ -185,11 +204,15 @@ impl VersionMetrics {
     /// Pushes what `totals` holds beyond the previous flush into the exporter.
     pub fn flush(&self, totals: &Totals) {
         let mut last = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, c) in self.requests.iter().enumerate() {
-            let d = totals.classes[i].saturating_sub(last.classes[i]);
-            if d > 0 {
-                c.increment(d);
+        for (s, counters) in Source::ALL.into_iter().zip(&self.requests) {
+            let now = totals.by_source(s);
+            for (i, c) in counters.iter().enumerate() {
+                let d = now[i].saturating_sub(last.classes[s as usize][i]);
+                if d > 0 {
+                    c.increment(d);
+                }
             }
+            last.classes[s as usize] = *now;
         }
         for i in 0..buckets::PROM_COUNT {
             let n = totals.prom_count[i].saturating_sub(last.prom_count[i]);
@@ -200,7 +223,6 @@ impl VersionMetrics {
             let mean_s = sum as f64 / n as f64 / 1e6;
             self.duration.record_many(mean_s, n as usize);
         }
-        last.classes = totals.classes;
         last.prom_count = totals.prom_count;
         last.prom_sum_us = totals.prom_sum_us;
     }
@@ -245,7 +267,7 @@ pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{Outcome, VersionStats};
+    use crate::stats::{Outcome, Source, VersionStats};
 
     #[test]
     fn flush_exports_exact_counts_and_sums() {
@@ -253,17 +275,31 @@ mod tests {
         let m = t.version("web", "candidate", "v2");
         let s = VersionStats::new();
         for ms in [1u64, 3, 3, 40] {
-            s.record(Outcome { class: Class::Success, fault: false, latency: Duration::from_millis(ms) });
+            s.record(Outcome {
+                class: Class::Success,
+                fault: false,
+                latency: Duration::from_millis(ms),
+                source: Source::Upstream,
+            });
         }
-        s.record(Outcome { class: Class::ServerError, fault: true, latency: Duration::from_millis(2) });
+        s.record(Outcome {
+            class: Class::ServerError,
+            fault: true,
+            latency: Duration::from_millis(2),
+            source: Source::Upstream,
+        });
+        s.record(Outcome::local(Class::ServerError, Source::Proxy));
         m.flush(&s.totals());
         m.flush(&s.totals());
         let text = t.render();
         assert!(
-            text.contains(r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx"} 4"#),
+            text.contains(
+                r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx",source="upstream"} 4"#
+            ),
             "{text}"
         );
-        assert!(text.contains(r#"class="5xx"} 1"#), "{text}");
+        assert!(text.contains(r#"class="5xx",source="upstream"} 1"#), "{text}");
+        assert!(text.contains(r#"class="5xx",source="proxy"} 1"#), "{text}");
         assert!(
             text.contains(
                 r#"veer_request_duration_seconds_bucket{route="web",role="candidate",version="v2",le="0.001"} 1"#

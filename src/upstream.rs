@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::proxy::body::ClientBody;
 use bytes::Bytes;
 use http::Uri;
 use http::uri::Authority;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -182,7 +182,7 @@ impl Pool {
 
 /// What veer sends upstream: the client's streamed body, or a body veer holds in memory
 /// (an empty one when a bodyless request is re-sent to another endpoint).
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamBody = Either<ClientBody, Full<Bytes>>;
 
 /// A pooled client whose connections all go to one endpoint.
 pub type EndpointClient = Client<EndpointConnector, UpstreamBody>;

@@ -39,8 +39,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// HTTPS listener, when configured.
     pub tls: Option<TlsConfig>,
-    /// Deadline for one upstream attempt to produce a response head.
+    /// Deadline for one upstream attempt to produce a response head, counted from the end of
+    /// the request body (a slow uploader is bounded by `body_idle_timeout` instead).
     pub request_timeout: Duration,
+    /// Longest a request or response body may go without a byte moving; the side that
+    /// stalled (client or version) is the one blamed.
+    pub body_idle_timeout: Duration,
     /// A client must send its whole request head within this.
     pub header_read_timeout: Duration,
     /// A client connection with no request in flight (HTTP/1.1 keep-alive, or HTTP/2 with no

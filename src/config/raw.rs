@@ -38,6 +38,7 @@ pub struct RawServer {
     pub request_timeout: Option<Sp<String>>,
     pub header_read_timeout: Option<Sp<String>>,
     pub idle_timeout: Option<Sp<String>>,
+    pub body_idle_timeout: Option<Sp<String>>,
     pub drain_timeout: Option<Sp<String>>,
     pub workers: Option<Sp<i64>>,
     pub max_connections: Option<Sp<i64>>,

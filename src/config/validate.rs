@@ -124,6 +124,11 @@ impl Validator<'_> {
                 "server.request_timeout",
                 Duration::from_secs(30),
             ),
+            body_idle_timeout: self.duration(
+                s.body_idle_timeout.as_ref(),
+                "server.body_idle_timeout",
+                Duration::from_secs(60),
+            ),
             header_read_timeout: self.duration(
                 s.header_read_timeout.as_ref(),
                 "server.header_read_timeout",
@@ -635,6 +640,7 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(r.rollout.steps_bp, vec![100, 500, 2500, 5000, 10_000]);
         assert_eq!(r.rollback.tick, Duration::from_millis(100));
         assert_eq!(c.server.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.body_idle_timeout, Duration::from_secs(60));
     }
 
     #[test]

@@ -118,7 +118,12 @@ pub async fn run(
     let answer = send(&route, &clients, &copy, policy.compare_body, timeout).await;
     drop(copy.permit);
     let fault = matches!(answer.class, Class::ServerError | Class::Error);
-    route.version(copy.to).mirror.record(Outcome { class: answer.class, fault, latency: start.elapsed() });
+    route.version(copy.to).mirror.record(Outcome {
+        class: answer.class,
+        fault,
+        latency: start.elapsed(),
+        source: crate::stats::Source::Upstream,
+    });
     policy.by_class[answer.class as usize].increment(1);
     if let Ok(Ok(primary)) = tokio::time::timeout(timeout, primary).await {
         candidate.mirror_pairs.compared.fetch_add(1, Ordering::Relaxed);

@@ -2,7 +2,8 @@
 //! records its outcome when it ends, or settle a failure and say what the client gets.
 
 use crate::telemetry::error_chain;
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap};
 use http::request::Parts;
@@ -11,18 +12,30 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
-use super::body::{self, Exchange, ProxyBody, RecordingBody, Tap};
-use super::{ConnInfo, headers, local};
-use crate::stats::Class;
+use super::body::{self, Exchange, ProxyBody, RecordingBody, Tap, Upload};
+use super::error::{self, Refusal};
+use super::{ConnInfo, headers};
+use crate::stats::{Class, Source};
 use crate::upstream::{Clients, UpstreamBody, is_cap_full};
 use hyper_util::client::legacy::connect::capture_connection;
 use std::sync::Arc;
 
-/// A failed attempt: already settled (the version's error, unless veer's own connection cap
-/// was the cause); `response` is what the client gets unless the request is retried elsewhere.
+/// A failed attempt, already settled (as the version's error, or as the client's or veer's
+/// when it was theirs); `error` says what the client gets unless the request is retried
+/// elsewhere.
+#[derive(Debug)]
 pub struct Failure {
-    /// 502, 503 or 504.
-    pub response: Response<ProxyBody>,
+    /// What went wrong, and whose fault it was.
+    pub error: Refusal,
+}
+
+/// How long an attempt may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// From the end of the request body to the response head.
+    pub request: Duration,
+    /// Longest the request body (or the response body) may go without a byte.
+    pub body_idle: Duration,
 }
 
 /// Sends `parts` + `body` through `ex`'s endpoint. A bodyless request whose connection is
@@ -35,7 +48,7 @@ pub async fn send(
     ex: &mut Exchange,
     mut parts: Parts,
     body: UpstreamBody,
-    timeout: Duration,
+    limits: Limits,
 ) -> Result<Response<Incoming>, Failure> {
     let pool = ex.route().pool(ex.role());
     let h2 = pool.h2;
@@ -52,13 +65,15 @@ pub async fn send(
     let ep = pool.get(ex.endpoint());
     parts.uri = upstream_uri(host.as_ref().unwrap_or(&ep.authority), path.as_ref());
     let link = ep.link(clients);
+    let upload = ex.upload().cloned();
     let mut req = Request::from_parts(parts, body);
     let mut captured = capture_connection(&mut req);
-    let mut result = tokio::time::timeout(timeout, link.client(h2).request(req)).await;
+    let mut result = head(link.client(h2).request(req), upload.as_deref(), limits).await;
 
-    if let (Ok(Err(e)), Some((method, headers))) = (&result, replay)
+    if let (Waited::Done(Err(e)), Some((method, headers))) = (&result, replay)
         && e.is_connect()
         && !is_cap_full(e)
+        && !error::local_exhaustion(e)
     {
         let failed = ex.endpoint();
         let next = {
@@ -74,7 +89,7 @@ pub async fn send(
             let uri = upstream_uri(host.as_ref().unwrap_or(&ep.authority), path.as_ref());
             let mut retry = bodyless(method, headers, h2, uri);
             captured = capture_connection(&mut retry);
-            result = tokio::time::timeout(timeout, ep.link(clients).client(h2).request(retry)).await;
+            result = head(ep.link(clients).client(h2).request(retry), None, limits).await;
         }
     }
 
@@ -84,42 +99,99 @@ pub async fn send(
     let route = &ex.route().config.name;
     let role = ex.role().label();
     match result {
-        Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade => {
+        Waited::Done(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade => {
             warn!(route = %route, role, endpoint = %ep.addr, "upstream switched protocols unasked (101 to a request without Upgrade)");
             ex.settle(Class::Error, true);
-            Err(Failure { response: local(StatusCode::BAD_GATEWAY, "veer: upstream switched protocols unasked\n") })
+            Err(Failure { error: Refusal::UnaskedSwitch })
         }
-        Ok(Ok(resp)) => {
+        Waited::Done(Ok(resp)) => {
             ep.succeeded();
             Ok(resp)
         }
-        Ok(Err(e)) if is_cap_full(&e) => {
+        Waited::Done(Err(e)) if is_cap_full(&e) => {
             let (addr, open) = (ep.addr.clone(), link.open_connections());
             Err(cap_full(ex, addr, open))
         }
-        Ok(Err(e)) => {
+        Waited::Done(Err(e)) => {
+            if let Some(error) = upload.as_ref().and_then(|u| u.failure()) {
+                // The client's body broke, not the upstream: the client's fault.
+                debug!(%route, role, error = %error_chain(&e), "client request body failed");
+                ex.settle_local(error.class(), Source::Client);
+                return Err(Failure { error });
+            }
+            if error::local_exhaustion(&e) {
+                // veer's own shortage: the endpoint is fine and does not back off.
+                warn!(%route, role, endpoint = %ep.addr, error = %error_chain(&e), "out of local resources reaching the upstream");
+                ex.settle_local(Class::ServerError, Source::Proxy);
+                return Err(Failure { error: Refusal::Exhausted });
+            }
             if e.is_connect() {
                 ep.connect_failed();
             }
-            match too_large(&e) {
-                true => {
-                    warn!(route = %route, role, endpoint = %ep.addr, error = %error_chain(&e), "upstream response head is larger than server.max_upstream_headers fields or server.max_upstream_header_bytes bytes")
-                }
-                false => {
-                    warn!(route = %route, role, endpoint = %ep.addr, error = %error_chain(&e), "upstream request failed")
-                }
+            if too_large(&e) {
+                warn!(%route, role, endpoint = %ep.addr, error = %error_chain(&e), "upstream response head is larger than server.max_upstream_headers fields or server.max_upstream_header_bytes bytes");
+            } else {
+                warn!(%route, role, endpoint = %ep.addr, error = %error_chain(&e), "upstream request failed");
             }
             ex.settle(Class::Error, true);
-            Err(Failure { response: local(StatusCode::BAD_GATEWAY, "veer: upstream connection failed\n") })
+            Err(Failure { error: Refusal::UpstreamFailed })
         }
-        Err(_) if captured.connection_metadata().is_none() && link.saturated() => {
+        Waited::TimedOut if captured.connection_metadata().is_none() && link.saturated() => {
             let (addr, open) = (ep.addr.clone(), link.open_connections());
             Err(cap_full(ex, addr, open))
         }
-        Err(_) => {
-            warn!(route = %route, role, endpoint = %ep.addr, "upstream timed out");
+        Waited::TimedOut => {
+            warn!(%route, role, endpoint = %ep.addr, "upstream timed out");
             ex.settle(Class::Error, true);
-            Err(Failure { response: local(StatusCode::GATEWAY_TIMEOUT, "veer: upstream timed out\n") })
+            Err(Failure { error: Refusal::UpstreamTimeout })
+        }
+        Waited::ClientStalled => {
+            debug!(%route, role = ex.role().label(), "client stopped sending its request body");
+            ex.settle_local(Class::ClientError, Source::Client);
+            Err(Failure { error: Refusal::BodyTimeout })
+        }
+    }
+}
+
+/// How waiting for a response head ended.
+enum Waited<T> {
+    Done(T),
+    /// No head within `request_timeout` of the end of the body, or the upstream stopped
+    /// taking the body.
+    TimedOut,
+    /// The client sent no byte of its body for `body_idle_timeout`.
+    ClientStalled,
+}
+
+/// Waits for `fut` (the response head). The clock of `request_timeout` only starts once the
+/// client's body is in; while it is still coming, each byte must follow the last within
+/// `body_idle_timeout`.
+async fn head<F: Future>(fut: F, upload: Option<&Upload>, limits: Limits) -> Waited<F::Output> {
+    tokio::pin!(fut);
+    let sent = Instant::now();
+    loop {
+        let deadline = match upload {
+            Some(u) if !u.done() => u.last_byte().max(sent) + limits.body_idle,
+            Some(u) => u.last_byte().max(sent) + limits.request,
+            None => sent + limits.request,
+        };
+        if let Ok(r) = tokio::time::timeout_at(deadline.into(), &mut fut).await {
+            return Waited::Done(r);
+        }
+        match upload {
+            None => return Waited::TimedOut,
+            Some(u) if u.done() => {
+                if Instant::now() >= u.last_byte().max(sent) + limits.request {
+                    return Waited::TimedOut;
+                }
+            }
+            Some(u) => {
+                if Instant::now() >= u.last_byte().max(sent) + limits.body_idle {
+                    // Who stalled: the client (veer waits for its bytes) or the upstream
+                    // (it stopped reading them, so veer stopped asking).
+                    return if u.waiting_on_client() { Waited::ClientStalled } else { Waited::TimedOut };
+                }
+            }
         }
     }
 }
@@ -128,10 +200,8 @@ pub async fn send(
 /// the whole request timeout: veer's answer, not the version's, so it is never judged.
 fn cap_full(ex: &mut Exchange, addr: String, open: usize) -> Failure {
     warn!(route = %ex.route().config.name, role = ex.role().label(), endpoint = %addr, open, "no upstream connection free within request_timeout (server.max_connections_per_endpoint)");
-    ex.settle(Class::ServerError, false);
-    Failure {
-        response: local(StatusCode::SERVICE_UNAVAILABLE, "veer: too many connections to the upstream endpoint\n"),
-    }
+    ex.settle_local(Class::ServerError, Source::Proxy);
+    Failure { error: Refusal::EndpointFull }
 }
 
 /// True when hyper refused the upstream's response head for its size.
@@ -168,6 +238,7 @@ pub fn respond(
     client_version: Version,
     client_upgrade: Option<(hyper::upgrade::OnUpgrade, Arc<ConnInfo>)>,
     tap: Option<Tap>,
+    body_idle: Duration,
 ) -> Response<ProxyBody> {
     let status = resp.status();
     let class = Class::of_status(status);
@@ -191,7 +262,7 @@ pub fn respond(
         // The upgraded stream is the client's now; the exchange ends with the switch.
         ex.settle(class, false);
     }
-    let body = RecordingBody::new(incoming, ex, class, fault, grpc, tap);
+    let body = RecordingBody::new(incoming, ex, (class, fault, grpc), body_idle, tap);
     Response::from_parts(parts, Either::Left(body))
 }
 

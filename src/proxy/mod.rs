@@ -19,17 +19,18 @@
 
 mod attempt;
 pub mod body;
+pub mod error;
 pub mod headers;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http::{Request, Response, Version};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
@@ -39,8 +40,10 @@ use crate::policy::retry::RetryOutcome;
 use crate::runtime::{Lane, Role};
 use crate::server::Shared;
 use crate::snapshot::Route;
-use crate::stats::{Class, Outcome};
-use body::{Exchange, ProxyBody, Tap};
+use crate::stats::{Class, Outcome, Source};
+use attempt::Limits;
+use body::{ClientBody, Exchange, ProxyBody, Tap, Upload};
+use error::Refusal;
 
 /// Response header naming the version that answered, when `expose_role_header` is on.
 pub const ROLE_HEADER: &str = "x-veer-role";
@@ -59,66 +62,86 @@ pub struct ConnInfo {
     pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// Handles one request; never fails (errors become responses).
+/// Handles one request; never fails (errors become responses, each counted).
 pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
+    let grpc = is_grpc(req.headers());
     if let Some(refusal) = not_for_a_reverse_proxy(&req) {
-        return Ok(refusal);
+        conn.shared.telemetry.count_unrouted(refusal.source());
+        return Ok(refusal.response(grpc));
     }
-    let (route, expose_role, timeout) = {
+    let (route, expose_role, limits) = {
         let snap = conn.shared.snapshot();
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host());
+        let s = &snap.config.server;
         match snap.find(host, req.uri().path()) {
-            Some(r) => (r.clone(), snap.config.server.expose_role_header, snap.config.server.request_timeout),
-            None => return Ok(local(StatusCode::NOT_FOUND, "veer: no route for this host and path\n")),
+            Some(r) => {
+                (r.clone(), s.expose_role_header, Limits { request: s.request_timeout, body_idle: s.body_idle_timeout })
+            }
+            None => {
+                conn.shared.telemetry.count_unrouted(Source::Proxy);
+                return Ok(Refusal::NoRoute.response(grpc));
+            }
         }
     };
-    if !route.admit() {
-        return Ok(local(StatusCode::SERVICE_UNAVAILABLE, "veer: route is at max_inflight\n"));
-    }
+    // Refused before a version is chosen: counted under stable, the route's own version.
+    let Some(admission) = route.admit() else {
+        return Ok(refuse(&route, Role::Stable, Refusal::Shed, grpc));
+    };
     let assignment = match route.policy.assign.assign(&route, req.headers()) {
         Ok(a) => a,
-        Err(e) => {
-            route.release();
-            return Ok(text(StatusCode::BAD_REQUEST, format!("veer: {e}\n")));
-        }
+        Err(e) => return Ok(refuse(&route, Role::Stable, Refusal::BadOverride(e.to_string()), grpc)),
     };
     let Some((role, lane, endpoint)) = endpoint_for(&route, assignment, start) else {
-        route.release();
-        return Ok(local(StatusCode::SERVICE_UNAVAILABLE, "veer: no healthy endpoint\n"));
+        return Ok(refuse(&route, Role::Stable, Refusal::NoEndpoint, grpc));
     };
-    let ex = Exchange::begin(route, role, lane, endpoint, start);
+    let ex = Exchange::begin(admission, role, lane, endpoint, start);
     // Boxed: hyper keeps the allocation of one request future per connection for the
     // connection's life, idle or not; the forwarding state (a few KiB) only lives while a
     // request does. One allocation per request buys about 2.5 KiB per idle connection.
-    let mut resp = Box::pin(forward(&conn, ex, req, timeout)).await;
+    let mut resp = Box::pin(forward(&conn, ex, req, limits, grpc)).await;
     if expose_role && let Some(role) = resp.extensions().get::<Role>().copied() {
         resp.headers_mut().insert(ROLE_HEADER, HeaderValue::from_static(role.label()));
     }
     Ok(resp)
 }
 
-/// Requests a reverse proxy must not pass on: `CONNECT` (veer is never an open proxy) and an
-/// absolute-form request line naming another host than its `Host` header. (Conflicting body
-/// framings never get here: hyper rejects duplicate `Content-Length`s, and with both
-/// `Transfer-Encoding` and `Content-Length` it reads the chunked body, drops the length and
-/// closes the connection after the answer, so nothing can ride along.)
-fn not_for_a_reverse_proxy(req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+/// A gRPC request: its errors must be gRPC-shaped for the client to understand them.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Counts a refusal of a routed request under `role` (never judged: its source is veer or
+/// the client) and answers it.
+fn refuse(route: &Route, role: Role, refusal: Refusal, grpc: bool) -> Response<ProxyBody> {
+    route.version(role).lane(Lane::Judged).record(Outcome::local(refusal.class(), refusal.source()));
+    refusal.response(grpc)
+}
+
+/// Requests a reverse proxy must not pass on: `CONNECT` (veer is never an open proxy), an
+/// HTTP/1.1 request without `Host` or an HTTP/1 request with several (RFC 9112 §3.2: which
+/// one would pick the route?), and an absolute-form request line naming another host than its
+/// `Host` header. (Conflicting body framings never get here: hyper rejects duplicate
+/// `Content-Length`s, and with both `Transfer-Encoding` and `Content-Length` it reads the
+/// chunked body, drops the length and closes the connection after the answer, so nothing can
+/// ride along.)
+fn not_for_a_reverse_proxy(req: &Request<Incoming>) -> Option<Refusal> {
     if req.method() == http::Method::CONNECT {
-        return Some(local(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "veer: CONNECT is not supported: this is a reverse proxy\n",
-        ));
+        return Some(Refusal::Connect);
+    }
+    if req.version() < Version::HTTP_2 {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let first = hosts.next();
+        if hosts.next().is_some() || (first.is_none() && req.version() == Version::HTTP_11) {
+            return Some(Refusal::BadHost);
+        }
     }
     let absolute = req.version() < Version::HTTP_2 && req.uri().authority().is_some();
     if absolute {
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(crate::router::strip_port);
         let target = req.uri().host().unwrap_or("");
         if !host.is_some_and(|h| h.eq_ignore_ascii_case(target)) {
-            return Some(local(
-                StatusCode::BAD_REQUEST,
-                "veer: absolute-form request for another host: this is not a forward proxy\n",
-            ));
+            return Some(Refusal::ForeignHost);
         }
     }
     None
@@ -132,7 +155,7 @@ fn endpoint_for(route: &Route, a: Assignment, start: Instant) -> Option<(Role, L
         if let Some(i) = route.pool(Role::Candidate).pick(None) {
             return Some((Role::Candidate, a.lane, i));
         }
-        let failure = Outcome { class: Class::Error, fault: true, latency: start.elapsed() };
+        let failure = Outcome { class: Class::Error, fault: true, latency: start.elapsed(), source: Source::Upstream };
         route.version(Role::Candidate).lane(a.lane).record(failure);
         return route.stable.pick(None).map(|i| (Role::Stable, Lane::Side, i));
     }
@@ -143,7 +166,8 @@ async fn forward(
     conn: &Arc<ConnInfo>,
     mut ex: Exchange,
     mut req: Request<Incoming>,
-    timeout: Duration,
+    limits: Limits,
+    grpc: bool,
 ) -> Response<ProxyBody> {
     let client_version = req.version();
     // An upgrade the route does not allow is forwarded as a plain request: the hop-by-hop
@@ -166,6 +190,7 @@ async fn forward(
             Role::Candidate if r.is_baking() => Some(Role::Stable),
             _ => None,
         });
+        let timeout = limits.request;
         let tap = match (&route.policy.mirror, to, judged, upgrade) {
             (Some(m), Some(to), true, false) => {
                 m.copy(to, &parts.method, &parts.uri, &parts.headers, empty).map(|copy| {
@@ -186,24 +211,59 @@ async fn forward(
     };
 
     let Some(max_body) = replay else {
+        let body = if empty {
+            Either::Right(Full::default())
+        } else {
+            // Followed, so that a failure of the client's body is told apart from the
+            // upstream's, and latency is measured from its end.
+            let upload = Upload::new(ex.start());
+            ex.watch_upload(upload.clone());
+            Either::Left(ClientBody::new(body, upload))
+        };
         let clients = &conn.shared.clients;
-        return match attempt::send(clients, &mut ex, parts, Either::Left(body), timeout).await {
-            Ok(resp) => tagged(attempt::respond(ex, resp, client_version, client_upgrade, tap), role),
+        return match attempt::send(clients, &mut ex, parts, body, limits).await {
+            Ok(resp) => tagged(attempt::respond(ex, resp, client_version, client_upgrade, tap, limits.body_idle), role),
             Err(f) => {
                 if let Some(t) = tap {
                     t.finish(Class::Error);
                 }
-                tagged(f.response, role)
+                tagged(f.error.response(grpc), role)
             }
         };
     };
-    let buffered = match Limited::new(body, max_body).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return local(StatusCode::BAD_REQUEST, "veer: request body does not match its Content-Length\n"),
+    let buffered = match read_body(body, max_body, limits.body_idle).await {
+        Ok(b) => b,
+        Err(refusal) => {
+            ex.settle_local(refusal.class(), refusal.source());
+            return refusal.response(grpc);
+        }
     };
+    // The client's part is over: the version's latency starts now.
+    ex.measure_from(Instant::now());
     // Boxed: two attempts' worth of state, which the requests of routes without a retry
     // policy should not carry.
-    Box::pin(shielded(conn, ex, parts, buffered, timeout)).await
+    Box::pin(shielded(conn, ex, parts, buffered, limits, grpc)).await
+}
+
+/// Reads a request body of at most `max` bytes (as its `Content-Length` promised) into
+/// memory; the client may pause at most `idle` between bytes. Failures are the client's.
+async fn read_body(mut body: Incoming, max: usize, idle: Duration) -> Result<Bytes, Refusal> {
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(Refusal::BodyTimeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(error::client_body_fault(&e)),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() + data.len() > max {
+                        return Err(Refusal::BadBody);
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
 }
 
 /// A candidate attempt whose failure is re-sent to stable within the budget.
@@ -212,22 +272,25 @@ async fn shielded(
     mut ex: Exchange,
     parts: Parts,
     body: Bytes,
-    timeout: Duration,
+    limits: Limits,
+    grpc: bool,
 ) -> Response<ProxyBody> {
     let route = ex.route().clone();
     let Some(policy) = route.policy.retry.as_ref() else {
-        return local(StatusCode::INTERNAL_SERVER_ERROR, "veer: retry policy missing\n");
+        ex.settle_local(Class::ServerError, Source::Proxy);
+        return Refusal::Internal.response(grpc);
     };
     let clients = &conn.shared.clients;
     let replay = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
     let client_version = parts.version;
-    let failed = match attempt::send(clients, &mut ex, parts, Either::Right(Full::new(body.clone())), timeout).await {
+    let idle = limits.body_idle;
+    let failed = match attempt::send(clients, &mut ex, parts, Either::Right(Full::new(body.clone())), limits).await {
         Ok(resp) if !resp.status().is_server_error() => {
-            return tagged(attempt::respond(ex, resp, client_version, None, None), Role::Candidate);
+            return tagged(attempt::respond(ex, resp, client_version, None, None, idle), Role::Candidate);
         }
         Ok(resp) if !policy.withdraw() => {
             policy.count(RetryOutcome::BudgetExhausted);
-            return tagged(attempt::respond(ex, resp, client_version, None, None), Role::Candidate);
+            return tagged(attempt::respond(ex, resp, client_version, None, None, idle), Role::Candidate);
         }
         Ok(resp) => {
             // The candidate answered 5xx: it is judged for it, and the user gets stable's answer.
@@ -235,6 +298,8 @@ async fn shielded(
             drop(resp);
             None
         }
+        // Not the candidate's failure (veer ran short): nothing to shield the user from.
+        Err(f) if f.error.source() != Source::Upstream => Some(f),
         Err(f) if !policy.withdraw() => {
             policy.count(RetryOutcome::BudgetExhausted);
             Some(f)
@@ -242,30 +307,30 @@ async fn shielded(
         Err(_) => None,
     };
     if let Some(f) = failed {
-        return tagged(f.response, Role::Candidate);
+        return tagged(f.error.response(grpc), Role::Candidate);
     }
-    let route = ex.route().clone();
     let start = ex.start();
-    drop(ex);
+    // The request keeps its one `max_inflight` slot for the retry.
+    let admission = ex.into_admission();
     let Some(endpoint) = route.stable.pick(None) else {
         policy.count(RetryOutcome::Failed);
-        return local(StatusCode::SERVICE_UNAVAILABLE, "veer: no healthy endpoint\n");
+        return refuse(&route, Role::Stable, Refusal::NoEndpoint, grpc);
     };
-    let mut stable = Exchange::begin(route, Role::Stable, Lane::Side, endpoint, start);
+    let mut stable = Exchange::begin(admission, Role::Stable, Lane::Side, endpoint, start);
     let (method, uri, headers) = replay;
     let mut req = Request::new(Either::Right(Full::new(body)));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     let (parts, body) = req.into_parts();
-    match attempt::send(clients, &mut stable, parts, body, timeout).await {
+    match attempt::send(clients, &mut stable, parts, body, limits).await {
         Ok(resp) => {
             policy.count(if resp.status().is_server_error() { RetryOutcome::Failed } else { RetryOutcome::Recovered });
-            tagged(attempt::respond(stable, resp, client_version, None, None), Role::Stable)
+            tagged(attempt::respond(stable, resp, client_version, None, None, idle), Role::Stable)
         }
         Err(f) => {
             policy.count(RetryOutcome::Failed);
-            tagged(f.response, Role::Stable)
+            tagged(f.error.response(grpc), Role::Stable)
         }
     }
 }
@@ -286,17 +351,5 @@ fn prepare(parts: &mut Parts, conn: &ConnInfo, upgrade: bool) {
 /// Marks which version answered (for `x-veer-role`).
 fn tagged(mut r: Response<ProxyBody>, role: Role) -> Response<ProxyBody> {
     r.extensions_mut().insert(role);
-    r
-}
-
-/// A short plain-text response generated by veer.
-pub fn local(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    self::text(status, text)
-}
-
-fn text(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut r = Response::new(body::local_body(text));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }

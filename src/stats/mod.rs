@@ -68,6 +68,36 @@ impl Class {
     }
 }
 
+/// Who produced the answer a request got, as the `source` label of `veer_requests_total`
+/// names it. Only [`Source::Upstream`] outcomes are measured for the judge: what veer answered
+/// itself, and what a client broke, says nothing about a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Source {
+    /// The version answered (or failed to: connect failure, timeout, reset, bad answer).
+    Upstream,
+    /// veer answered itself: no route, no endpoint, `max_inflight` full, local resource
+    /// exhaustion.
+    Proxy,
+    /// The client broke the exchange: malformed or stalled request body, hang-up, reset,
+    /// a response it stopped reading, an invalid request.
+    Client,
+}
+
+impl Source {
+    /// Every source, in label order.
+    pub const ALL: [Source; 3] = [Source::Upstream, Source::Proxy, Source::Client];
+
+    /// The `source` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Upstream => "upstream",
+            Source::Proxy => "proxy",
+            Source::Client => "client",
+        }
+    }
+}
+
 /// One finished request.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
@@ -76,13 +106,26 @@ pub struct Outcome {
     /// The version is to blame: 5xx, transport failure, or a gRPC server-fault status.
     /// Client errors and client disconnects are counted but never judged.
     pub fault: bool,
-    /// From the request's arrival to the end of the response body.
+    /// From the end of the request body (its arrival, when it has none) to the end of the
+    /// response body: a slow uploader is not a slow version.
     pub latency: Duration,
+    /// Who produced the answer; anything but [`Source::Upstream`] is counted, never judged
+    /// (`fault` and `latency` are ignored for it).
+    pub source: Source,
+}
+
+impl Outcome {
+    /// An answer veer made without a version's part in it (`source` is not `Upstream`).
+    pub fn local(class: Class, source: Source) -> Outcome {
+        Outcome { class, fault: false, latency: Duration::ZERO, source }
+    }
 }
 
 #[derive(Debug)]
 struct Shard {
     classes: [AtomicU64; 6],
+    /// Classes of the answers of [`Source::Proxy`] and [`Source::Client`].
+    local: [[AtomicU64; 6]; 2],
     faults: AtomicU64,
     latency: Box<[AtomicU64]>,
     prom_count: [AtomicU64; buckets::PROM_COUNT],
@@ -93,6 +136,7 @@ impl Shard {
     fn new() -> Shard {
         Shard {
             classes: Default::default(),
+            local: Default::default(),
             faults: AtomicU64::new(0),
             latency: (0..buckets::COUNT).map(|_| AtomicU64::new(0)).collect(),
             prom_count: Default::default(),
@@ -117,6 +161,10 @@ impl VersionStats {
     #[inline]
     pub fn record(&self, o: Outcome) {
         let s = &self.shards[shard::index()];
+        if o.source != Source::Upstream {
+            s.local[o.source as usize - 1][o.class as usize].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         s.classes[o.class as usize].fetch_add(1, Ordering::Relaxed);
         if o.fault {
             s.faults.fetch_add(1, Ordering::Relaxed);
@@ -134,6 +182,9 @@ impl VersionStats {
         let mut t = Totals::default();
         for s in self.shards.iter() {
             for (acc, c) in t.classes.iter_mut().zip(&s.classes) {
+                *acc += c.load(Ordering::Relaxed);
+            }
+            for (acc, c) in t.local.iter_mut().flatten().zip(s.local.iter().flatten()) {
                 *acc += c.load(Ordering::Relaxed);
             }
             t.faults += s.faults.load(Ordering::Relaxed);
@@ -158,8 +209,11 @@ impl Default for VersionStats {
 /// A point-in-time sum of a version's counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Totals {
-    /// Requests by [`Class`].
+    /// Requests a version answered, by [`Class`]: what the judge and the window read.
     pub classes: [u64; 6],
+    /// Requests veer answered itself (`[0]`, [`Source::Proxy`]) or the client broke (`[1]`,
+    /// [`Source::Client`]), by [`Class`]. Counted for metrics and status, never judged.
+    pub local: [[u64; 6]; 2],
     /// Requests the version is to blame for.
     pub faults: u64,
     /// Requests per latency bucket ([`buckets`]).
@@ -174,6 +228,7 @@ impl Default for Totals {
     fn default() -> Self {
         Totals {
             classes: [0; 6],
+            local: [[0; 6]; 2],
             faults: 0,
             latency: vec![0; buckets::COUNT],
             prom_count: [0; buckets::PROM_COUNT],
@@ -183,15 +238,25 @@ impl Default for Totals {
 }
 
 impl Totals {
-    /// All requests recorded.
+    /// All requests a version answered (the judge's denominator).
     pub fn requests(&self) -> u64 {
         self.classes.iter().sum()
+    }
+
+    /// Requests answered by `source`, by [`Class`].
+    pub fn by_source(&self, source: Source) -> &[u64; 6] {
+        match source {
+            Source::Upstream => &self.classes,
+            Source::Proxy => &self.local[0],
+            Source::Client => &self.local[1],
+        }
     }
 
     /// `self + other`: two sets of counters as one.
     pub fn plus(mut self, other: &Totals) -> Totals {
         let add = |a: &mut [u64], b: &[u64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
         add(&mut self.classes, &other.classes);
+        add(self.local.as_flattened_mut(), other.local.as_flattened());
         self.faults += other.faults;
         add(&mut self.latency, &other.latency);
         add(&mut self.prom_count, &other.prom_count);
@@ -208,6 +273,7 @@ impl Totals {
         };
         let mut d = Totals::default();
         sub(&self.classes, &earlier.classes, &mut d.classes);
+        sub(self.local.as_flattened(), earlier.local.as_flattened(), d.local.as_flattened_mut());
         d.faults = self.faults.saturating_sub(earlier.faults);
         sub(&self.latency, &earlier.latency, &mut d.latency);
         sub(&self.prom_count, &earlier.prom_count, &mut d.prom_count);
@@ -221,7 +287,23 @@ mod tests {
     use super::*;
 
     fn outcome(class: Class, fault: bool, ms: u64) -> Outcome {
-        Outcome { class, fault, latency: Duration::from_millis(ms) }
+        Outcome { class, fault, latency: Duration::from_millis(ms), source: Source::Upstream }
+    }
+
+    #[test]
+    fn local_answers_are_counted_apart_and_never_judged() {
+        let s = VersionStats::new();
+        s.record(outcome(Class::Success, false, 1));
+        s.record(Outcome::local(Class::ServerError, Source::Proxy));
+        s.record(Outcome { source: Source::Client, ..outcome(Class::ClientError, true, 9000) });
+        let t = s.totals();
+        assert_eq!(t.requests(), 1, "only the version's answers are judged");
+        assert_eq!(t.faults, 0);
+        assert_eq!(t.latency.iter().sum::<u64>(), 1);
+        assert_eq!(t.by_source(Source::Proxy)[Class::ServerError as usize], 1);
+        assert_eq!(t.by_source(Source::Client)[Class::ClientError as usize], 1);
+        let d = s.totals().plus(&t).since(&t);
+        assert_eq!(d.by_source(Source::Proxy)[Class::ServerError as usize], 1);
     }
 
     #[test]

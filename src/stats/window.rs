@@ -112,6 +112,14 @@ pub struct WindowFigures {
     pub total_requests: u64,
     /// Errors since the version appeared.
     pub total_errors: u64,
+    /// Answers veer made itself in the window (no endpoint, `max_inflight`, local
+    /// exhaustion): not in `requests`, never judged.
+    #[serde(default)]
+    pub proxy_answers: u64,
+    /// Requests the client broke in the window (bad or stalled body, hang-up): not in
+    /// `requests`, never judged.
+    #[serde(default)]
+    pub client_faults: u64,
 }
 
 impl WindowFigures {
@@ -129,6 +137,8 @@ impl WindowFigures {
             p99_ms: ms(0.99),
             total_requests: r.total.requests(),
             total_errors: r.total.faults,
+            proxy_answers: r.window.by_source(super::Source::Proxy).iter().sum(),
+            client_faults: r.window.by_source(super::Source::Client).iter().sum(),
         }
     }
 }
@@ -141,7 +151,12 @@ mod tests {
     fn hit(s: &VersionStats, n: usize, fault: bool, ms: u64) {
         for _ in 0..n {
             let class = if fault { Class::ServerError } else { Class::Success };
-            s.record(Outcome { class, fault, latency: Duration::from_millis(ms) });
+            s.record(Outcome {
+                class,
+                fault,
+                latency: Duration::from_millis(ms),
+                source: crate::stats::Source::Upstream,
+            });
         }
     }
 
