@@ -78,7 +78,9 @@ async fn a_reset_mid_body_is_a_truncated_response_and_an_error_of_the_version() 
     .await;
     let metrics = get(&c, proxy.admin_addr(), "/metrics").await.text();
     assert!(
-        metrics.contains(r#"veer_requests_total{route="web",role="stable",version="v1",class="error"} 1"#),
+        metrics.contains(
+            r#"veer_requests_total{route="web",role="stable",version="v1",class="error",source="upstream"} 1"#
+        ),
         "{metrics}"
     );
     proxy.drain().await;

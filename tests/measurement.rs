@@ -36,8 +36,8 @@ async fn metrics_count_known_traffic_with_the_contract_labels() {
         let got = metric_value(&text, series).unwrap_or_else(|| panic!("missing {series} in:\n{text}"));
         assert_eq!(got, want as f64, "{series}");
     };
-    expect(r#"veer_requests_total{route="web",role="stable",version="v1",class="2xx"}"#, s);
-    expect(r#"veer_requests_total{route="web",role="candidate",version="v2",class="4xx"}"#, k);
+    expect(r#"veer_requests_total{route="web",role="stable",version="v1",class="2xx",source="upstream"}"#, s);
+    expect(r#"veer_requests_total{route="web",role="candidate",version="v2",class="4xx",source="upstream"}"#, k);
     expect(r#"veer_request_duration_seconds_count{route="web",role="stable",version="v1"}"#, s);
     expect(r#"veer_request_duration_seconds_count{route="web",role="candidate",version="v2"}"#, k);
     expect(r#"veer_request_duration_seconds_bucket{route="web",role="stable",version="v1",le="+Inf"}"#, s);
@@ -154,7 +154,10 @@ async fn grpc_internal_in_trailers_counts_as_a_candidate_error() {
     .await;
     let text = get(&c, proxy.admin_addr(), "/metrics").await.text();
     assert_eq!(
-        metric_value(&text, r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx"}"#),
+        metric_value(
+            &text,
+            r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx",source="upstream"}"#
+        ),
         Some(4.0),
         "{text}"
     );

@@ -74,7 +74,10 @@ async fn the_override_header_reaches_the_candidate_at_zero_weight_and_is_not_jud
     assert!(bad.text().contains("\"stable\" or \"candidate\""), "{}", bad.text());
     let text = get(&c, admin, "/metrics").await.text();
     assert_eq!(
-        metric(&text, r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx"}"#),
+        metric(
+            &text,
+            r#"veer_requests_total{route="web",role="candidate",version="v2",class="2xx",source="upstream"}"#
+        ),
         10.0,
         "overridden requests are counted"
     );
