@@ -39,6 +39,7 @@ use tracing::debug;
 
 use crate::config::{AdminConfig, ServerConfig};
 use crate::proxy::error::Refusal;
+use crate::proxy::stall::WriteStall;
 use crate::proxy::{self, ConnInfo};
 use crate::server::Shared;
 use crate::stats::Source;
@@ -54,6 +55,9 @@ pub struct ConnSettings {
     idle_timeout: Duration,
     /// Header fields allowed in one HTTP/2 request (hyper's h2 server has no such limit).
     max_headers: usize,
+    /// A write to the client blocked this long closes the connection (a client that stopped
+    /// reading).
+    body_idle_timeout: Duration,
 }
 
 /// hyper keeps up to this many request headers on the stack; asking for a limit, even the
@@ -74,6 +78,7 @@ impl ConnSettings {
             idle_timeout: s.idle_timeout,
             max_header_bytes: s.max_header_bytes,
             max_headers: s.max_headers,
+            body_idle_timeout: s.body_idle_timeout,
         };
         ConnSettings::with(&limits, tls)
     }
@@ -85,6 +90,7 @@ impl ConnSettings {
             idle_timeout: a.idle_timeout,
             max_header_bytes: 64 * 1024,
             max_headers: HYPER_DEFAULT_MAX_HEADERS,
+            body_idle_timeout: a.idle_timeout,
         };
         ConnSettings::with(&limits, None)
     }
@@ -113,6 +119,7 @@ impl ConnSettings {
             header_read_timeout: l.header_read_timeout,
             idle_timeout: l.idle_timeout,
             max_headers: l.max_headers,
+            body_idle_timeout: l.body_idle_timeout,
         }
     }
 }
@@ -123,6 +130,7 @@ struct Limits {
     idle_timeout: Duration,
     max_header_bytes: usize,
     max_headers: usize,
+    body_idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for ConnSettings {
@@ -192,6 +200,7 @@ pub(crate) async fn serve(
     match (tls, &settings.tls) {
         (false, _) => {
             let Some(protocol) = sniff(&stream, deadline, &mut shutdown).await else { return };
+            let stream = WriteStall::new(stream, settings.body_idle_timeout);
             run(&settings, protocol, stream, handler, shutdown).await
         }
         // Boxed: a TLS session is large, and plain connections should not carry its room.
@@ -234,6 +243,7 @@ async fn serve_tls<H, F, B>(
         Ok(Ok(s)) => {
             // HTTP/2 over TLS is negotiated with ALPN or not spoken (RFC 9113, 3.2).
             let protocol = if s.get_ref().1.alpn_protocol() == Some(b"h2") { Protocol::Http2 } else { Protocol::Http1 };
+            let s = WriteStall::new(s, settings.body_idle_timeout);
             run(settings, protocol, s, handler, shutdown).await
         }
         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),

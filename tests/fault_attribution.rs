@@ -345,3 +345,51 @@ fn spawn_limited(config: &std::path::Path, limit: u32) -> Option<Veer> {
     assert!(set.success(), "prlimit failed");
     Some(veer)
 }
+
+static CHUNK: [u8; 65536] = [b'x'; 65536];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_not_held_against_the_version() {
+    // 64 MiB, produced only as fast as it is read: far more than the sockets can buffer.
+    let big = Upstream::start(|_| async {
+        let frames = (0..1024).map(|_| Ok(http_body::Frame::data(Bytes::from_static(&CHUNK))));
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        Response::new(BodyExt::boxed(body))
+    })
+    .await;
+    let body = format!("{}{}", listeners("body_idle_timeout = \"300ms\"", ""), route(big.addr, None, ""));
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let mut s = TcpStream::connect(proxy.http_addr()).await.expect("connect");
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.http_addr()).as_bytes()).await.expect("write");
+    // The client reads nothing: veer gives up on it after body_idle_timeout of blocked writes.
+    let t = client_faults(&proxy, Role::Stable, 1).await;
+    assert_eq!((t.faults, t.requests()), (0, 0), "{t:?}");
+    drop(s);
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_whose_body_stalls_is_cut_off_and_charged() {
+    let stalls = Upstream::start(|_| async {
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(
+            b"0123456789",
+        )))]);
+        let body =
+            http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, futures_util::stream::pending()));
+        let mut r = Response::new(BodyExt::boxed(BodyExt::map_err(body, |e| Box::new(e) as _)));
+        r.headers_mut().insert("content-length", http::HeaderValue::from_static("1000"));
+        r
+    })
+    .await;
+    let body = format!("{}{}", listeners("body_idle_timeout = \"300ms\"", ""), route(stalls.addr, None, ""));
+    let cfg = ConfigFile::new(&body);
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let resp = client().get(format!("http://{}/", proxy.http_addr()).parse().expect("uri")).await.expect("head");
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(8), resp.into_body().collect()).await.expect("cut off in time");
+    assert!(body.is_err(), "the client sees the truncation");
+    eventually(Duration::from_secs(5), "the version is charged", || async { judged(&proxy, Role::Stable).faults == 1 })
+        .await;
+    proxy.drain().await;
+}

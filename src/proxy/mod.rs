@@ -21,6 +21,7 @@ mod attempt;
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod stall;
 
 use std::convert::Infallible;
 use std::sync::Arc;
