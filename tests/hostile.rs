@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use veer::server::Proxy;
 
 async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
@@ -41,23 +41,6 @@ async fn smuggling_shapes_are_refused() {
     assert_eq!(stable.hits(), 1, "nothing ambiguous reached the upstream");
     assert_eq!(get(&client(), addr, "/").await.text(), "stable");
     proxy.drain().await;
-}
-
-/// A raw TCP upstream that reads a request, writes `reply` as is and closes the connection:
-/// a response cut short, or bytes that are not HTTP at all.
-async fn raw_upstream(reply: &'static [u8]) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(reply).await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

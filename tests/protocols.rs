@@ -13,35 +13,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use veer::server::Proxy;
-
-/// An upstream that accepts WebSocket upgrades and echoes every message.
-async fn ws_echo() -> Upstream {
-    Upstream::start(|mut req: http::Request<hyper::body::Incoming>| async move {
-        let Some(key) = req.headers().get("sec-websocket-key").map(|k| derive_accept_key(k.as_bytes())) else {
-            return Response::new(full("not a websocket request"));
-        };
-        let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let io = TokioIo::new(upgrade.await.expect("upgrade at upstream"));
-            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
-            while let Some(Ok(msg)) = ws.next().await {
-                if msg.is_text() || msg.is_binary() {
-                    ws.send(msg).await.expect("echo");
-                }
-            }
-        });
-        let mut r = Response::new(full(""));
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut().insert("connection", "upgrade".parse().expect("value"));
-        r.headers_mut().insert("upgrade", "websocket".parse().expect("value"));
-        r.headers_mut().insert("sec-websocket-accept", key.parse().expect("value"));
-        r
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_passes_through() {

@@ -10,11 +10,8 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use veer::server::Proxy;
 
 /// An upstream that takes any upgrade it is offered (as an h2c-capable server would) and
@@ -90,32 +87,6 @@ async fn an_upstream_that_switches_protocols_unasked_is_a_502() {
     let got = send(&c, upgrade_request(proxy.http_addr(), "h2c")).await;
     assert_eq!(got.status, StatusCode::BAD_GATEWAY, "an h2c request must not become a tunnel either");
     proxy.drain().await;
-}
-
-/// An upstream that accepts WebSocket upgrades and echoes every message.
-async fn ws_echo() -> Upstream {
-    Upstream::start(|mut req: http::Request<hyper::body::Incoming>| async move {
-        let Some(key) = req.headers().get("sec-websocket-key").map(|k| derive_accept_key(k.as_bytes())) else {
-            return Response::new(full("not a websocket request"));
-        };
-        let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let io = TokioIo::new(upgrade.await.expect("upgrade at upstream"));
-            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
-            while let Some(Ok(msg)) = ws.next().await {
-                if msg.is_text() || msg.is_binary() {
-                    ws.send(msg).await.expect("echo");
-                }
-            }
-        });
-        let mut r = Response::new(full(""));
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut().insert("connection", "upgrade".parse().expect("value"));
-        r.headers_mut().insert("upgrade", "websocket".parse().expect("value"));
-        r.headers_mut().insert("sec-websocket-accept", key.parse().expect("value"));
-        r
-    })
-    .await
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;

@@ -18,26 +18,9 @@ use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use veer::server::Proxy;
-
-/// A raw TCP upstream that reads one request, writes `reply` as is and closes.
-async fn raw_upstream(reply: &'static [u8]) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(reply).await;
-            });
-        }
-    });
-    addr
-}
 
 /// The proxy over one stable upstream with extra `[server]` keys.
 async fn proxy_for(stable: SocketAddr, server_keys: &str, version_keys: &str) -> (ConfigFile, Proxy) {

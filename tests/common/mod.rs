@@ -404,3 +404,56 @@ pub fn background_traffic(addr: SocketAddr, gap: Duration, stop: Arc<std::sync::
         }
     })
 }
+
+/// An upstream that accepts WebSocket upgrades and echoes every message.
+pub async fn ws_echo() -> Upstream {
+    Upstream::start(|mut req: Request<Incoming>| async move {
+        let Some(key) = req
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()))
+        else {
+            return Response::new(full("not a websocket request"));
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let io = TokioIo::new(upgrade.await.expect("upgrade at upstream"));
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                io,
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(msg)) = futures_util::StreamExt::next(&mut ws).await {
+                if msg.is_text() || msg.is_binary() {
+                    futures_util::SinkExt::send(&mut ws, msg).await.expect("echo");
+                }
+            }
+        });
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert("connection", "upgrade".parse().expect("value"));
+        r.headers_mut().insert("upgrade", "websocket".parse().expect("value"));
+        r.headers_mut().insert("sec-websocket-accept", key.parse().expect("value"));
+        r
+    })
+    .await
+}
+
+/// A raw TCP upstream that reads a request, writes `reply` as is and closes the connection:
+/// a response cut short, a malformed one, or bytes that are not HTTP at all.
+pub async fn raw_upstream(reply: &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(reply).await;
+            });
+        }
+    });
+    addr
+}
