@@ -1128,6 +1128,62 @@ mod tests {
         assert!(b.quantiles_us.iter().all(|&q| q > 9000 && q < 11_000), "{b:?}");
     }
 
+    /// The exact bytes a state file and the journal hold for the judge: a change here breaks
+    /// every recorded rollout.
+    #[test]
+    fn judge_state_and_breach_serialise_byte_for_byte_as_recorded() {
+        let m = |v: f64| Mixture { ell: [v; 8] };
+        let state = JudgeState {
+            errors: m(1.0),
+            latency: [m(2.0), m(3.0), m(4.0)],
+            error_guard: m(5.0),
+            p99_guard: m(6.0),
+            p99_compare: m(7.0),
+            mismatch: m(-0.5),
+            baseline: Some(Baseline { requests: 500, errors: 5, quantiles_us: [10_000, 20_000, 90_000] }),
+        };
+        let ell = |v: &str| format!("{{\"ell\":[{}]}}", [v; 8].join(","));
+        let expected = format!(
+            "{{\"errors\":{},\"latency\":[{},{},{}],\"error_guard\":{},\"p99_guard\":{},\"p99_compare\":{},\
+             \"mismatch\":{},\"baseline\":{{\"requests\":500,\"errors\":5,\"quantiles_us\":[10000,20000,90000]}}}}",
+            ell("1.0"),
+            ell("2.0"),
+            ell("3.0"),
+            ell("4.0"),
+            ell("5.0"),
+            ell("6.0"),
+            ell("7.0"),
+            ell("-0.5"),
+        );
+        assert_eq!(serde_json::to_string(&state).expect("serialise"), expected);
+        assert_eq!(serde_json::from_str::<JudgeState>(&expected).expect("load"), state);
+        let fresh = serde_json::to_string(&JudgeState::default()).expect("serialise");
+        assert!(!fresh.contains("baseline"), "no baseline, no key: {fresh}");
+        let breach = Failure { rule: RuleKind::MaxP99, ln_evidence: 9.5, ln_threshold: 6.25 };
+        let json = r#"{"rule":"max_p99","ln_evidence":9.5,"ln_threshold":6.25}"#;
+        assert_eq!(serde_json::to_string(&breach).expect("serialise"), json);
+        assert_eq!(serde_json::from_str::<Failure>(json).expect("load"), breach);
+        let figures = JudgeFigures {
+            verdict: "inconclusive".into(),
+            alpha: 0.01,
+            rules: vec![RuleFigures {
+                rule: RuleKind::MirrorMismatch,
+                state: RuleState::Watching,
+                ln_evidence: 5.0,
+                ln_threshold: 6.0,
+                candidate: 0.25,
+                stable: 0.01,
+                candidate_requests: 8,
+                stable_requests: 8,
+                note: Some("why".into()),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&figures).expect("serialise"),
+            r#"{"verdict":"inconclusive","alpha":0.01,"rules":[{"rule":"mirror_mismatch","state":"watching","ln_evidence":5.0,"ln_threshold":6.0,"candidate":0.25,"stable":0.01,"candidate_requests":8,"stable_requests":8,"note":"why"}]}"#
+        );
+    }
+
     #[test]
     fn judge_state_keeps_the_baseline_and_old_state_files_still_load() {
         let state = JudgeState {
