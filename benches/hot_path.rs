@@ -3,6 +3,7 @@
 //! threads are added: every thread writes its own shard).
 //!
 //! Run: `cargo bench --bench hot_path`
+#![allow(clippy::disallowed_methods)]
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};

@@ -7,6 +7,7 @@
 //! Plan 1 → 5 → 25 → 50 → 100%, 60 s per step, at least 50 candidate requests per step;
 //! Poisson arrivals; stable latency lognormal (median 50 ms, σ 0.5) with 1% errors; rules:
 //! error rate (comparative, ≥ +1 point), latency (comparative, ≥ 1.1×), confidence 0.99.
+#![allow(clippy::disallowed_methods)]
 
 use std::path::Path;
 use std::time::Instant;

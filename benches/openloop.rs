@@ -14,6 +14,7 @@
 //!   are set up, then `alive=N` every second, and exits after SECONDS.
 //!
 //! ADDR is `IP:PORT`. Run by hand: `cargo bench --bench openloop -- rate 127.0.0.1:8080 2000 10`.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -15,6 +15,7 @@
 //!   `arc-swap`), [`runtime`] and [`rollout`] (state that survives reloads), [`status`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![allow(clippy::disallowed_methods)]
 
 pub mod admin;
 pub mod cli;

@@ -1,4 +1,5 @@
 //! The `veer` binary: parses the command line and hands over to [`veer::cli`].
+#![allow(clippy::disallowed_methods)]
 
 /// jemalloc rather than the system allocator: measured with `benches/proxy_bench.sh`, it
 /// takes less CPU per proxied request and keeps idle connections smaller (see the README's

@@ -2,6 +2,7 @@
 //! sends them: straight into `veer::admin::handle` against a running proxy. Each gets the
 //! status pinned here and passes the target's checks (no 5xx, a Content-Type, JSON that parses,
 //! a challenge with every 401).
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

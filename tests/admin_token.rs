@@ -1,5 +1,6 @@
 //! The admin token file: a world-readable one is named in a warning at start; a private one is
 //! not.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

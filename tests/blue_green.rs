@@ -1,6 +1,7 @@
 //! Blue-green rollouts end to end through real sockets: preview on mirrored traffic, the
 //! switch to 100%, the bake judged against stable's answers to mirrored copies (or, without
 //! them, against stable from before the switch), and the `mirror_mismatch` rule.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

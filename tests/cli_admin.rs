@@ -1,4 +1,5 @@
 //! The admin-talking CLI verbs against a running proxy.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

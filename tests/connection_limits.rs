@@ -2,6 +2,7 @@
 //! TLS) are closed after `idle_timeout`, a half-sent HTTP/2 header block is cut at
 //! `header_read_timeout`, HTTP/2 requests obey `max_headers`, and the admin listener has its
 //! own timeouts, connection limit and `Host` check.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Crash safety with the binary as a subprocess: SIGKILL mid-rollout and after a rollback,
 //! and a torn journal line, never move a rollout forward or lose its history.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -6,6 +6,7 @@
 //! back, which is then checked through the admin API, and a second "abort" shows the 409. Without Chromium, node or
 //! `tests/browser/node_modules` the browser test says loudly that it skipped; with
 //! `VEER_REQUIRE_BROWSER=1` (set by `.ci/run`) it fails instead.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

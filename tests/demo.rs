@@ -1,4 +1,5 @@
 //! `veer demo` as a user runs it (stdout not a terminal: plain progress lines).
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

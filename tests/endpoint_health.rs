@@ -1,5 +1,6 @@
 //! Endpoint health end to end: passive ejection of endpoints that refuse connections, active
 //! HTTP health checks, and re-admission when an endpoint recovers.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! What clients see when things go wrong: 404, 502, 503, 504 and malformed requests.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Whose fault it was: a client's broken, stalled or abandoned upload, veer's own shortages and
 //! refusals are counted under their own `source` and never judged against a version.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

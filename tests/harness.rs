@@ -1,5 +1,6 @@
 //! The shared test harness itself: a skip is never silent, and `send_until` sends exactly as
 //! much traffic as its condition needs, within its bounds.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

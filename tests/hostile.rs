@@ -1,5 +1,6 @@
 //! Hostile input and broken upstreams: request smuggling shapes, a reset halfway through a
 //! response, and an upstream that does not speak HTTP.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

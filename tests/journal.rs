@@ -1,6 +1,7 @@
 //! The journal under a broken state dir and at size, with the binary as a subprocess: a
 //! rollback that cannot be recorded survives a restart and is recorded once the dir works
 //! again; a large journal does not slow the proxy down.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Per-version measurement seen from outside: the admin API's window figures and /metrics.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

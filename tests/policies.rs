@@ -1,5 +1,6 @@
 //! Traffic policies end to end: override header, sticky users, retry on stable, mirroring,
 //! and a candidate without endpoints.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The `veer` binary as a subprocess: streaming with bounded memory, SIGHUP reload, and
 //! graceful drain on SIGTERM.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

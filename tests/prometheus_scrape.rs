@@ -6,6 +6,7 @@
 //!
 //! Without a `prometheus` binary the test says loudly that it skipped; with
 //! `VEER_REQUIRE_PROMETHEUS=1` (set by `.ci/run`) it fails instead.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Property tests: the split's proportions over any weight schedule, sticky users' monotonicity,
 //! and the canary state machine under any sequence of ticks, verdicts, commands and restarts.
+#![allow(clippy::disallowed_methods)]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use proptest::collection::{btree_set, vec};
 use proptest::prelude::*;
 use veer::config::{Config, Strategy as RolloutStrategy};
 use veer::rollout::Phase;
-use veer::rollout::judge::{Failure, RuleKind, Verdict};
+use veer::rollout::judge::{Breach, RuleKind, Verdict};
 use veer::rollout::machine::{Change, Command, EventKind, Machine, Plan};
 use veer::runtime::Role;
 use veer::snapshot::Snapshot;
@@ -299,7 +300,7 @@ impl Model {
 }
 
 fn failing() -> Verdict {
-    Verdict::Failing(Failure { rule: RuleKind::ErrorRate, ln_evidence: 9.0, ln_threshold: 6.0 })
+    Verdict::Failing(Breach { rule: RuleKind::ErrorRate, ln_evidence: 9.0, ln_threshold: 6.0 })
 }
 
 fn summary(c: &Change) -> Expect {

@@ -1,4 +1,5 @@
 //! Protocols through the proxy: WebSocket upgrade, cleartext HTTP/2, HTTPS with ALPN.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

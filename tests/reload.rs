@@ -1,5 +1,6 @@
 //! Hot reload: valid changes apply under load without a failed request; invalid files change
 //! nothing; rollout state survives when the candidate version is unchanged.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The rollout brain end to end through real sockets: promotion, snap back on errors and on
 //! latency, operator commands, token auth, webhooks and the report.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

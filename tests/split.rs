@@ -1,4 +1,5 @@
 //! The weighted split, measured at the upstreams through real sockets.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

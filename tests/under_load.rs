@@ -10,6 +10,7 @@
 //!   before the signal completes with 200, and the process exits 0.
 //!
 //! The tests take turns (one lock), so that each has the machine's two cores to itself.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

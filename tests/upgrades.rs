@@ -1,5 +1,6 @@
 //! Protocol upgrades through the proxy: only the route's allowed protocols are passed on
 //! (never `h2c`), and an upgraded tunnel counts against `max_connections` and drains.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

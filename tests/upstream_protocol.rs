@@ -1,5 +1,6 @@
 //! Protocol correctness towards upstreams, and the bound on connections to one endpoint: real
 //! upstreams (a real nginx for HTTP/2, raw TCP servers for answers hyper would never write).
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

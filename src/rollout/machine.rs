@@ -28,6 +28,7 @@
 //! to stable and a reload with a longer `preview` or `bake` extends the phase. Which path a
 //! rollout follows is read from its phase, so a reload that changes the strategy mid-rollout
 //! finishes the current rollout the old way; `start` and `retry` use the plan's strategy.
+#![deny(clippy::disallowed_methods)]
 
 use std::time::Instant;
 
@@ -336,9 +337,11 @@ impl Machine {
 }
 
 #[cfg(test)]
+// The tests are the callers: they pick the instant the machine is handed.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
-    use crate::rollout::judge::{Failure, RuleKind};
+    use crate::rollout::judge::{Breach, RuleKind};
     use std::time::Duration;
 
     fn plan(auto: bool) -> Plan {
@@ -515,7 +518,7 @@ mod tests {
     }
 
     fn failing() -> Verdict {
-        Verdict::Failing(Failure { rule: RuleKind::ErrorRate, ln_evidence: 9.0, ln_threshold: 6.0 })
+        Verdict::Failing(Breach { rule: RuleKind::ErrorRate, ln_evidence: 9.0, ln_threshold: 6.0 })
     }
 
     fn started(auto: bool) -> (Machine, Instant) {
