@@ -28,15 +28,15 @@ pub struct AdminClient {
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
-/// An answer: status and body text.
-pub struct Answer {
+/// What the admin API answered: status and body text.
+pub struct AdminReply {
     /// HTTP status.
     pub status: StatusCode,
     /// Body as text.
     pub body: String,
 }
 
-impl Answer {
+impl AdminReply {
     /// The `error` field of a JSON error body, or the raw body.
     pub fn error_message(&self) -> String {
         serde_json::from_str::<serde_json::Value>(&self.body)
@@ -63,16 +63,16 @@ impl AdminClient {
     }
 
     /// GETs `path`.
-    pub async fn get(&self, path: &str) -> Result<Answer, String> {
+    pub async fn get(&self, path: &str) -> Result<AdminReply, String> {
         self.send(Method::GET, path, None).await
     }
 
     /// POSTs `body` (JSON) to `path`.
-    pub async fn post(&self, path: &str, body: Option<String>) -> Result<Answer, String> {
+    pub async fn post(&self, path: &str, body: Option<String>) -> Result<AdminReply, String> {
         self.send(Method::POST, path, body).await
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<String>) -> Result<Answer, String> {
+    async fn send(&self, method: Method, path: &str, body: Option<String>) -> Result<AdminReply, String> {
         let url = format!("{}{path}", self.base);
         let mut req = Request::builder().method(method).uri(&url);
         if let Some(t) = &self.token {
@@ -90,6 +90,6 @@ impl AdminClient {
             .map_err(|e| format!("{url}: {e}"))?;
         let status = resp.status();
         let body = resp.into_body().collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
-        Ok(Answer { status, body: String::from_utf8_lossy(&body).into_owned() })
+        Ok(AdminReply { status, body: String::from_utf8_lossy(&body).into_owned() })
     }
 }

@@ -149,7 +149,7 @@ pub struct Change {
 /// Why a command was refused (HTTP 409).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct Refusal(pub String);
+pub struct CommandRefused(pub String);
 
 /// The persistent part of a machine: what the state file records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -284,18 +284,18 @@ impl Machine {
     }
 
     /// Applies an operator's command, or says why it is not allowed now.
-    pub fn command(&mut self, cmd: Command, now: Instant, reason: Option<&str>) -> Result<Change, Refusal> {
+    pub fn command(&mut self, cmd: Command, now: Instant, reason: Option<&str>) -> Result<Change, CommandRefused> {
         let why = |default: &str| reason.filter(|r| !r.trim().is_empty()).map_or(default.to_string(), str::to_string);
         let phase = self.state.phase;
-        let refuse = |what: &str| Err(Refusal(format!("cannot {what}: the rollout is {}", phase.label())));
+        let refuse = |what: &str| Err(CommandRefused(format!("cannot {what}: the rollout is {}", phase.label())));
         match (cmd, phase) {
-            (_, Phase::Stable) => Err(Refusal("the route has no candidate".into())),
+            (_, Phase::Stable) => Err(CommandRefused("the route has no candidate".into())),
             (
                 Command::Promote,
                 Phase::Pending | Phase::Progressing | Phase::Paused | Phase::Preview | Phase::Baking,
             ) => Ok(self.go(EventKind::Promoted, Phase::Promoted, 0, now, why("manual promote"))),
             (Command::Promote, Phase::RolledBack) => {
-                Err(Refusal("cannot promote: the candidate was rolled back; `retry` first".into()))
+                Err(CommandRefused("cannot promote: the candidate was rolled back; `retry` first".into()))
             }
             (Command::Abort, Phase::RolledBack) => refuse("abort"),
             (Command::Abort, _) => Ok(self.go(EventKind::RolledBack, Phase::RolledBack, 0, now, why("manual"))),
@@ -307,7 +307,7 @@ impl Machine {
                 let step = self.state.step;
                 Ok(self.go(EventKind::Resumed, Phase::Progressing, step, now, why("manual resume")))
             }
-            (Command::Pause | Command::Resume, Phase::Preview | Phase::Baking) => Err(Refusal(format!(
+            (Command::Pause | Command::Resume, Phase::Preview | Phase::Baking) => Err(CommandRefused(format!(
                 "cannot {}: a blue-green rollout in {} is not paused (preview holds no user traffic, a bake \
                  must keep counting); `abort` returns to stable, a reload with a longer preview or bake extends it",
                 if cmd == Command::Pause { "pause" } else { "resume" },

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::{Ending, Role, RunResult, Scenario, Traffic, Transition, time_cap};
+use super::{Arm, Ending, RunResult, Scenario, TimelineEntry, Traffic, time_cap};
 use crate::config::RouteConfig;
 use crate::rollout::machine::EventKind;
 use crate::split::{FULL_BP, Splitter};
@@ -36,7 +36,7 @@ pub fn run_once(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64) ->
     let (mut step, mut failed, mut next_check) = (0usize, 0u32, t0 + interval);
     let mut fault_start: Option<(Instant, u64)> = None;
     let mut background_errors = 0.0;
-    let mut timeline = vec![Transition {
+    let mut timeline = vec![TimelineEntry {
         at_s: 0.0,
         kind: EventKind::Started,
         step: Some(0),
@@ -56,9 +56,9 @@ pub fn run_once(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64) ->
         traffic.shifted |= scenario.shifts_at_full_weight() && weight >= FULL_BP;
         let n = traffic.arrivals();
         let n_c = (0..n).filter(|_| splitter.pick_candidate(weight)).count() as u64;
-        traffic.serve(&mut stable, n - n_c, Role::Stable, t_s, false);
+        traffic.serve(&mut stable, n - n_c, Arm::Stable, t_s, false);
         let before = candidate.clone();
-        traffic.serve(&mut candidate, n_c, Role::Candidate, t_s, fault_start.is_some());
+        traffic.serve(&mut candidate, n_c, Arm::Candidate, t_s, fault_start.is_some());
         this_interval = this_interval.plus(&candidate.since(&before));
         background_errors += n_c as f64 * traffic.background(t_s);
         if now >= next_check {
@@ -141,6 +141,6 @@ fn transition(
     weight_bp: u32,
     candidate: &Totals,
     reason: String,
-) -> Transition {
-    Transition { at_s, kind, step, weight_bp, candidate_requests: candidate.requests(), reason }
+) -> TimelineEntry {
+    TimelineEntry { at_s, kind, step, weight_bp, candidate_requests: candidate.requests(), reason }
 }

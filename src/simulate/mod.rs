@@ -242,7 +242,7 @@ impl Ending {
 
 /// One transition of the machine, with its virtual time: the simulated journal.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Transition {
+pub struct TimelineEntry {
     /// Seconds since the rollout started.
     pub at_s: f64,
     /// What happened.
@@ -292,7 +292,7 @@ pub struct RunResult {
     /// Candidate requests served from the fault's start to the end of the run.
     pub detect_requests: Option<u64>,
     /// Every transition, in order.
-    pub timeline: Vec<Transition>,
+    pub timeline: Vec<TimelineEntry>,
     /// For a timed-out run, the rule the judge was holding on at the end and why, from its
     /// figures: what an operator would have seen in `veer status`.
     pub held_by: Option<String>,
@@ -377,8 +377,10 @@ struct Traffic {
     shifted: bool,
 }
 
+/// Which side of the simulated split a batch of requests went to (the simulator's own
+/// stand-in for a version, without the proxy's lanes and pools).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+enum Arm {
     Stable,
     Candidate,
 }
@@ -408,10 +410,10 @@ impl Traffic {
 
     /// Serves `n` requests of `role` at `t_s` seconds and adds their outcomes to the
     /// cumulative `t`; `faulty` says whether the candidate's fault is under way.
-    fn serve(&mut self, t: &mut Totals, n: u64, role: Role, t_s: f64, faulty: bool) {
+    fn serve(&mut self, t: &mut Totals, n: u64, role: Arm, t_s: f64, faulty: bool) {
         let background = self.background(t_s);
         let rate = match role {
-            Role::Candidate if faulty => self.scenario.candidate_error_rate().max(background),
+            Arm::Candidate if faulty => self.scenario.candidate_error_rate().max(background),
             _ => background,
         };
         let faults = Binomial::new(n, rate).map_or(0, |b| b.sample(&mut self.rng));
@@ -429,11 +431,11 @@ impl Traffic {
     }
 
     /// Applies the scenario to one base latency.
-    fn shape(&self, us: f64, role: Role) -> u64 {
+    fn shape(&self, us: f64, role: Arm) -> u64 {
         let us = match (role, self.scenario) {
-            (Role::Candidate, Scenario::Latency15x) => us * 1.5,
-            (Role::Candidate, Scenario::EnvShiftBad) => us * ENV_SHIFT_BAD_LATENCY,
-            (Role::Candidate, Scenario::Tail20Ms) if us > self.tail_from_us => us + TAIL_EXTRA.as_micros() as f64,
+            (Arm::Candidate, Scenario::Latency15x) => us * 1.5,
+            (Arm::Candidate, Scenario::EnvShiftBad) => us * ENV_SHIFT_BAD_LATENCY,
+            (Arm::Candidate, Scenario::Tail20Ms) if us > self.tail_from_us => us + TAIL_EXTRA.as_micros() as f64,
             _ => us,
         };
         us as u64
@@ -481,7 +483,7 @@ struct Run {
     tick: Duration,
     rule: Option<RuleKind>,
     full_weight_at: Option<Instant>,
-    timeline: Vec<Transition>,
+    timeline: Vec<TimelineEntry>,
     scenario: Scenario,
     seed: u64,
     rps: f64,
@@ -569,8 +571,8 @@ impl Run {
         let faulty = self.fault_start.is_some();
         let n = self.traffic.arrivals();
         let n_c = (0..n).filter(|_| self.splitter.pick_candidate(weight_bp)).count() as u64;
-        self.traffic.serve(&mut self.stable.totals, n - n_c, Role::Stable, t_s, false);
-        self.traffic.serve(&mut self.candidate.totals, n_c, Role::Candidate, t_s, faulty);
+        self.traffic.serve(&mut self.stable.totals, n - n_c, Arm::Stable, t_s, false);
+        self.traffic.serve(&mut self.candidate.totals, n_c, Arm::Candidate, t_s, faulty);
         self.background_errors += n_c as f64 * self.traffic.background(t_s);
         let (s, c) = (self.stable.read(now), self.candidate.read(now));
         // Blue-green: the judge reads the candidate's answers to copies in preview, and
@@ -581,8 +583,8 @@ impl Run {
                 Phase::Baking => (0, (0..n_c).filter(|_| m.picker.pick_candidate(m.share_bp)).count() as u64),
                 _ => (0, 0),
             };
-            self.traffic.serve(&mut m.to_candidate.totals, to_candidate, Role::Candidate, t_s, faulty);
-            self.traffic.serve(&mut m.to_stable.totals, to_stable, Role::Stable, t_s, false);
+            self.traffic.serve(&mut m.to_candidate.totals, to_candidate, Arm::Candidate, t_s, faulty);
+            self.traffic.serve(&mut m.to_stable.totals, to_stable, Arm::Stable, t_s, false);
             (m.to_candidate.read(now), m.to_stable.read(now))
         });
         let (judged, stable, stable_mirrored) = match (&copies, phase) {
@@ -615,7 +617,7 @@ impl Run {
         if change.weight_bp >= FULL_BP && self.full_weight_at.is_none() {
             self.full_weight_at = Some(now);
         }
-        self.timeline.push(Transition {
+        self.timeline.push(TimelineEntry {
             at_s: self.seconds(now),
             kind: change.kind,
             step: change.step,
@@ -798,7 +800,7 @@ fn percent(bp: u32) -> String {
     format!("{}%", f64::from(bp) / 100.0)
 }
 
-impl Transition {
+impl TimelineEntry {
     /// `+60.0s step 1 (5%)`: one timeline line.
     pub fn render(&self) -> String {
         let at = format!("+{:.1}s", self.at_s);
@@ -905,7 +907,7 @@ mod tests {
         }
     }
 
-    fn served(scenario: Scenario, role: Role, n: u64) -> Totals {
+    fn served(scenario: Scenario, role: Arm, n: u64) -> Totals {
         let mut t = Totals::default();
         traffic(scenario).serve(&mut t, n, role, 0.0, true);
         t
@@ -917,7 +919,7 @@ mod tests {
 
     #[test]
     fn stable_has_the_background_error_rate_and_lognormal_latency() {
-        let t = served(Scenario::Fail, Role::Stable, 200_000);
+        let t = served(Scenario::Fail, Arm::Stable, 200_000);
         assert_eq!(t.requests(), 200_000);
         let rate = t.faults as f64 / 200_000.0;
         assert!((rate - BACKGROUND_ERROR_RATE).abs() < 0.001, "{rate}");
@@ -929,24 +931,24 @@ mod tests {
     #[test]
     fn candidate_error_rates_follow_the_scenario() {
         let n = 100_000;
-        assert_eq!(served(Scenario::Fail, Role::Candidate, n).faults, n);
-        let five = served(Scenario::Errors5Pct, Role::Candidate, n).faults as f64 / n as f64;
+        assert_eq!(served(Scenario::Fail, Arm::Candidate, n).faults, n);
+        let five = served(Scenario::Errors5Pct, Arm::Candidate, n).faults as f64 / n as f64;
         assert!((five - 0.05).abs() < 0.003, "{five}");
-        let healthy = served(Scenario::Healthy, Role::Candidate, n).faults as f64 / n as f64;
+        let healthy = served(Scenario::Healthy, Arm::Candidate, n).faults as f64 / n as f64;
         assert!((healthy - BACKGROUND_ERROR_RATE).abs() < 0.002, "{healthy}");
     }
 
     #[test]
     fn latency_scenarios_shift_the_right_part_of_the_distribution() {
         let n = 200_000;
-        let base = served(Scenario::Healthy, Role::Candidate, n);
-        let slow = served(Scenario::Latency15x, Role::Candidate, n);
+        let base = served(Scenario::Healthy, Arm::Candidate, n);
+        let slow = served(Scenario::Latency15x, Arm::Candidate, n);
         assert!((ms(&slow, 0.5) / ms(&base, 0.5) - 1.5).abs() < 0.06);
-        let tail = served(Scenario::Tail20Ms, Role::Candidate, n);
+        let tail = served(Scenario::Tail20Ms, Arm::Candidate, n);
         assert!((ms(&tail, 0.5) - ms(&base, 0.5)).abs() < 2.0, "the body is untouched");
         assert!((ms(&tail, 0.99) - ms(&base, 0.99) - 20.0).abs() < 8.0, "the tail moves by 20 ms");
         // The stable side never changes with the scenario.
-        assert_eq!(served(Scenario::Tail20Ms, Role::Stable, 1000), served(Scenario::Healthy, Role::Stable, 1000));
+        assert_eq!(served(Scenario::Tail20Ms, Arm::Stable, 1000), served(Scenario::Healthy, Arm::Stable, 1000));
     }
 
     #[test]
@@ -959,16 +961,16 @@ mod tests {
             traffic.serve(&mut t, n, role, 0.0, scenario.fault_begins(FULL_BP));
             t
         };
-        let base = served(Scenario::Healthy, Role::Stable, n);
-        for role in [Role::Stable, Role::Candidate] {
+        let base = served(Scenario::Healthy, Arm::Stable, n);
+        for role in [Arm::Stable, Arm::Candidate] {
             let t = shifted(Scenario::EnvShift, role);
             let rate = t.faults as f64 / n as f64;
             assert!((rate - ENV_SHIFT_ERROR_RATE).abs() < 0.003, "{role:?}: {rate}");
             assert!((ms(&t, 0.5) / ms(&base, 0.5) - ENV_SHIFT_LATENCY).abs() < 0.06, "{role:?}");
         }
         assert!(!Scenario::EnvShift.fault_begins(FULL_BP) && !Scenario::EnvShift.is_regression());
-        let stable = shifted(Scenario::EnvShiftBad, Role::Stable);
-        let bad = shifted(Scenario::EnvShiftBad, Role::Candidate);
+        let stable = shifted(Scenario::EnvShiftBad, Arm::Stable);
+        let bad = shifted(Scenario::EnvShiftBad, Arm::Candidate);
         assert!((bad.faults as f64 / n as f64 - ENV_SHIFT_BAD_ERROR_RATE).abs() < 0.005);
         assert!((ms(&bad, 0.5) / ms(&stable, 0.5) - ENV_SHIFT_BAD_LATENCY).abs() < 0.06);
         assert!(!Scenario::EnvShiftBad.fault_begins(FULL_BP - 1), "healthy until it serves everything");
