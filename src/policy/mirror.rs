@@ -31,9 +31,10 @@ use crate::upstream::Clients;
 /// Mirrored requests in flight per route at most.
 pub const MAX_IN_FLIGHT: usize = 64;
 
-/// What the primary answer was, for the comparison.
+/// What the mirrored copy's answer is compared on: the primary answer's status class and,
+/// when bodies are compared, its body's CRC32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answer {
+pub struct Fingerprint {
     /// Its status class.
     pub class: Class,
     /// CRC32 of its body, when bodies are compared.
@@ -109,7 +110,7 @@ pub async fn run(
     route: Arc<Route>,
     clients: Clients,
     copy: Copy,
-    primary: oneshot::Receiver<Answer>,
+    primary: oneshot::Receiver<Fingerprint>,
     timeout: Duration,
 ) {
     let Some(policy) = route.policy.mirror.as_ref() else { return };
@@ -134,8 +135,8 @@ pub async fn run(
     }
 }
 
-async fn send(route: &Route, clients: &Clients, copy: &Copy, compare_body: bool, timeout: Duration) -> Answer {
-    let failed = Answer { class: Class::Error, digest: None };
+async fn send(route: &Route, clients: &Clients, copy: &Copy, compare_body: bool, timeout: Duration) -> Fingerprint {
+    let failed = Fingerprint { class: Class::Error, digest: None };
     let pool = route.pool(copy.to);
     let Some(i) = pool.pick(None) else { return failed };
     let mut headers = copy.headers.clone();
@@ -161,7 +162,7 @@ async fn send(route: &Route, clients: &Clients, copy: &Copy, compare_body: bool,
                 crc.update(&data);
             }
         }
-        Some(Answer { class, digest: compare_body.then(|| crc.finalize()) })
+        Some(Fingerprint { class, digest: compare_body.then(|| crc.finalize()) })
     };
     tokio::time::timeout(timeout, exchange).await.ok().flatten().unwrap_or(failed)
 }

@@ -94,8 +94,25 @@ impl RetryPolicy {
         }
     }
 
+    /// Whether a failed candidate attempt is re-sent to stable: only when the failure is
+    /// worth a second try (`retryable`: a 5xx answer, or a refusal whose
+    /// [`crate::proxy::error::Refusal::retryable`] says so) and the
+    /// budget has a retry left. A retryable failure the budget refuses is counted as
+    /// `budget_exhausted`; one that is not retryable costs nothing.
+    pub fn retries(&self, retryable: bool) -> bool {
+        if !retryable {
+            return false;
+        }
+        if !self.budget.withdraw() {
+            self.count(RetryOutcome::BudgetExhausted);
+            return false;
+        }
+        true
+    }
+
     /// Takes one retry from the budget.
-    pub fn withdraw(&self) -> bool {
+    #[cfg(test)]
+    fn withdraw(&self) -> bool {
         self.budget.withdraw()
     }
 
@@ -129,6 +146,17 @@ mod tests {
         assert!(!p.replayable(&Method::POST, &h, false), "too big to buffer");
         h.remove(header::CONTENT_LENGTH);
         assert!(!p.replayable(&Method::POST, &h, false), "unknown length (chunked) is never buffered");
+    }
+
+    #[test]
+    fn only_retryable_failures_spend_the_budget() {
+        let p = policy(false, 0.0);
+        // Not worth a second try: refused without touching the budget.
+        assert!((0..100).all(|_| !p.retries(false)));
+        // The reserve (one a second over the 10 s window) is still whole afterwards.
+        let granted = (0..100).filter(|_| p.retries(true)).count();
+        assert!((1..=11).contains(&granted), "{granted}");
+        assert!(!p.retries(true), "spent");
     }
 
     #[test]

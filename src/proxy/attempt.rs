@@ -15,23 +15,14 @@ use tracing::{debug, warn};
 use super::body::{self, Exchange, ProxyBody, RecordingBody, Tap, Upload};
 use super::error::{self, Refusal};
 use super::{ConnInfo, headers};
-use crate::stats::{Class, Source};
+use crate::stats::Class;
 use crate::upstream::{Clients, UpstreamBody, is_cap_full};
 use hyper_util::client::legacy::connect::capture_connection;
 use std::sync::Arc;
 
-/// A failed attempt, already settled (as the version's error, or as the client's or veer's
-/// when it was theirs); `error` says what the client gets unless the request is retried
-/// elsewhere.
-#[derive(Debug)]
-pub struct Failure {
-    /// What went wrong, and whose fault it was.
-    pub error: Refusal,
-}
-
 /// How long an attempt may take.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct Timeouts {
     /// From the end of the request body to the response head.
     pub request: Duration,
     /// Longest the request body (or the response body) may go without a byte.
@@ -41,6 +32,10 @@ pub struct Limits {
 /// Sends `parts` + `body` through `ex`'s endpoint. A bodyless request whose connection is
 /// refused moves to another endpoint of the same version (nothing was sent).
 ///
+/// A failure comes back already settled (as the version's error, or as the client's or
+/// veer's when it was theirs); the [`Refusal`] is what the client gets unless the request is
+/// retried elsewhere.
+///
 /// Towards an HTTP/2 endpoint the client's Host becomes the `:authority` and no `host` field
 /// is sent (RFC 9113 §8.3.1); the connection still goes to the endpoint's address.
 pub async fn send(
@@ -48,8 +43,8 @@ pub async fn send(
     ex: &mut Exchange,
     mut parts: Parts,
     body: UpstreamBody,
-    limits: Limits,
-) -> Result<Response<Incoming>, Failure> {
+    limits: Timeouts,
+) -> Result<Response<Incoming>, Refusal> {
     let pool = ex.route().pool(ex.role());
     let h2 = pool.h2;
     parts.version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
@@ -101,8 +96,7 @@ pub async fn send(
     match result {
         Waited::Done(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade => {
             warn!(route = %route, role, endpoint = %ep.addr, "upstream switched protocols unasked (101 to a request without Upgrade)");
-            ex.settle(Class::Error, true);
-            Err(Failure { error: Refusal::UnaskedSwitch })
+            Err(ex.settle_refusal(Refusal::UnaskedSwitch))
         }
         Waited::Done(Ok(resp)) => {
             ep.succeeded();
@@ -116,14 +110,12 @@ pub async fn send(
             if let Some(error) = upload.as_ref().and_then(|u| u.failure()) {
                 // The client's body broke, not the upstream: the client's fault.
                 debug!(%route, role, error = %error_chain(&e), "client request body failed");
-                ex.settle_local(error.class(), Source::Client);
-                return Err(Failure { error });
+                return Err(ex.settle_refusal(error));
             }
             if error::local_exhaustion(&e) {
                 // veer's own shortage: the endpoint is fine and does not back off.
                 warn!(%route, role, endpoint = %ep.addr, error = %error_chain(&e), "out of local resources reaching the upstream");
-                ex.settle_local(Class::ServerError, Source::Proxy);
-                return Err(Failure { error: Refusal::Exhausted });
+                return Err(ex.settle_refusal(Refusal::Exhausted));
             }
             if e.is_connect() {
                 ep.connect_failed();
@@ -133,8 +125,7 @@ pub async fn send(
             } else {
                 warn!(%route, role, endpoint = %ep.addr, error = %error_chain(&e), "upstream request failed");
             }
-            ex.settle(Class::Error, true);
-            Err(Failure { error: Refusal::UpstreamFailed })
+            Err(ex.settle_refusal(Refusal::UpstreamFailed))
         }
         Waited::TimedOut if captured.connection_metadata().is_none() && link.saturated() => {
             let (addr, open) = (ep.addr.clone(), link.open_connections());
@@ -142,13 +133,11 @@ pub async fn send(
         }
         Waited::TimedOut => {
             warn!(%route, role, endpoint = %ep.addr, "upstream timed out");
-            ex.settle(Class::Error, true);
-            Err(Failure { error: Refusal::UpstreamTimeout })
+            Err(ex.settle_refusal(Refusal::UpstreamTimeout))
         }
         Waited::ClientStalled => {
             debug!(%route, role = ex.role().label(), "client stopped sending its request body");
-            ex.settle_local(Class::ClientError, Source::Client);
-            Err(Failure { error: Refusal::BodyTimeout })
+            Err(ex.settle_refusal(Refusal::BodyTimeout))
         }
     }
 }
@@ -166,7 +155,7 @@ enum Waited<T> {
 /// Waits for `fut` (the response head). The clock of `request_timeout` only starts once the
 /// client's body is in; while it is still coming, each byte must follow the last within
 /// `body_idle_timeout`.
-async fn head<F: Future>(fut: F, upload: Option<&Upload>, limits: Limits) -> Waited<F::Output> {
+async fn head<F: Future>(fut: F, upload: Option<&Upload>, limits: Timeouts) -> Waited<F::Output> {
     tokio::pin!(fut);
     let sent = Instant::now();
     loop {
@@ -198,10 +187,9 @@ async fn head<F: Future>(fut: F, upload: Option<&Upload>, limits: Limits) -> Wai
 
 /// The request never got a connection because veer's own per-endpoint cap stayed full for
 /// the whole request timeout: veer's answer, not the version's, so it is never judged.
-fn cap_full(ex: &mut Exchange, addr: String, open: usize) -> Failure {
+fn cap_full(ex: &mut Exchange, addr: String, open: usize) -> Refusal {
     warn!(route = %ex.route().config.name, role = ex.role().label(), endpoint = %addr, open, "no upstream connection free within request_timeout (server.max_connections_per_endpoint)");
-    ex.settle_local(Class::ServerError, Source::Proxy);
-    Failure { error: Refusal::EndpointFull }
+    ex.settle_refusal(Refusal::EndpointFull)
 }
 
 /// True when hyper refused the upstream's response head for its size.

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use tokio::time::Sleep;
 
 use super::error::{self, Refusal};
-use crate::policy::mirror::Answer;
+use crate::policy::mirror::Fingerprint;
 use crate::runtime::{Lane, Role};
 use crate::snapshot::{Admission, Route};
 use crate::stats::{Class, Outcome, Source};
@@ -127,6 +127,19 @@ impl Exchange {
             self.settled = true;
             self.route().version(self.role).lane(self.lane).record(Outcome::local(class, source));
         }
+    }
+
+    /// Records the end `refusal` says: a failure of the version is judged against it (as an
+    /// error, whatever the status), veer's and the client's are counted under their source
+    /// with the class of the answer the client gets, never judged. Gives `refusal` back, to
+    /// be answered.
+    pub fn settle_refusal(&mut self, refusal: Refusal) -> Refusal {
+        if refusal.source() == Source::Upstream {
+            self.settle(Class::Error, true);
+        } else {
+            self.settle_local(refusal.class(), refusal.source());
+        }
+        refusal
     }
 
     /// Ends the accounting (settled already) and hands the route slot on, to a retry.
@@ -264,19 +277,19 @@ impl Body for ClientBody {
 /// Reports a primary answer to a mirrored copy waiting to compare with it.
 #[derive(Debug)]
 pub struct Tap {
-    tx: oneshot::Sender<Answer>,
+    tx: oneshot::Sender<Fingerprint>,
     crc: Option<crc32fast::Hasher>,
 }
 
 impl Tap {
     /// A tap sending to `tx`; with `digest`, the body's CRC32 is computed as it streams.
-    pub fn new(tx: oneshot::Sender<Answer>, digest: bool) -> Tap {
+    pub fn new(tx: oneshot::Sender<Fingerprint>, digest: bool) -> Tap {
         Tap { tx, crc: digest.then(crc32fast::Hasher::new) }
     }
 
     /// Reports the primary answer's class (and digest, if computed).
     pub fn finish(self, class: Class) {
-        let _ = self.tx.send(Answer { class, digest: self.crc.map(|c| c.finalize()) });
+        let _ = self.tx.send(Fingerprint { class, digest: self.crc.map(|c| c.finalize()) });
     }
 }
 

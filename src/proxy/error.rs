@@ -118,6 +118,30 @@ impl Refusal {
         }
     }
 
+    /// Whether the retry policy may re-send the request to stable. Only a failure of the
+    /// version itself is: its connection broke, it timed out, it switched protocols unasked.
+    /// veer's own shortages say nothing about the candidate (and would hit stable alike), and
+    /// a client's mistake or departure is the same on any version.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Refusal::UpstreamFailed | Refusal::UpstreamTimeout | Refusal::UnaskedSwitch => true,
+            Refusal::NoRoute
+            | Refusal::Connect
+            | Refusal::ForeignHost
+            | Refusal::BadHost
+            | Refusal::TooManyHeaders
+            | Refusal::BadOverride(_)
+            | Refusal::Shed
+            | Refusal::NoEndpoint
+            | Refusal::Exhausted
+            | Refusal::EndpointFull
+            | Refusal::BadBody
+            | Refusal::BodyTimeout
+            | Refusal::ClientGone
+            | Refusal::Internal => false,
+        }
+    }
+
     /// The class it is counted under: that of the plain answer's status, also when a gRPC
     /// client gets it as HTTP 200.
     pub fn class(&self) -> Class {
@@ -220,6 +244,79 @@ mod tests {
         assert!(local_exhaustion(&std::io::Error::from(std::io::ErrorKind::AddrNotAvailable)));
         let refused = Wrapper(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(!local_exhaustion(&refused));
+    }
+
+    /// Every variant once. Kept whole by `row` below: a variant missing here has a row
+    /// nobody checks, so add it here when adding it there.
+    fn every() -> Vec<Refusal> {
+        vec![
+            Refusal::NoRoute,
+            Refusal::Connect,
+            Refusal::ForeignHost,
+            Refusal::BadHost,
+            Refusal::TooManyHeaders,
+            Refusal::BadOverride("bad".into()),
+            Refusal::Shed,
+            Refusal::NoEndpoint,
+            Refusal::Exhausted,
+            Refusal::EndpointFull,
+            Refusal::UnaskedSwitch,
+            Refusal::UpstreamFailed,
+            Refusal::UpstreamTimeout,
+            Refusal::BadBody,
+            Refusal::BodyTimeout,
+            Refusal::ClientGone,
+            Refusal::Internal,
+        ]
+    }
+
+    /// What each variant must be: status, source, class, grpc-status, retryable. No wildcard
+    /// arm, so a new variant does not compile until all five are decided for it.
+    fn row(r: &Refusal) -> (u16, Source, Class, u8, bool) {
+        use Class::{ClientError as C4, ServerError as C5};
+        use Source::{Client, Proxy, Upstream};
+        match r {
+            Refusal::NoRoute => (404, Proxy, C4, 12, false),
+            Refusal::Connect => (405, Client, C4, 12, false),
+            Refusal::ForeignHost => (400, Client, C4, 3, false),
+            Refusal::BadHost => (400, Client, C4, 3, false),
+            Refusal::TooManyHeaders => (431, Client, C4, 3, false),
+            Refusal::BadOverride(_) => (400, Client, C4, 3, false),
+            Refusal::Shed => (503, Proxy, C5, 8, false),
+            Refusal::NoEndpoint => (503, Proxy, C5, 14, false),
+            Refusal::Exhausted => (503, Proxy, C5, 14, false),
+            Refusal::EndpointFull => (503, Proxy, C5, 8, false),
+            Refusal::UnaskedSwitch => (502, Upstream, C5, 14, true),
+            Refusal::UpstreamFailed => (502, Upstream, C5, 14, true),
+            Refusal::UpstreamTimeout => (504, Upstream, C5, 4, true),
+            Refusal::BadBody => (400, Client, C4, 3, false),
+            Refusal::BodyTimeout => (408, Client, C4, 4, false),
+            Refusal::ClientGone => (499, Client, C4, 1, false),
+            Refusal::Internal => (500, Proxy, C5, 13, false),
+        }
+    }
+
+    #[test]
+    fn every_variant_has_all_five_decided() {
+        let all = every();
+        let mut seen = std::collections::HashSet::new();
+        for r in &all {
+            assert!(seen.insert(std::mem::discriminant(r)), "{r:?} listed twice");
+            let (status, source, class, grpc, retryable) = row(r);
+            assert_eq!(r.status().as_u16(), status, "{r:?} status");
+            assert_eq!(r.source(), source, "{r:?} source");
+            assert_eq!(r.class(), class, "{r:?} class");
+            assert_eq!(r.grpc_status(), grpc, "{r:?} grpc-status");
+            assert_eq!(r.retryable(), retryable, "{r:?} retryable");
+            let plain = r.response(false);
+            assert_eq!(plain.status().as_u16(), status, "{r:?} plain answer");
+            assert_eq!(plain.headers()["content-type"], "text/plain; charset=utf-8");
+            let g = r.response(true);
+            assert_eq!(g.status(), 200, "{r:?} gRPC answer");
+            assert_eq!(g.headers()["grpc-status"], grpc.to_string().as_str(), "{r:?} gRPC answer");
+            // Only the version's own failures are worth a second try elsewhere.
+            assert_eq!(retryable, source == Source::Upstream, "{r:?}");
+        }
     }
 
     #[test]

@@ -42,7 +42,7 @@ use crate::runtime::{Lane, Role};
 use crate::server::Shared;
 use crate::snapshot::Route;
 use crate::stats::{Class, Outcome, Source};
-use attempt::Limits;
+use attempt::Timeouts;
 use body::{ClientBody, Exchange, ProxyBody, Tap, Upload};
 use error::Refusal;
 
@@ -76,9 +76,11 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host());
         let s = &snap.config.server;
         match snap.find(host, req.uri().path()) {
-            Some(r) => {
-                (r.clone(), s.expose_role_header, Limits { request: s.request_timeout, body_idle: s.body_idle_timeout })
-            }
+            Some(r) => (
+                r.clone(),
+                s.expose_role_header,
+                Timeouts { request: s.request_timeout, body_idle: s.body_idle_timeout },
+            ),
             None => {
                 conn.shared.telemetry.count_unrouted(Source::Proxy);
                 return Ok(Refusal::NoRoute.response(grpc));
@@ -167,7 +169,7 @@ async fn forward(
     conn: &Arc<ConnInfo>,
     mut ex: Exchange,
     mut req: Request<Incoming>,
-    limits: Limits,
+    limits: Timeouts,
     grpc: bool,
 ) -> Response<ProxyBody> {
     let client_version = req.version();
@@ -224,20 +226,17 @@ async fn forward(
         let clients = &conn.shared.clients;
         return match attempt::send(clients, &mut ex, parts, body, limits).await {
             Ok(resp) => tagged(attempt::respond(ex, resp, client_version, client_upgrade, tap, limits.body_idle), role),
-            Err(f) => {
+            Err(refusal) => {
                 if let Some(t) = tap {
                     t.finish(Class::Error);
                 }
-                tagged(f.error.response(grpc), role)
+                tagged(refusal.response(grpc), role)
             }
         };
     };
     let buffered = match read_body(body, max_body, limits.body_idle).await {
         Ok(b) => b,
-        Err(refusal) => {
-            ex.settle_local(refusal.class(), refusal.source());
-            return refusal.response(grpc);
-        }
+        Err(refusal) => return ex.settle_refusal(refusal).response(grpc),
     };
     // The client's part is over: the version's latency starts now.
     ex.measure_from(Instant::now());
@@ -273,42 +272,32 @@ async fn shielded(
     mut ex: Exchange,
     parts: Parts,
     body: Bytes,
-    limits: Limits,
+    limits: Timeouts,
     grpc: bool,
 ) -> Response<ProxyBody> {
     let route = ex.route().clone();
     let Some(policy) = route.policy.retry.as_ref() else {
-        ex.settle_local(Class::ServerError, Source::Proxy);
-        return Refusal::Internal.response(grpc);
+        return ex.settle_refusal(Refusal::Internal).response(grpc);
     };
     let clients = &conn.shared.clients;
     let replay = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
     let client_version = parts.version;
     let idle = limits.body_idle;
-    let failed = match attempt::send(clients, &mut ex, parts, Either::Right(Full::new(body.clone())), limits).await {
-        Ok(resp) if !resp.status().is_server_error() => {
-            return tagged(attempt::respond(ex, resp, client_version, None, None, idle), Role::Candidate);
-        }
-        Ok(resp) if !policy.withdraw() => {
-            policy.count(RetryOutcome::BudgetExhausted);
+    match attempt::send(clients, &mut ex, parts, Either::Right(Full::new(body.clone())), limits).await {
+        // Not a 5xx, or the budget is spent: the candidate's answer is the user's.
+        Ok(resp) if !policy.retries(resp.status().is_server_error()) => {
             return tagged(attempt::respond(ex, resp, client_version, None, None, idle), Role::Candidate);
         }
         Ok(resp) => {
             // The candidate answered 5xx: it is judged for it, and the user gets stable's answer.
             ex.settle(Class::of_status(resp.status()), true);
             drop(resp);
-            None
         }
-        // Not the candidate's failure (veer ran short): nothing to shield the user from.
-        Err(f) if f.error.source() != Source::Upstream => Some(f),
-        Err(f) if !policy.withdraw() => {
-            policy.count(RetryOutcome::BudgetExhausted);
-            Some(f)
+        // Not worth a second try (veer ran short, or the client failed), or the budget is spent.
+        Err(refusal) if !policy.retries(refusal.retryable()) => {
+            return tagged(refusal.response(grpc), Role::Candidate);
         }
-        Err(_) => None,
-    };
-    if let Some(f) = failed {
-        return tagged(f.error.response(grpc), Role::Candidate);
+        Err(_) => {}
     }
     let start = ex.start();
     // The request keeps its one `max_inflight` slot for the retry.
@@ -329,9 +318,9 @@ async fn shielded(
             policy.count(if resp.status().is_server_error() { RetryOutcome::Failed } else { RetryOutcome::Recovered });
             tagged(attempt::respond(stable, resp, client_version, None, None, idle), Role::Stable)
         }
-        Err(f) => {
+        Err(refusal) => {
             policy.count(RetryOutcome::Failed);
-            tagged(f.error.response(grpc), Role::Stable)
+            tagged(refusal.response(grpc), Role::Stable)
         }
     }
 }
