@@ -6,6 +6,7 @@
 //! reload changes nothing.
 
 pub mod error;
+pub mod keys;
 mod raw;
 mod validate;
 
