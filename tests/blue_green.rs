@@ -18,12 +18,15 @@ use veer::server::Proxy;
 
 /// A blue-green route `web` with 100% mirroring and fast phases; `extra` is appended.
 fn blue_green(stable: SocketAddr, cand: SocketAddr, preview: &str, bake: &str, extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nexpose_role_header = true\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}\
-         strategy = \"blue-green\"\npreview = \"{preview}\"\nbake = \"{bake}\"\nmin_requests = 5\n\n\
-         [routes.rollback]\nwindow = \"5s\"\ntick = \"50ms\"\n\n[routes.mirror]\npercent = 100\n{extra}",
-        route(stable, Some(cand), "[100]")
-    )
+    let route = RouteFixture::new(stable, cand)
+        .steps("[100]")
+        .rollout_key("strategy", "\"blue-green\"")
+        .rollout_key("preview", &format!("\"{preview}\""))
+        .rollout_key("bake", &format!("\"{bake}\""))
+        .min_requests(5)
+        .rollback("5s", "50ms")
+        .append(&format!("\n[routes.mirror]\npercent = 100\n{extra}"));
+    format!("{}{}", listeners("expose_role_header = true", ""), route.toml())
 }
 
 /// `workers` clients sending GETs, each pausing `gap` between requests, until `stop` is set or

@@ -24,8 +24,11 @@ fn text(b: &[u8]) -> String {
 async fn status_verbs_and_report_through_the_cli() {
     let stable = Upstream::text("stable").await;
     let cand = Upstream::text("cand").await;
-    let body = with_listeners(&route(stable.addr, Some(cand.addr), "[10, 100]"))
-        .replace("[admin]\nlisten = \"127.0.0.1:0\"", "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"token\"");
+    let body = format!(
+        "{}{}",
+        listeners("", "token_file = \"token\""),
+        RouteFixture::new(stable.addr, cand.addr).steps("[10, 100]").toml()
+    );
     let cfg = ConfigFile::new(&body);
     let token = cfg.dir.path().join("token");
     std::fs::write(&token, "let-me-in").expect("token");

@@ -3,27 +3,28 @@
 //! These tests only look at what an operator sees: the exit code, the summary on stdout and
 //! the `FILE:LINE:COL: key: message` lines on stderr.
 
+mod common;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::RouteFixture;
 use tempfile::NamedTempFile;
 
-/// A valid route; broken configs below are built by appending to it.
-const BASE: &str = r#"[server]
-listen = "127.0.0.1:8080"
+/// The `[server]` table of [`base`]: `veer check` never binds it.
+const SERVER: &str = "[server]\nlisten = \"127.0.0.1:8080\"\n\n";
 
-[[routes]]
-name = "web"
+/// A valid config, one two-version route without a rollout table; broken configs below are
+/// built by appending to it.
+fn base() -> String {
+    format!("{SERVER}{}", base_route())
+}
 
-[routes.stable]
-version = "v1"
-endpoints = ["127.0.0.1:9001"]
-
-[routes.candidate]
-version = "v2"
-endpoints = ["127.0.0.1:9002"]
-"#;
+/// The route of [`base`] on its own.
+fn base_route() -> String {
+    RouteFixture::new("127.0.0.1:9001", "127.0.0.1:9002").without_rollout().toml()
+}
 
 /// Runs the binary from the repository root with `args`.
 fn veer(args: &[&str]) -> Output {
@@ -146,7 +147,7 @@ fn edge_example_is_valid() {
 
 #[test]
 fn a_valid_temp_file_passes() {
-    let (f, out) = check_bytes(BASE.as_bytes());
+    let (f, out) = check_bytes(base().as_bytes());
     assert_exit(&out, 0);
     assert!(stdout(&out).starts_with(&format!("{}: OK, 1 route(s)", path_str(f.path()))), "{}", stdout(&out));
 }
@@ -155,14 +156,14 @@ fn a_valid_temp_file_passes() {
 
 #[test]
 fn unknown_key_names_its_line_and_key() {
-    let src = format!("{BASE}\n[routes.rollout]\nstepz = [1, 100]\n");
+    let src = format!("{}\n[routes.rollout]\nstepz = [1, 100]\n", base());
     let msg = expect_error_at(&src, src.find("stepz").unwrap(), "routes[0].rollout.stepz");
     assert!(msg.contains("unknown field"), "{msg}");
 }
 
 #[test]
 fn steps_out_of_order_point_at_the_offending_step() {
-    let src = format!("{BASE}\n[routes.rollout]\nsteps = [5, 1, 100]\n");
+    let src = format!("{}\n[routes.rollout]\nsteps = [5, 1, 100]\n", base());
     let offset = src.find("1, 100]").unwrap();
     let msg = expect_error_at(&src, offset, "routes[0].rollout.steps");
     assert!(msg.contains("strictly increasing"), "{msg}");
@@ -170,14 +171,14 @@ fn steps_out_of_order_point_at_the_offending_step() {
 
 #[test]
 fn bad_duration_points_at_the_value() {
-    let src = format!("{BASE}\n[routes.rollback]\nwindow = \"30 parsecs\"\n");
+    let src = format!("{}\n[routes.rollback]\nwindow = \"30 parsecs\"\n", base());
     let msg = expect_error_at(&src, src.find("\"30 parsecs\"").unwrap(), "routes[0].rollback.window");
     assert!(msg.contains("not a duration"), "{msg}");
 }
 
 #[test]
 fn duplicate_route_name_points_at_the_second_route() {
-    let src = format!("{BASE}\n{}", BASE.replace("[server]\nlisten = \"127.0.0.1:8080\"\n\n", ""));
+    let src = format!("{}\n{}", base(), base_route());
     let second = src.rfind("\"web\"").unwrap();
     assert_ne!(second, src.find("\"web\"").unwrap());
     let msg = expect_error_at(&src, second, "routes[1].name");
@@ -186,7 +187,7 @@ fn duplicate_route_name_points_at_the_second_route() {
 
 #[test]
 fn every_problem_is_reported_at_once() {
-    let src = format!("{BASE}\n[routes.rollout]\nsteps = [5, 1, 100]\n\n[routes.rollback]\nwindow = \"soon\"\n");
+    let src = format!("{}\n[routes.rollout]\nsteps = [5, 1, 100]\n\n[routes.rollback]\nwindow = \"soon\"\n", base());
     let (f, out) = check_bytes(src.as_bytes());
     assert_exit(&out, 1);
     let err = stderr(&out);

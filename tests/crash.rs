@@ -10,10 +10,16 @@ use common::*;
 use serde_json::Value;
 
 fn config(stable: std::net::SocketAddr, cand: std::net::SocketAddr, interval: &str) -> String {
-    format!(
-        "{}step_interval = \"{interval}\"\nmin_requests = 0\n\n[routes.rollback]\nwindow = \"5s\"\ntick = \"50ms\"\n",
-        route(stable, Some(cand), "[10, 20, 50, 100]")
-    )
+    fixture(stable, cand, interval).toml()
+}
+
+/// The route of [`config`], to change before it is written.
+fn fixture(stable: std::net::SocketAddr, cand: std::net::SocketAddr, interval: &str) -> RouteFixture {
+    RouteFixture::new(stable, cand)
+        .steps("[10, 20, 50, 100]")
+        .step_interval(interval)
+        .min_requests(0)
+        .rollback("5s", "50ms")
 }
 
 async fn status(c: &HttpClient, v: &Veer) -> Value {
@@ -103,8 +109,7 @@ async fn a_torn_last_journal_line_is_skipped_and_appending_goes_on() {
 async fn an_unwritable_state_dir_holds_but_serves_and_still_rolls_back() {
     let stable = Upstream::text("stable").await;
     let cand = Upstream::status(500, "boom").await;
-    let body =
-        config(stable.addr, cand.addr, "100ms").replace("[[routes]]", "[state]\ndir = \"blocked/state\"\n\n[[routes]]");
+    let body = format!("[state]\ndir = \"blocked/state\"\n\n{}", config(stable.addr, cand.addr, "100ms"));
     let cfg = ConfigFile::new(&body);
     std::fs::write(cfg.dir.path().join("blocked"), "a file where a directory should be").expect("block");
     let c = client();
@@ -142,7 +147,7 @@ async fn the_judges_evidence_survives_a_crash() {
         }
     })
     .await;
-    let cfg = ConfigFile::new(&config(stable.addr, cand.addr, "1h").replace("[10, 20, 50, 100]", "[50, 100]"));
+    let cfg = ConfigFile::new(&fixture(stable.addr, cand.addr, "1h").steps("[50, 100]").toml());
     let c = client();
     let v = Veer::spawn(&cfg.path);
     let evidence = |st: &Value| st["judge"]["rules"][0]["ln_evidence"].as_f64();

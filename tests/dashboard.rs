@@ -122,9 +122,10 @@ async fn abort_clicked_in_headless_chromium_rolls_the_route_back() {
 
     let stable = Upstream::text("stable").await;
     let cand = Upstream::text("candidate").await;
-    let body = with_listeners(&route(stable.addr, Some(cand.addr), "[50, 100]")).replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"",
+    let body = format!(
+        "{}{}",
+        listeners("", "token_file = \"admin.token\""),
+        RouteFixture::new(stable.addr, cand.addr).steps("[50, 100]").toml()
     );
     let cfg = ConfigFile::new(&body);
     std::fs::write(cfg.dir.path().join("admin.token"), format!("{TOKEN}\n")).expect("token file");

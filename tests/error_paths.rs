@@ -98,7 +98,7 @@ async fn max_inflight_sheds_with_503() {
         }
     })
     .await;
-    let body = route(slow.addr, None, "").replace("name = \"web\"", "name = \"web\"\nmax_inflight = 1");
+    let body = RouteFixture::stable_only(slow.addr).route_key("max_inflight", "1").toml();
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();

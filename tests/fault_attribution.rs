@@ -207,9 +207,11 @@ async fn answers_veer_makes_itself_are_counted_with_source_proxy() {
 async fn a_retried_request_frees_its_max_inflight_slot_once() {
     let stable = Upstream::text("stable").await;
     let cand = Upstream::status(500, "boom").await;
-    let body = route(stable.addr, Some(cand.addr), "[100]")
-        .replace("name = \"web\"", "name = \"web\"\nmax_inflight = 1")
-        .replace("[routes.rollout]", "[routes.retry]\non_candidate_failure = true\nbudget = 1.0\n\n[routes.rollout]");
+    let body = RouteFixture::new(stable.addr, cand.addr)
+        .steps("[100]")
+        .route_key("max_inflight", "1")
+        .append("\n[routes.retry]\non_candidate_failure = true\nbudget = 1.0\n")
+        .toml();
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let c = client();

@@ -15,10 +15,13 @@ use common::*;
 use serde_json::Value;
 
 fn config(stable: SocketAddr, cand: SocketAddr, extra: &str) -> String {
-    format!(
-        "{}step_interval = \"1h\"\nmin_requests = 0\n\n[routes.rollback]\nwindow = \"5s\"\ntick = \"50ms\"\n{extra}",
-        route(stable, Some(cand), "[50, 100]")
-    )
+    RouteFixture::new(stable, cand)
+        .steps("[50, 100]")
+        .step_interval("1h")
+        .min_requests(0)
+        .rollback("5s", "50ms")
+        .append(extra)
+        .toml()
 }
 
 fn kill(mut v: Veer) {

@@ -5,40 +5,29 @@
 //! caught within a handful of candidate requests. Seeds are fixed, so every figure is
 //! reproducible; the measured rates are printed (`--nocapture`) so they can be reported.
 
+mod common;
+
 use std::path::Path;
 
+use common::RouteFixture;
 use veer::config::{Config, RouteConfig};
 use veer::rollout::machine::EventKind;
 use veer::simulate::{self, Ending, RunResult, Scenario, Summary};
 
-/// A route with a short plan (five steps of 10 s) so that a thousand rollouts take seconds.
-const SHORT_PLAN: &str = r#"[server]
-listen = "127.0.0.1:8080"
+/// The `[server]` table of the plans below: only parsed, never bound.
+const SERVER: &str = "[server]\nlisten = \"127.0.0.1:8080\"\n\n";
 
-[[routes]]
-name = "web"
-
-[routes.stable]
-version = "v1"
-endpoints = ["127.0.0.1:9001"]
-
-[routes.candidate]
-version = "v2"
-endpoints = ["127.0.0.1:9002"]
-
-[routes.rollout]
-steps = [1, 5, 25, 50, 100]
-step_interval = "10s"
-min_requests = 10
-
-[routes.rollback]
-window = "30s"
-tick = "100ms"
-confidence = 0.99
-"#;
-
+/// A route with a short plan (five steps of 10 s) so that a thousand rollouts take seconds;
+/// `extra_rollback` is appended to its `[routes.rollback]` table.
 fn route(extra_rollback: &str) -> RouteConfig {
-    let src = format!("{SHORT_PLAN}{extra_rollback}");
+    let plan = RouteFixture::new("127.0.0.1:9001", "127.0.0.1:9002")
+        .steps("[1, 5, 25, 50, 100]")
+        .step_interval("10s")
+        .min_requests(10)
+        .rollback("30s", "100ms")
+        .rollback_key("confidence", "0.99")
+        .append(extra_rollback);
+    let src = format!("{SERVER}{}", plan.toml());
     let config = Config::parse(Path::new("judge_statistics.toml"), &src).expect("test config is valid");
     config.routes[0].clone()
 }
@@ -159,38 +148,19 @@ fn the_contract_fields_are_in_the_json_summary() {
 /// A blue-green route with a short plan (5 s preview, 20 s bake), both comparative rules
 /// armed and 10% mirroring: stable's requests to the candidate in preview, the candidate's
 /// to stable while it bakes.
-const BLUE_GREEN_PLAN: &str = r#"[server]
-listen = "127.0.0.1:8080"
-
-[[routes]]
-name = "web"
-
-[routes.stable]
-version = "v1"
-endpoints = ["127.0.0.1:9001"]
-
-[routes.candidate]
-version = "v2"
-endpoints = ["127.0.0.1:9002"]
-
-[routes.rollout]
-strategy = "blue-green"
-preview = "5s"
-bake = "20s"
-min_requests = 10
-
-[routes.rollback]
-window = "30s"
-tick = "100ms"
-confidence = 0.99
-max_p99_ratio = 1.5
-
-[routes.mirror]
-percent = 10
-"#;
-
 fn blue_green() -> RouteConfig {
-    let config = Config::parse(Path::new("judge_statistics.toml"), BLUE_GREEN_PLAN).expect("test config is valid");
+    let plan = RouteFixture::new("127.0.0.1:9001", "127.0.0.1:9002")
+        .without_steps()
+        .rollout_key("strategy", "\"blue-green\"")
+        .rollout_key("preview", "\"5s\"")
+        .rollout_key("bake", "\"20s\"")
+        .min_requests(10)
+        .rollback("30s", "100ms")
+        .rollback_key("confidence", "0.99")
+        .rollback_key("max_p99_ratio", "1.5")
+        .append("\n[routes.mirror]\npercent = 10\n");
+    let src = format!("{SERVER}{}", plan.toml());
+    let config = Config::parse(Path::new("judge_statistics.toml"), &src).expect("test config is valid");
     let r = config.routes[0].clone();
     assert!(simulate::latency_armed(&r.rollback) && r.rollback.max_error_rate_increase.is_some());
     r

@@ -55,8 +55,8 @@ async fn weight_and_phase_gauges_are_current_right_after_start_and_commands() {
     let stable = Upstream::text("ok").await;
     let cand = Upstream::text("cand").await;
     // One tick at the start, the next 20 s later: only the start and the command move the state.
-    let body = route(stable.addr, Some(cand.addr), "[50, 100]")
-        + "step_interval = \"1h\"\n\n[routes.rollback]\nwindow = \"60s\"\ntick = \"20s\"\n";
+    let body =
+        RouteFixture::new(stable.addr, cand.addr).steps("[50, 100]").step_interval("1h").rollback("60s", "20s").toml();
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let (c, admin) = (client(), proxy.admin_addr());
@@ -128,9 +128,7 @@ async fn grpc_internal_in_trailers_counts_as_a_candidate_error() {
         grpc_response(if req.uri().path().ends_with("/Fail") { "13" } else { "0" })
     })
     .await;
-    let body = route(stable.addr, Some(cand.addr), "[100]")
-        .replace("version = \"v2\"", "version = \"v2\"\nh2 = true")
-        .replace("version = \"v1\"", "version = \"v1\"\nh2 = true");
+    let body = RouteFixture::new(stable.addr, cand.addr).steps("[100]").version_key("h2", "true").toml();
     let cfg = ConfigFile::new(&body);
     let proxy = Proxy::start(&cfg.path).await.expect("start");
     let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();

@@ -12,10 +12,13 @@ use serde_json::Value;
 use veer::server::Proxy;
 
 fn policy_route(stable: std::net::SocketAddr, cand: std::net::SocketAddr, steps: &str, extra: &str) -> String {
-    format!(
-        "{}step_interval = \"1h\"\nmin_requests = 10\n\n[routes.rollback]\nwindow = \"10s\"\ntick = \"50ms\"\n{extra}",
-        route(stable, Some(cand), steps)
-    )
+    RouteFixture::new(stable, cand)
+        .steps(steps)
+        .step_interval("1h")
+        .min_requests(10)
+        .rollback("10s", "50ms")
+        .append(extra)
+        .toml()
 }
 
 async fn send_with(c: &HttpClient, addr: std::net::SocketAddr, method: &str, headers: &[(&str, &str)]) -> Got {

@@ -22,10 +22,13 @@ fn fast_route(
     interval: &str,
     extra: &str,
 ) -> String {
-    format!(
-        "{}step_interval = \"{interval}\"\nmin_requests = 20\n\n[routes.rollback]\nwindow = \"5s\"\ntick = \"50ms\"\n{extra}",
-        route(stable, Some(cand), steps)
-    )
+    RouteFixture::new(stable, cand)
+        .steps(steps)
+        .step_interval(interval)
+        .min_requests(20)
+        .rollback("5s", "50ms")
+        .append(extra)
+        .toml()
 }
 
 /// A bounded load loop: `workers` clients, each pausing `gap` between requests, until

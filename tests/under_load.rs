@@ -51,10 +51,14 @@ async fn try_get(c: &HttpClient, addr: SocketAddr, headers: &[(&str, &str)]) -> 
 
 /// The route `web` of the reload test: stable on `stable`, the override header named `header`.
 fn reload_config(stable: SocketAddr, cand: SocketAddr, header: &str, interval: &str) -> String {
-    format!(
-        "{}step_interval = \"{interval}\"\nmin_requests = 0\n\n[routes.rollback]\nwindow = \"5s\"\ntick = \"50ms\"\nmax_p99_ratio = 1000.0\n\n[routes.override]\nheader = \"{header}\"\n",
-        route(stable, Some(cand), "[5, 10, 50, 100]")
-    )
+    RouteFixture::new(stable, cand)
+        .steps("[5, 10, 50, 100]")
+        .step_interval(interval)
+        .min_requests(0)
+        .rollback("5s", "50ms")
+        .rollback_key("max_p99_ratio", "1000.0")
+        .append(&format!("\n[routes.override]\nheader = \"{header}\"\n"))
+        .toml()
 }
 
 /// Broken files for the reload test: the text, and what the first error must mention.
@@ -270,10 +274,13 @@ async fn reload_under_load_fails_no_request_and_keeps_the_rollout() {
 const PLAN: [f64; 6] = [5.0, 10.0, 20.0, 40.0, 70.0, 100.0];
 
 fn crash_config(stable: SocketAddr, cand: SocketAddr) -> String {
-    format!(
-        "{}step_interval = \"100ms\"\nmin_requests = 0\n\n[routes.rollback]\nwindow = \"2s\"\ntick = \"50ms\"\nmax_p99_ratio = 1000.0\n",
-        route(stable, Some(cand), "[5, 10, 20, 40, 70, 100]")
-    )
+    RouteFixture::new(stable, cand)
+        .steps("[5, 10, 20, 40, 70, 100]")
+        .step_interval("100ms")
+        .min_requests(0)
+        .rollback("2s", "50ms")
+        .rollback_key("max_p99_ratio", "1000.0")
+        .toml()
 }
 
 /// Replays the journal against the plan: each event continues from the previous one, steps go

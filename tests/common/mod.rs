@@ -145,16 +145,151 @@ pub fn with_listeners(body: &str) -> String {
     if body.contains("[server]") { body.to_string() } else { format!("{}\n{body}", listeners("", "")) }
 }
 
-/// One route `web` with a stable and (optionally) a candidate upstream.
-pub fn route(stable: SocketAddr, candidate: Option<SocketAddr>, steps: &str) -> String {
-    let mut s =
-        format!("[[routes]]\nname = \"web\"\n\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"{stable}\"]\n");
-    if let Some(c) = candidate {
-        s.push_str(&format!(
-            "\n[routes.candidate]\nversion = \"v2\"\nendpoints = [\"{c}\"]\n\n[routes.rollout]\nsteps = {steps}\n"
-        ));
+/// The TOML of one route `web`: a stable version `v1` and, unless built with
+/// [`RouteFixture::stable_only`], a candidate `v2` with a rollout plan and, when asked for,
+/// rollback rules.
+///
+/// Tests build their route with it instead of writing the same tables out by hand, so each
+/// test says only what differs from the usual route, and a renamed key is renamed once.
+/// Listener tables are not part of it: [`ConfigFile::new`] (or [`listeners`]) adds them.
+#[derive(Clone, Debug)]
+pub struct RouteFixture {
+    stable: String,
+    candidate: Option<String>,
+    route_keys: Vec<String>,
+    stable_keys: Vec<String>,
+    candidate_keys: Vec<String>,
+    rollout: bool,
+    steps: Option<String>,
+    rollout_keys: Vec<String>,
+    rollback_keys: Vec<String>,
+    appended: String,
+}
+
+impl RouteFixture {
+    /// Stable on `stable`, candidate on `candidate`, steps `[50, 100]`, no rollback table.
+    pub fn new(stable: impl std::fmt::Display, candidate: impl std::fmt::Display) -> RouteFixture {
+        RouteFixture { candidate: Some(candidate.to_string()), ..RouteFixture::stable_only(stable) }
     }
-    s
+
+    /// Only a stable version on `stable`: no candidate, no rollout.
+    pub fn stable_only(stable: impl std::fmt::Display) -> RouteFixture {
+        RouteFixture {
+            stable: stable.to_string(),
+            candidate: None,
+            route_keys: Vec::new(),
+            stable_keys: Vec::new(),
+            candidate_keys: Vec::new(),
+            rollout: true,
+            steps: Some("[50, 100]".to_string()),
+            rollout_keys: Vec::new(),
+            rollback_keys: Vec::new(),
+            appended: String::new(),
+        }
+    }
+
+    /// The rollout's `steps`, as a TOML array (`"[10, 100]"`).
+    pub fn steps(mut self, steps: &str) -> RouteFixture {
+        self.steps = Some(steps.to_string());
+        self
+    }
+
+    /// No `steps` key, for a strategy that has none (blue-green).
+    pub fn without_steps(mut self) -> RouteFixture {
+        self.steps = None;
+        self
+    }
+
+    /// No `[routes.rollout]` table at all, for configs that add their own.
+    pub fn without_rollout(mut self) -> RouteFixture {
+        self.rollout = false;
+        self
+    }
+
+    /// `step_interval` of the rollout (a duration such as `"1h"`).
+    pub fn step_interval(self, interval: &str) -> RouteFixture {
+        self.rollout_key("step_interval", &format!("\"{interval}\""))
+    }
+
+    /// `min_requests` of the rollout.
+    pub fn min_requests(self, n: u64) -> RouteFixture {
+        self.rollout_key("min_requests", &n.to_string())
+    }
+
+    /// Another `[routes.rollout]` key; `value` is a TOML literal (`"\"blue-green\""`, `5`).
+    pub fn rollout_key(mut self, key: &str, value: &str) -> RouteFixture {
+        self.rollout_keys.push(format!("{key} = {value}"));
+        self
+    }
+
+    /// A `[routes.rollback]` table with this `window` and `tick` (durations).
+    pub fn rollback(self, window: &str, tick: &str) -> RouteFixture {
+        self.rollback_key("window", &format!("\"{window}\"")).rollback_key("tick", &format!("\"{tick}\""))
+    }
+
+    /// Another `[routes.rollback]` key; `value` is a TOML literal.
+    pub fn rollback_key(mut self, key: &str, value: &str) -> RouteFixture {
+        self.rollback_keys.push(format!("{key} = {value}"));
+        self
+    }
+
+    /// Another key of the route itself (after `name`); `value` is a TOML literal.
+    pub fn route_key(mut self, key: &str, value: &str) -> RouteFixture {
+        self.route_keys.push(format!("{key} = {value}"));
+        self
+    }
+
+    /// Another key of both versions' tables (after `version`); `value` is a TOML literal.
+    pub fn version_key(mut self, key: &str, value: &str) -> RouteFixture {
+        self.stable_keys.push(format!("{key} = {value}"));
+        self.candidate_keys.push(format!("{key} = {value}"));
+        self
+    }
+
+    /// TOML appended as is after the route's last table: more keys of that table, or tables
+    /// of their own (`[routes.mirror]` …).
+    pub fn append(mut self, toml: &str) -> RouteFixture {
+        self.appended.push_str(toml);
+        self
+    }
+
+    /// The route's tables.
+    pub fn toml(&self) -> String {
+        let lines = |keys: &[String]| keys.iter().map(|k| format!("{k}\n")).collect::<String>();
+        let mut s = format!(
+            "[[routes]]\nname = \"web\"\n{}\n[routes.stable]\nversion = \"v1\"\n{}endpoints = [\"{}\"]\n",
+            lines(&self.route_keys),
+            lines(&self.stable_keys),
+            self.stable
+        );
+        if let Some(c) = &self.candidate {
+            s.push_str(&format!(
+                "\n[routes.candidate]\nversion = \"v2\"\n{}endpoints = [\"{c}\"]\n",
+                lines(&self.candidate_keys)
+            ));
+            if self.rollout {
+                s.push_str("\n[routes.rollout]\n");
+                if let Some(steps) = &self.steps {
+                    s.push_str(&format!("steps = {steps}\n"));
+                }
+                s.push_str(&lines(&self.rollout_keys));
+            }
+            if !self.rollback_keys.is_empty() {
+                s.push_str(&format!("\n[routes.rollback]\n{}", lines(&self.rollback_keys)));
+            }
+        }
+        s.push_str(&self.appended);
+        s
+    }
+}
+
+/// One route `web` with a stable and (optionally) a candidate upstream: the usual
+/// [`RouteFixture`] with these steps.
+pub fn route(stable: SocketAddr, candidate: Option<SocketAddr>, steps: &str) -> String {
+    match candidate {
+        Some(c) => RouteFixture::new(stable, c).steps(steps).toml(),
+        None => RouteFixture::stable_only(stable).toml(),
+    }
 }
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
