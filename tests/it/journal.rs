@@ -3,15 +3,13 @@
 //! again; a large journal does not slow the proxy down.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn config(stable: SocketAddr, cand: SocketAddr, extra: &str) -> String {

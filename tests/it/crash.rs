@@ -2,11 +2,9 @@
 //! and a torn journal line, never move a rollout forward or lose its history.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn config(stable: std::net::SocketAddr, cand: std::net::SocketAddr, interval: &str) -> String {

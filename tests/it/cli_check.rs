@@ -3,13 +3,11 @@
 //! These tests only look at what an operator sees: the exit code, the summary on stdout and
 //! the `FILE:LINE:COL: key: message` lines on stderr.
 
-mod common;
-
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::RouteFixture;
+use crate::common::RouteFixture;
 use tempfile::NamedTempFile;
 
 /// The `[server]` table of [`base`]: `veer check` never binds it.

@@ -3,14 +3,12 @@
 //! them, against stable from before the switch), and the `mirror_mismatch` rule.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use http::{Method, Response, StatusCode};
 use serde_json::Value;
 use tokio::task::JoinHandle;

@@ -2,12 +2,10 @@
 //! and a candidate without endpoints.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use veer::server::Proxy;
 

@@ -2,12 +2,10 @@
 //! (never `h2c`), and an upgraded tunnel counts against `max_connections` and drains.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;

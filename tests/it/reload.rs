@@ -2,13 +2,11 @@
 //! nothing; rollout state survives when the candidate version is unchanged.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use veer::server::Proxy;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,9 @@
 //! `veer demo` as a user runs it (stdout not a terminal: plain progress lines).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn demo(scenario: &str) -> (bool, String) {
     let child = std::process::Command::new(veer_bin())

@@ -1,11 +1,9 @@
 //! What clients see when things go wrong: 404, 502, 503, 504 and malformed requests.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use http::Response;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -2,13 +2,11 @@
 //! latency, operator commands, token auth, webhooks and the report.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use http::Response;
 use serde_json::Value;
 use tokio::task::JoinHandle;

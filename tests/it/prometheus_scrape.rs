@@ -8,8 +8,6 @@
 //! `VEER_REQUIRE_PROMETHEUS=1` (set by `.ci/run`) it fails instead.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use serde_json::Value;
 use veer::server::Proxy;

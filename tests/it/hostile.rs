@@ -2,11 +2,9 @@
 //! response, and an upstream that does not speak HTTP.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use veer::server::Proxy;

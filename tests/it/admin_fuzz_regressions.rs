@@ -4,14 +4,12 @@
 //! a challenge with every 401).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use veer::server::Proxy;
 
-use common::*;
+use crate::common::*;
 
 const AUTH: (&str, &[u8]) = ("authorization", b"Bearer fuzz-token");
 

@@ -8,15 +8,13 @@
 //! `VEER_REQUIRE_BROWSER=1` (set by `.ci/run`) it fails instead.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use veer::server::Proxy;
 

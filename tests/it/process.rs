@@ -2,12 +2,10 @@
 //! graceful drain on SIGTERM.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use futures_util::StreamExt;
 use http::Response;
 use http_body::Frame;

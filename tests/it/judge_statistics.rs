@@ -5,11 +5,9 @@
 //! caught within a handful of candidate requests. Seeds are fixed, so every figure is
 //! reproducible; the measured rates are printed (`--nocapture`) so they can be reported.
 
-mod common;
-
 use std::path::Path;
 
-use common::RouteFixture;
+use crate::common::RouteFixture;
 use veer::config::{Config, RouteConfig};
 use veer::rollout::machine::EventKind;
 use veer::simulate::{self, Ending, RunResult, Scenario, Summary};

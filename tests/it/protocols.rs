@@ -1,13 +1,11 @@
 //! Protocols through the proxy: WebSocket upgrade, cleartext HTTP/2, HTTPS with ALPN.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full};

@@ -1,11 +1,9 @@
 //! The admin-talking CLI verbs against a running proxy.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::process::Output;
 
-use common::*;
+use crate::common::*;
 use veer::server::Proxy;
 
 async fn veer(args: Vec<String>) -> Output {

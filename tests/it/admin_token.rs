@@ -2,11 +2,9 @@
 //! not.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// Starts `veer run` and returns its JSON log lines up to "veer is serving", then stops it.

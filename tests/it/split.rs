@@ -1,9 +1,7 @@
 //! The weighted split, measured at the upstreams through real sockets.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use veer::server::Proxy;
 
 async fn split_counts(weight: &str, requests: usize) -> (usize, usize) {

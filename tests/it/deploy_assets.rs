@@ -7,16 +7,14 @@
 //! parsed here by promtool when it is installed.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use clap::Parser;
-use common::*;
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;

@@ -2,13 +2,11 @@
 //! much traffic as its condition needs, within its bounds.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::process::{Command, Output};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Set only in the child runs below: makes `probe_skips_when_asked` skip.
 const PROBE: &str = "VEER_HARNESS_SKIP_PROBE";
@@ -24,10 +22,19 @@ fn probe_skips_when_asked() {
     }
 }
 
+/// The probe's full test name: libtest names a test by its module path inside the test crate
+/// (`harness::probe_skips_when_asked` in the crate of all integration tests).
+fn probe_name() -> String {
+    match module_path!().split_once("::") {
+        Some((_crate, module)) => format!("{module}::probe_skips_when_asked"),
+        None => "probe_skips_when_asked".to_string(),
+    }
+}
+
 /// Runs this test binary's probe alone, with `envs`.
 fn run_probe(envs: &[(&str, &std::ffi::OsStr)]) -> Output {
     let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
-    cmd.args(["probe_skips_when_asked", "--exact", "--test-threads", "1"]).env(PROBE, "1").env_remove(PROBE_REQUIRED);
+    cmd.arg(probe_name()).args(["--exact", "--test-threads", "1"]).env(PROBE, "1").env_remove(PROBE_REQUIRED);
     cmd.env_remove("VEER_SKIP_LOG");
     for (k, v) in envs {
         cmd.env(k, v);

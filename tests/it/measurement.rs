@@ -1,12 +1,10 @@
 //! Per-version measurement seen from outside: the admin API's window figures and /metrics.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{HeaderMap, HeaderValue, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
