@@ -4,6 +4,7 @@
 //!
 //! tests/under_load.rs stays a crate of its own: its tests take turns so that each has the
 //! machine's cores to itself, which tests of other files running beside them would break.
+#![allow(clippy::disallowed_methods)]
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -14,6 +15,7 @@ mod blue_green;
 mod cli_admin;
 mod cli_check;
 mod config_corpus;
+mod config_reference;
 mod connection_limits;
 mod crash;
 mod dashboard;
