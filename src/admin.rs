@@ -17,13 +17,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::connection::{self, ConnSettings};
-use crate::control::{self, CommandFailure};
+use crate::conn_settings::ConnSettings;
+use crate::connection;
+use crate::control::CommandFailure;
+use crate::control::controller::CommandError;
+use crate::operations::Operations;
 use crate::reload::{self, ReloadError};
 use crate::report;
-use crate::rollout::controller::CommandError;
 use crate::rollout::machine::Command;
-use crate::server::Shared;
 use crate::status::RouteStatus;
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -32,8 +33,8 @@ type AdminResponse = Response<Full<Bytes>>;
 /// `max_connections` are served at once; beyond that, accepting pauses and further clients
 /// wait in the listen backlog, so that they never take file descriptors from the proxy
 /// listener. Each connection has `[admin]`'s header and idle timeouts (as of start).
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, max_connections: usize) {
-    let settings = Arc::new(ConnSettings::admin(&shared.snapshot().config.admin));
+pub async fn serve(listener: TcpListener, ops: Arc<Operations>, max_connections: usize) {
+    let settings = Arc::new(ConnSettings::admin(&ops.snapshot().config.admin));
     let limit = Arc::new(Semaphore::new(max_connections));
     // Connections live in this task's set: when the proxy stops the admin server, its
     // keep-alive connections stop with it.
@@ -49,12 +50,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, max_connections: 
                 continue;
             }
         };
-        let shared = shared.clone();
+        let ops = ops.clone();
         let settings = settings.clone();
         connections.spawn(async move {
             let handler = move |req| {
-                let shared = shared.clone();
-                async move { handle(&shared, req).await }
+                let ops = ops.clone();
+                async move { handle(&ops, req).await }
             };
             connection::serve_admin(stream, &settings, handler).await;
             debug!(%peer, "admin connection closed");
@@ -65,28 +66,28 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, max_connections: 
 
 /// Answers one admin request. Generic over the body so that the fuzz target (`fuzz/`) can drive
 /// it with in-memory requests; the server passes hyper's `Incoming`.
-pub async fn handle<B>(shared: &Shared, req: Request<B>) -> AdminResponse
+pub async fn handle<B>(ops: &Operations, req: Request<B>) -> AdminResponse
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
-    if let Some(resp) = misdirected(shared, &req) {
+    if let Some(resp) = misdirected(ops, &req) {
         return resp;
     }
     let mutating = req.method() == Method::POST;
-    if mutating && let Some(resp) = cross_site(&req).or_else(|| refusal(shared, &req)) {
+    if mutating && let Some(resp) = cross_site(&req).or_else(|| refusal(ops, &req)) {
         return resp;
     }
     match (req.method(), segments.as_slice()) {
         (&Method::GET, [] | ["index.html"]) => dashboard(),
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, ["readyz"]) if shared.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        (&Method::GET, ["readyz"]) => readyz(shared),
+        (&Method::GET, ["readyz"]) if ops.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        (&Method::GET, ["readyz"]) => readyz(ops),
         (&Method::GET, ["metrics"]) => {
-            control::flush_metrics(&shared.snapshot());
-            let mut r = Response::new(Full::new(Bytes::from(shared.telemetry.render())));
+            ops.snapshot().flush_metrics();
+            let mut r = Response::new(Full::new(Bytes::from(ops.telemetry().render())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -94,22 +95,22 @@ where
             r
         }
         (&Method::GET, ["api", "v1", "routes"]) => {
-            let snap = shared.snapshot();
+            let snap = ops.snapshot();
             let all: Vec<RouteStatus> = snap.routes.iter().map(|r| RouteStatus::of(r)).collect();
             json(StatusCode::OK, &all)
         }
-        (&Method::GET, ["api", "v1", "routes", name]) => match shared.snapshot().route(name) {
+        (&Method::GET, ["api", "v1", "routes", name]) => match ops.snapshot().route(name) {
             Some(r) => json(StatusCode::OK, &RouteStatus::of(r)),
             None => error(StatusCode::NOT_FOUND, format!("no route named {name:?}")),
         },
-        (&Method::POST, ["api", "v1", "reload"]) => match reload::reload(shared).await {
+        (&Method::POST, ["api", "v1", "reload"]) => match reload::reload(ops).await {
             Ok(summary) => json(StatusCode::OK, &summary),
             Err(e) => reload_error(&e),
         },
         (&Method::POST, ["api", "v1", "routes", name, verb]) => match Command::parse(verb) {
             Some(cmd) => {
                 let name = name.to_string();
-                command(shared, &name, cmd, req).await
+                command(ops, &name, cmd, req).await
             }
             None => error(
                 StatusCode::NOT_FOUND,
@@ -123,7 +124,7 @@ where
                 Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a non-negative integer".into()),
                 None => Some(1000),
             };
-            let journal = shared.journal.clone();
+            let journal = ops.journal.clone();
             let route = query.get("route").map(str::to_string);
             // File reads and parsing stay off the proxy's runtime.
             match tokio::task::spawn_blocking(move || journal.events(route.as_deref(), limit)).await {
@@ -131,10 +132,10 @@ where
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the journal failed: {e}")),
             }
         }
-        (&Method::GET, ["api", "v1", "routes", name, "report"]) => match shared.snapshot().route(name) {
+        (&Method::GET, ["api", "v1", "routes", name, "report"]) => match ops.snapshot().route(name) {
             Some(r) => {
                 let status = RouteStatus::of(r);
-                let journal = shared.journal.clone();
+                let journal = ops.journal.clone();
                 let (route, candidate) = (name.to_string(), status.candidate.as_ref().map(|c| c.version.clone()));
                 let read = move || match candidate {
                     Some(c) => journal.rollout_events(&route, &c),
@@ -165,8 +166,8 @@ where
 /// loopback listener only loopback names — `localhost`, `127.0.0.0/8`, `[::1]`, any port — and
 /// the host of `admin.public_url` are accepted in `Host`; anything else is answered 421.
 /// (A request without a `Host`, or with an empty one, comes from no browser and passes.)
-fn misdirected<B>(shared: &Shared, req: &Request<B>) -> Option<AdminResponse> {
-    let snap = shared.snapshot();
+fn misdirected<B>(ops: &Operations, req: &Request<B>) -> Option<AdminResponse> {
+    let snap = ops.snapshot();
     let admin = &snap.config.admin;
     if !admin.listen.ip().is_loopback() {
         return None;
@@ -210,8 +211,8 @@ fn cross_site<B>(req: &Request<B>) -> Option<AdminResponse> {
 }
 
 /// The refusal for a mutating call without a valid token, if one is configured.
-fn refusal<B>(shared: &Shared, req: &Request<B>) -> Option<AdminResponse> {
-    let file = shared.snapshot().config.admin.token_file.clone()?;
+fn refusal<B>(ops: &Operations, req: &Request<B>) -> Option<AdminResponse> {
+    let file = ops.snapshot().config.admin.token_file.clone()?;
     let token = match std::fs::read_to_string(&file) {
         Ok(t) => t.trim().to_string(),
         Err(e) => {
@@ -234,7 +235,7 @@ fn refusal<B>(shared: &Shared, req: &Request<B>) -> Option<AdminResponse> {
     }
 }
 
-async fn command<B>(shared: &Shared, route: &str, cmd: Command, req: Request<B>) -> AdminResponse
+async fn command<B>(ops: &Operations, route: &str, cmd: Command, req: Request<B>) -> AdminResponse
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -257,14 +258,14 @@ where
             }
         }
     };
-    let Some(sender) = shared.commands() else {
+    let Some(sender) = ops.commands() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the control plane is not running".into());
     };
     match sender.command(route, cmd, reason).await {
         Ok(status) => json(StatusCode::OK, &status),
         Err(CommandFailure::Command(e @ CommandError::NotRecorded(_))) => {
             // In effect (weight 0 already), but a restart could not prove it without retrying.
-            let status = shared.snapshot().route(route).map(|r| RouteStatus::of(r));
+            let status = ops.snapshot().route(route).map(|r| RouteStatus::of(r));
             json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &serde_json::json!({ "error": e.to_string(), "applied": true, "status": status }),
@@ -282,8 +283,8 @@ const REPORT_EVENTS: usize = 1000;
 /// 200 while serving, 503 while draining. Rollbacks the state dir has not recorded yet are
 /// listed in the body but do not fail readiness: traffic is right (the candidate is at 0%),
 /// and pulling every instance of a fleet whose disks filled up would hurt more.
-fn readyz(shared: &Shared) -> AdminResponse {
-    let snap = shared.snapshot();
+fn readyz(ops: &Operations) -> AdminResponse {
+    let snap = ops.snapshot();
     let mut body = String::from("ready\n");
     for route in &snap.routes {
         if let Some(p) = route.rollout().and_then(|r| r.view().journal_pending) {
@@ -370,7 +371,120 @@ fn error(status: StatusCode, message: String) -> AdminResponse {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+    use crate::config::Config;
+    use crate::control::{ControlHandle, ControlPlane};
+    use crate::data_plane::DataPlane;
+    use crate::journal::Journal;
+    use crate::notify::Notifier;
+    use crate::snapshot::Snapshot;
+    use crate::telemetry::Telemetry;
+    use crate::upstream::Clients;
+
+    /// One route with a candidate; its endpoints are never contacted (no request is proxied
+    /// and no health check is configured).
+    const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "shop"
+path_prefix = "/"
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:1"]
+[routes.candidate]
+version = "v2"
+endpoints = ["127.0.0.1:2"]
+"#;
+
+    /// The operations handle of a proxy built in memory from [`CONFIG`], with its state in
+    /// `dir`: no listener is bound. The control plane runs (on its own thread) when `control`
+    /// is set; its handle must live as long as the test.
+    fn operations(dir: &Path, control: bool) -> (Arc<Operations>, Option<ControlHandle>) {
+        let src = format!("[state]\ndir = {:?}\n{CONFIG}", dir.display().to_string());
+        let config = Arc::new(Config::parse(&dir.join("veer.toml"), &src).expect("valid config"));
+        let telemetry = Telemetry::new();
+        let snap = Snapshot::build(config.clone(), None, &telemetry, 1, None).expect("snapshot");
+        let data = Arc::new(DataPlane::new(snap, Clients::new(&config.server), telemetry));
+        let journal = Arc::new(Journal::new(&config.state_dir));
+        let ops = Arc::new(Operations::new(data.clone(), config.source.clone(), journal.clone()));
+        let handle = control.then(|| {
+            let handle = ControlPlane::new(data, journal, Notifier::spawn(vec![])).spawn();
+            ops.connect_control(handle.sender());
+            handle
+        });
+        (ops, handle)
+    }
+
+    fn request(method: Method, path: &str, host: &str) -> Request<Full<Bytes>> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, host)
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    }
+
+    async fn call(ops: &Operations, req: Request<Full<Bytes>>) -> (StatusCode, String) {
+        let resp = handle(ops, req).await;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("in-memory body").to_bytes();
+        (status, String::from_utf8(body.to_vec()).expect("utf-8 body"))
+    }
+
+    #[tokio::test]
+    async fn route_status_is_answered_without_a_listener() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ops, _control) = operations(dir.path(), false);
+        let (status, body) = call(&ops, request(Method::GET, "/api/v1/routes/shop", "127.0.0.1:9901")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let route: RouteStatus = serde_json::from_str(&body).expect("a RouteStatus");
+        assert_eq!(route.name, "shop");
+        assert_eq!(route.candidate.map(|c| c.version).as_deref(), Some("v2"));
+        let (status, _) = call(&ops, request(Method::GET, "/api/v1/routes/nope", "127.0.0.1:9901")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn readyz_turns_503_once_the_data_plane_drains() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ops, _control) = operations(dir.path(), false);
+        assert_eq!(call(&ops, request(Method::GET, "/readyz", "localhost")).await, (StatusCode::OK, "ready\n".into()));
+        ops.data().start_draining();
+        let (status, body) = call(&ops, request(Method::GET, "/readyz", "localhost")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "draining\n"));
+    }
+
+    #[tokio::test]
+    async fn a_foreign_host_is_misdirected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ops, _control) = operations(dir.path(), false);
+        let (status, body) = call(&ops, request(Method::GET, "/healthz", "rebind.evil:9901")).await;
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{body}");
+        assert_eq!(call(&ops, request(Method::GET, "/healthz", "[::1]:9901")).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_command_goes_through_the_control_plane() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (idle, _none) = operations(dir.path(), false);
+        let (status, body) = call(&idle, request(Method::POST, "/api/v1/routes/shop/abort", "127.0.0.1")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "no control plane runs: {body}");
+
+        let (ops, _control) = operations(dir.path(), true);
+        let (status, body) = call(&ops, request(Method::POST, "/api/v1/routes/shop/abort", "127.0.0.1")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let route: RouteStatus = serde_json::from_str(&body).expect("a RouteStatus");
+        assert_eq!(route.phase, crate::rollout::Phase::RolledBack);
+        assert_eq!(ops.snapshot().route("shop").and_then(|r| r.rollout()).map(|r| r.weight_bp()), Some(0));
+        let (status, body) = call(&ops, request(Method::POST, "/api/v1/routes/shop/abort", "127.0.0.1")).await;
+        assert_eq!(status, StatusCode::CONFLICT, "a rolled-back rollout cannot be aborted again: {body}");
+    }
 
     #[test]
     fn only_loopback_names_and_the_public_host_are_this_admin_api() {

@@ -6,8 +6,8 @@
 //! *peeked* (not read) and compared with the HTTP/2 preface. (hyper's auto-detecting server
 //! reads those bytes instead and hands them back through a wrapper, which costs every
 //! HTTP/1.1 connection a doubled read buffer for its lifetime.)
-//! The hyper settings are built once per configuration generation ([`ConnSettings`]), not per
-//! connection.
+//! The hyper settings are built once per configuration generation
+//! ([`ConnSettings`], carried in the snapshot), not per connection.
 //!
 //! A watchdog bounds what a client may hold without doing anything: a connection with no
 //! request in flight for `idle_timeout` is closed (HTTP/2: GOAWAY), and an HTTP/2 connection
@@ -29,7 +29,7 @@ use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
@@ -37,107 +37,12 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use crate::config::{AdminConfig, ServerConfig};
+use crate::conn_settings::ConnSettings;
+use crate::data_plane::DataPlane;
 use crate::proxy::error::Refusal;
 use crate::proxy::stall::WriteStall;
 use crate::proxy::{self, ConnInfo};
-use crate::server::Shared;
 use crate::stats::Source;
-
-/// What every client connection of one configuration generation is served with: the TLS
-/// acceptor and the hyper builders, built when the generation is published.
-pub struct ConnSettings {
-    /// The HTTPS listener's acceptor, when one is configured.
-    pub tls: Option<TlsAcceptor>,
-    h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
-    /// Header fields allowed in one HTTP/2 request (hyper's h2 server has no such limit).
-    max_headers: usize,
-    /// A write to the client blocked this long closes the connection (a client that stopped
-    /// reading).
-    body_idle_timeout: Duration,
-}
-
-/// hyper keeps up to this many request headers on the stack; asking for a limit, even the
-/// same one, moves them to the heap on every request.
-const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
-
-/// How often an HTTP/2 client connection is pinged, and how long the answer may take before
-/// the connection is considered dead and closed. Pings find peers that vanished without a
-/// FIN; idle-but-alive clients are closed by `idle_timeout` instead.
-const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
-impl ConnSettings {
-    /// The settings for a generation's `[server]` table.
-    pub fn new(s: &ServerConfig, tls: Option<TlsAcceptor>) -> ConnSettings {
-        let limits = Limits {
-            header_read_timeout: s.header_read_timeout,
-            idle_timeout: s.idle_timeout,
-            max_header_bytes: s.max_header_bytes,
-            max_headers: s.max_headers,
-            body_idle_timeout: s.body_idle_timeout,
-        };
-        ConnSettings::with(&limits, tls)
-    }
-
-    /// The settings for the admin listener's connections (`[admin]`).
-    pub fn admin(a: &AdminConfig) -> ConnSettings {
-        let limits = Limits {
-            header_read_timeout: a.header_read_timeout,
-            idle_timeout: a.idle_timeout,
-            max_header_bytes: 64 * 1024,
-            max_headers: HYPER_DEFAULT_MAX_HEADERS,
-            body_idle_timeout: a.idle_timeout,
-        };
-        ConnSettings::with(&limits, None)
-    }
-
-    fn with(l: &Limits, tls: Option<TlsAcceptor>) -> ConnSettings {
-        let mut h1 = http1::Builder::new();
-        // hyper starts this timer as soon as a keep-alive connection goes idle, so it also
-        // bounds the keep-alive idle time of HTTP/1.1 connections (with `idle_timeout`).
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(l.header_read_timeout)
-            .max_header_size(l.max_header_bytes)
-            .max_buf_size(l.max_header_bytes.max(8192));
-        if l.max_headers != HYPER_DEFAULT_MAX_HEADERS {
-            h1.max_headers(l.max_headers);
-        }
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(256)
-            .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
-        ConnSettings {
-            tls,
-            h1,
-            h2,
-            header_read_timeout: l.header_read_timeout,
-            idle_timeout: l.idle_timeout,
-            max_headers: l.max_headers,
-            body_idle_timeout: l.body_idle_timeout,
-        }
-    }
-}
-
-/// The limits a listener's connections are served with.
-struct Limits {
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
-    max_header_bytes: usize,
-    max_headers: usize,
-    body_idle_timeout: Duration,
-}
-
-impl std::fmt::Debug for ConnSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnSettings").field("tls", &self.tls.is_some()).finish_non_exhaustive()
-    }
-}
 
 /// The protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,13 +79,13 @@ pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     tls: bool,
-    shared: Arc<Shared>,
+    data: Arc<DataPlane>,
     permit: OwnedSemaphorePermit,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let settings = shared.conn_settings();
+    let settings = data.snapshot().conn.clone();
     let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value");
-    let info = Arc::new(ConnInfo { shared, client_ip, proto: if tls { "https" } else { "http" }, permit });
+    let info = Arc::new(ConnInfo { data, client_ip, proto: if tls { "https" } else { "http" }, permit });
     let deadline = Instant::now() + settings.header_read_timeout;
     let max_headers = settings.max_headers;
     let handler = move |req: Request<Incoming>| {
@@ -188,7 +93,7 @@ pub(crate) async fn serve(
         async move {
             // hyper's HTTP/2 server has no field-count limit: the one HTTP/1.1 gets is kept here.
             if req.version() == Version::HTTP_2 && req.headers().len() > max_headers {
-                info.shared.telemetry.count_unrouted(Source::Client);
+                info.data.telemetry.count_unrouted(Source::Client);
                 return Refusal::TooManyHeaders.response(proxy::is_grpc(req.headers()));
             }
             match proxy::handle(info, req).await {

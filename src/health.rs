@@ -44,7 +44,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::server::Shared;
+use crate::data_plane::DataPlane;
 use crate::snapshot::Snapshot;
 use crate::upstream::Endpoint;
 
@@ -222,12 +222,12 @@ impl Probes {
 
 /// Checks the endpoints of the current generation for as long as it runs (it is aborted at
 /// drain). Costs one wake every 250 ms when no version has a `health_path`.
-pub async fn run(shared: Arc<Shared>) {
+pub async fn run(data: Arc<DataPlane>) {
     let probes = Probes::new();
     let mut checker = Checker::new();
     let mut running = JoinSet::new();
     loop {
-        for (target, timeout) in checker.plan(&shared.snapshot(), Instant::now()) {
+        for (target, timeout) in checker.plan(&data.snapshot(), Instant::now()) {
             let probes = probes.clone();
             running.spawn(async move {
                 let result = probes.probe(&target, timeout).await;
@@ -239,7 +239,7 @@ pub async fn run(shared: Arc<Shared>) {
             _ = tokio::time::sleep_until(wake) => {}
             Some(done) = running.join_next(), if !running.is_empty() => {
                 if let Ok((target, result)) = done {
-                    checker.record(&shared.snapshot(), &target, result);
+                    checker.record(&data.snapshot(), &target, result);
                 }
             }
         }
@@ -285,7 +285,7 @@ health_path = "/healthz"
     fn snapshot(src: &str, previous: Option<&Snapshot>) -> Snapshot {
         let config = Config::parse(Path::new("/nonexistent/veer.toml"), src).expect("valid config");
         let generation = previous.map_or(1, |p| p.generation + 1);
-        Snapshot::build(Arc::new(config), previous, &Telemetry::new(), generation).expect("snapshot")
+        Snapshot::build(Arc::new(config), previous, &Telemetry::new(), generation, None).expect("snapshot")
     }
 
     fn addrs(due: &[(Target, Duration)]) -> Vec<&str> {

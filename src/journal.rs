@@ -36,7 +36,6 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::rollout::Phase;
 use crate::rollout::judge::JudgeState;
 use crate::rollout::machine::{EventKind, MachineState};
 use tail::Tail;
@@ -47,36 +46,7 @@ pub const ROTATE_BYTES: u64 = 4 * 1024 * 1024;
 /// How many rotated files (`events.1.jsonl` …) are kept.
 pub const KEEP_ROTATED: usize = 4;
 
-/// A journal event; also the body POSTed to webhooks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// RFC 3339 time.
-    pub at: String,
-    /// Route name.
-    pub route: String,
-    /// What happened.
-    pub kind: EventKind,
-    /// Phase before.
-    pub from: Phase,
-    /// Phase after.
-    pub to: Phase,
-    /// Candidate weight after, percent.
-    pub candidate_weight: f64,
-    /// Why.
-    pub reason: String,
-    /// The judge's figures behind the decision (rollbacks), or `null`.
-    #[serde(default)]
-    pub evidence: serde_json::Value,
-    /// Step after, when on one.
-    #[serde(default)]
-    pub step: Option<usize>,
-    /// Candidate version the event is about.
-    #[serde(default)]
-    pub candidate_version: String,
-    /// Stable version at the time.
-    #[serde(default)]
-    pub stable_version: String,
-}
+pub use crate::rollout::event::Event;
 
 /// The state file of one route.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -479,6 +449,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollout::Phase;
 
     fn event(route: &str, kind: EventKind, to: Phase, step: Option<usize>) -> Event {
         Event {

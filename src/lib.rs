@@ -4,15 +4,43 @@
 //! **candidate** version, measures every request of each version on the hot path, and
 //! exposes what it sees to operators (admin API, Prometheus).
 //!
-//! The crate is split into a data plane that handles each request without locks and a
-//! control plane that ticks a few times a second:
+//! Modules, from the leaves up (each one only uses modules listed above it; the one
+//! exception is `policy`, which uses `snapshot`'s `Route` while `snapshot` holds each route's
+//! `RoutePolicy`, and `upstream`, which carries `proxy`'s client body type):
 //!
-//! - data plane: [`server`] (listeners, connections, drain) → [`proxy`] (per request) →
-//!   [`router`], [`split`], [`upstream`] → [`stats`] (outcome recording);
-//! - control plane: [`control`] (tick loop, windows, metrics), [`reload`], [`admin`],
-//!   [`health`] (active endpoint checks);
-//! - shared vocabulary: [`config`], [`snapshot`] (one immutable generation, published with
-//!   `arc-swap`), [`runtime`] and [`rollout`] (state that survives reloads), [`status`].
+//! - leaves:
+//!   - [`shard`]: per-thread shards for hot-path counters;
+//!   - [`stats`]: per-version outcome counters and rolling windows;
+//!   - [`split`]: the weighted stable/candidate pick;
+//!   - [`telemetry`]: metric names, the Prometheus exporter, log setup;
+//!   - [`tls`]: certificate loading and the TLS acceptor;
+//!   - [`config`]: parse and validate the config file into checked types;
+//!   - [`router`]: route matching by host and path prefix;
+//!   - [`headers`]: header rewriting between client and upstream;
+//!   - [`conn_settings`]: how one generation's client connections are served (TLS, hyper);
+//! - pure rollout logic: [`rollout`] (phases, the judge, the step machine, the live weight);
+//! - state:
+//!   - [`route_state`]: per-route measurement state carried across config generations;
+//!   - [`journal`]: the on-disk rollout journal and state files;
+//!   - [`snapshot`]: one immutable configuration generation, published with `arc-swap`;
+//! - data plane:
+//!   - [`upstream`]: endpoints, passive ejection, pooled upstream clients;
+//!   - [`policy`]: override/sticky assignment, retry on stable, mirroring;
+//!   - [`data_plane`]: the handle every request path holds (snapshot, clients, drain signals);
+//!   - [`proxy`]: one request, from routing to the recorded outcome;
+//!   - [`connection`]: one client connection, protocol detection, idle watchdog;
+//!   - [`health`]: active endpoint health checks;
+//! - control plane:
+//!   - [`notify`]: webhooks for rollout transitions;
+//!   - [`status`]: the route status the admin API returns and the CLI prints;
+//!   - [`report`]: a rollout's incident-review report;
+//!   - [`control`]: the control-plane thread ticking every route's rollout controller;
+//!   - [`operations`]: the handle the operator side holds (config path, journal, commands);
+//!   - [`reload`]: re-read, validate and publish a new generation;
+//!   - [`admin`]: the admin API and dashboard;
+//! - [`server`]: listeners, accept and drain (nothing in the crate depends on it);
+//! - [`simulate`]: `veer simulate`, the rollout logic in virtual time;
+//! - [`cli`]: the command line.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![allow(clippy::disallowed_methods)]
@@ -20,18 +48,22 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod conn_settings;
 pub mod connection;
 pub mod control;
+pub mod data_plane;
+pub mod headers;
 pub mod health;
 pub mod journal;
 pub mod notify;
+pub mod operations;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod report;
 pub mod rollout;
+pub mod route_state;
 pub mod router;
-pub mod runtime;
 pub mod server;
 pub mod shard;
 pub mod simulate;

@@ -8,11 +8,10 @@
 use std::sync::Arc;
 
 use serde::Serialize;
-use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError, ServerConfig};
-use crate::server::Shared;
+use crate::config::{Config, ConfigError};
+use crate::operations::Operations;
 use crate::snapshot::{BuildError, Snapshot};
 use crate::telemetry::CONFIG_RELOADS;
 use crate::tls::TlsError;
@@ -48,39 +47,33 @@ pub enum ReloadError {
     Tls(#[from] TlsError),
 }
 
-/// The TLS acceptor a server config asks for.
-pub fn tls_acceptor(s: &ServerConfig) -> Result<Option<TlsAcceptor>, TlsError> {
-    s.tls.as_ref().map(|t| crate::tls::load_server_config(&t.cert, &t.key).map(TlsAcceptor::from)).transpose()
-}
-
-/// Re-reads `shared.config_path` and applies it if valid.
-pub async fn reload(shared: &Shared) -> Result<ReloadSummary, ReloadError> {
-    let _serial = shared.reload_guard().await;
-    let outcome = apply(shared);
+/// Re-reads `ops.config_path` and applies it if valid.
+pub async fn reload(ops: &Operations) -> Result<ReloadSummary, ReloadError> {
+    let _serial = ops.reload_guard().await;
+    let outcome = apply(ops);
     match &outcome {
         Ok(s) => {
             info!(generation = s.generation, added = ?s.added, removed = ?s.removed, new_rollouts = ?s.new_rollouts, changed = ?s.changed, "configuration reloaded");
             if !s.restart_required.is_empty() {
                 warn!(settings = ?s.restart_required, "these settings changed but only apply after a restart");
             }
-            shared.telemetry.counter(CONFIG_RELOADS, "outcome", "applied").increment(1);
+            ops.telemetry().counter(CONFIG_RELOADS, "outcome", "applied").increment(1);
         }
         Err(e) => {
             error!("configuration reload rejected, the running configuration is unchanged:\n{e}");
-            shared.telemetry.counter(CONFIG_RELOADS, "outcome", "rejected").increment(1);
+            ops.telemetry().counter(CONFIG_RELOADS, "outcome", "rejected").increment(1);
         }
     }
     outcome
 }
 
-fn apply(shared: &Shared) -> Result<ReloadSummary, ReloadError> {
-    let config = Arc::new(Config::load(&shared.config_path)?);
-    let tls = tls_acceptor(&config.server)?;
-    let old = shared.snapshot();
-    let next = Snapshot::build(config.clone(), Some(&old), &shared.telemetry, old.generation + 1)?;
-    next.attach(&shared.clients);
+fn apply(ops: &Operations) -> Result<ReloadSummary, ReloadError> {
+    let config = Arc::new(Config::load(&ops.config_path)?);
+    let tls = config.server.tls.as_ref().map(|t| crate::tls::acceptor(&t.cert, &t.key)).transpose()?;
+    let old = ops.snapshot();
+    let next = Snapshot::build(config.clone(), Some(&old), ops.telemetry(), old.generation + 1, tls)?;
     let summary = diff(&old.config, &config, next.generation);
-    shared.publish(next, tls);
+    ops.data().publish(next);
     Ok(summary)
 }
 

@@ -1,4 +1,9 @@
-//! Listeners, connections, and the lifecycle of a running proxy: start, reload, drain.
+//! Listeners, accept and drain: starting a proxy from a config, and stopping it.
+//!
+//! Start builds the first generation into a [`DataPlane`], wraps it in the [`Operations`]
+//! handle the admin API and reloads use, binds the listeners and spawns the accept loops,
+//! the admin server, the health checker and the control-plane thread. Nothing else in the
+//! crate depends on this module.
 //!
 //! Shutdown follows the broadcast + completion pattern: a `watch` channel tells every accept
 //! loop and connection task to stop, each connection finishes its in-flight requests
@@ -6,96 +11,27 @@
 //! semaphore — when every connection permit is back, nothing is in flight.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::admin;
 use crate::config::{Config, ConfigError};
-use crate::connection::{self, ConnSettings};
-use crate::control::{CommandSender, ControlHandle, ControlPlane};
+use crate::connection;
+use crate::control::{ControlHandle, ControlPlane};
+use crate::data_plane::DataPlane;
 use crate::journal::Journal;
 use crate::notify::Notifier;
+use crate::operations::Operations;
 use crate::reload::{self, ReloadError, ReloadSummary};
 use crate::snapshot::{BuildError, Snapshot};
 use crate::telemetry::Telemetry;
 use crate::upstream::Clients;
-
-/// State shared by the data plane, the control plane and the admin API.
-pub struct Shared {
-    snapshot: ArcSwap<Snapshot>,
-    conn_settings: ArcSwap<ConnSettings>,
-    /// Upstream connection pools.
-    pub clients: Clients,
-    /// This proxy's metrics registry.
-    pub telemetry: Arc<Telemetry>,
-    /// The config file reloads re-read.
-    pub config_path: PathBuf,
-    /// The rollout journal (`state.dir` as of start).
-    pub journal: Arc<Journal>,
-    commands: OnceLock<CommandSender>,
-    draining: AtomicBool,
-    /// Set when a drain runs out of time: upgraded tunnels still open are cut.
-    tunnels_cut: watch::Sender<bool>,
-    reload_lock: tokio::sync::Mutex<()>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("generation", &self.snapshot().generation)
-            .field("draining", &self.is_draining())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Shared {
-    /// The current configuration generation.
-    #[inline]
-    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
-        self.snapshot.load()
-    }
-
-    /// Publishes a new generation (one atomic store) and the connection settings built from
-    /// it (its TLS acceptor among them).
-    pub(crate) fn publish(&self, snap: Snapshot, tls: Option<TlsAcceptor>) {
-        self.conn_settings.store(Arc::new(ConnSettings::new(&snap.config.server, tls)));
-        self.snapshot.store(Arc::new(snap));
-    }
-
-    /// How new client connections are served, as of the current generation.
-    pub(crate) fn conn_settings(&self) -> Arc<ConnSettings> {
-        self.conn_settings.load_full()
-    }
-
-    /// Held while a reload reads, validates and publishes, so reloads never interleave.
-    pub(crate) async fn reload_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.reload_lock.lock().await
-    }
-
-    /// Where operator commands go (the control-plane thread).
-    pub fn commands(&self) -> Option<&CommandSender> {
-        self.commands.get()
-    }
-
-    /// Becomes true when a drain has waited `drain_timeout` and what is left is cut.
-    pub(crate) fn tunnels_cut(&self) -> watch::Receiver<bool> {
-        self.tunnels_cut.subscribe()
-    }
-
-    /// True once shutdown has begun; `/readyz` answers 503.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-}
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +60,7 @@ pub enum StartError {
 /// A running proxy: its listeners, control loop and admin API.
 #[derive(Debug)]
 pub struct Proxy {
-    shared: Arc<Shared>,
+    ops: Arc<Operations>,
     http_addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
@@ -148,23 +84,12 @@ impl Proxy {
     pub async fn start_with(config: Config) -> Result<Proxy, StartError> {
         let telemetry = Telemetry::new();
         let config = Arc::new(config);
-        let snap = Snapshot::build(config.clone(), None, &telemetry, 1)?;
-        let tls = reload::tls_acceptor(&config.server)?;
         let s = &config.server;
-        let clients = Clients::new(s);
-        snap.attach(&clients);
-        let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(snap),
-            conn_settings: ArcSwap::from_pointee(ConnSettings::new(s, tls)),
-            clients,
-            telemetry,
-            config_path: config.source.clone(),
-            journal: Arc::new(Journal::new(&config.state_dir)),
-            commands: OnceLock::new(),
-            draining: AtomicBool::new(false),
-            tunnels_cut: watch::channel(false).0,
-            reload_lock: tokio::sync::Mutex::new(()),
-        });
+        let tls = s.tls.as_ref().map(|t| crate::tls::acceptor(&t.cert, &t.key)).transpose()?;
+        let snap = Snapshot::build(config.clone(), None, &telemetry, 1, tls)?;
+        let data = Arc::new(DataPlane::new(snap, Clients::new(s), telemetry));
+        let journal = Arc::new(Journal::new(&config.state_dir));
+        let ops = Arc::new(Operations::new(data.clone(), config.source.clone(), journal.clone()));
         let bind = |what, addr| async move {
             TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
         };
@@ -179,26 +104,26 @@ impl Proxy {
             (local(&http), tls_listener.as_ref().map(local), local(&admin_listener));
 
         // Rollouts are recovered (or started) before the first request is accepted.
-        let plane = ControlPlane::new(shared.clone(), shared.journal.clone(), Notifier::spawn(config.notify.clone()));
+        let plane = ControlPlane::new(data.clone(), journal, Notifier::spawn(config.notify.clone()));
         let control = plane.spawn();
-        let _ = shared.commands.set(control.sender());
+        ops.connect_control(control.sender());
 
         let max_connections = u32::try_from(s.max_connections).unwrap_or(u32::MAX);
         let connections = Arc::new(Semaphore::new(max_connections as usize));
         let (shutdown, _) = watch::channel(false);
         let mut accepting = JoinSet::new();
-        accepting.spawn(accept_loop(http, false, shared.clone(), connections.clone(), shutdown.subscribe()));
+        accepting.spawn(accept_loop(http, false, data.clone(), connections.clone(), shutdown.subscribe()));
         if let Some(l) = tls_listener {
-            accepting.spawn(accept_loop(l, true, shared.clone(), connections.clone(), shutdown.subscribe()));
+            accepting.spawn(accept_loop(l, true, data.clone(), connections.clone(), shutdown.subscribe()));
         }
         let mut tasks = JoinSet::new();
-        tasks.spawn(admin::serve(admin_listener, shared.clone(), config.admin.max_connections));
-        tasks.spawn(crate::health::run(shared.clone()));
+        tasks.spawn(admin::serve(admin_listener, ops.clone(), config.admin.max_connections));
+        tasks.spawn(crate::health::run(data));
         if let Some(file) = &config.admin.token_file {
             warn_if_world_readable(file);
         }
         Ok(Proxy {
-            shared,
+            ops,
             http_addr,
             tls_addr,
             admin_addr,
@@ -227,14 +152,20 @@ impl Proxy {
         self.admin_addr
     }
 
-    /// The shared state (for embedding and tests).
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// The operator side: the current generation, journal, commands (for embedding and
+    /// tests, and what [`crate::admin::handle`] takes).
+    pub fn operations(&self) -> &Arc<Operations> {
+        &self.ops
+    }
+
+    /// The data plane serving the listeners.
+    pub fn data_plane(&self) -> &Arc<DataPlane> {
+        self.ops.data()
     }
 
     /// Re-reads the config file and applies it if valid.
     pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
-        reload::reload(&self.shared).await
+        reload::reload(&self.ops).await
     }
 
     /// Stops accepting, lets in-flight requests finish (up to `drain_timeout`), then stops
@@ -244,7 +175,7 @@ impl Proxy {
         // The listeners close when their accept loops end: only then does /readyz say 503, so
         // that no connection is accepted once it does.
         while self.accepting.join_next().await.is_some() {}
-        self.shared.draining.store(true, Ordering::Relaxed);
+        self.ops.data().start_draining();
         info!(timeout = ?self.drain_timeout, "draining: no new connections, finishing in-flight requests");
         let all = self.connections.clone().acquire_many_owned(self.max_connections);
         let finished = tokio::time::timeout(self.drain_timeout, all).await.is_ok();
@@ -252,7 +183,7 @@ impl Proxy {
             info!("drained");
         } else {
             warn!("drain timeout reached with requests or upgraded connections still open; cutting them");
-            self.shared.tunnels_cut.send_replace(true);
+            self.ops.data().cut_tunnels();
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
@@ -297,7 +228,7 @@ impl Signals {
 pub async fn run_until_signalled(proxy: Proxy, mut signals: Signals) -> bool {
     // Logged once the signal handlers are in place: a SIGHUP or SIGTERM sent after this line
     // reloads or drains, never kills.
-    let routes = proxy.shared.snapshot().routes.len();
+    let routes = proxy.ops.snapshot().routes.len();
     info!(http_addr = %proxy.http_addr, tls = ?proxy.tls_addr, admin_addr = %proxy.admin_addr, routes, "veer is serving");
     loop {
         tokio::select! {
@@ -315,7 +246,7 @@ pub async fn run_until_signalled(proxy: Proxy, mut signals: Signals) -> bool {
 async fn accept_loop(
     listener: TcpListener,
     tls: bool,
-    shared: Arc<Shared>,
+    data: Arc<DataPlane>,
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -338,6 +269,6 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection::serve(stream, peer, tls, shared.clone(), permit, shutdown.clone()));
+        tokio::spawn(connection::serve(stream, peer, tls, data.clone(), permit, shutdown.clone()));
     }
 }

@@ -3,16 +3,20 @@
 //! Built off the hot path from a validated [`Config`] and published with a single
 //! `ArcSwap::store`, so a request sees either the old generation or the new one, never a
 //! mix. Rollout state and measurements are carried over from the previous generation by
-//! route name and version (see [`crate::runtime`]).
+//! route name and version (see [`crate::route_state`]). The connection settings (TLS acceptor,
+//! hyper builders) are part of the generation too, so one store publishes both.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use tokio_rustls::TlsAcceptor;
+
 use crate::config::{Config, RouteConfig, VersionConfig};
+use crate::conn_settings::ConnSettings;
 use crate::policy::RoutePolicy;
 use crate::rollout::RolloutState;
+use crate::route_state::{Role, RouteRuntime, VersionRuntime};
 use crate::router::Router;
-use crate::runtime::{Role, RouteRuntime, VersionRuntime};
 use crate::telemetry::Telemetry;
 use crate::upstream::Pool;
 
@@ -25,6 +29,9 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     /// Routes in declaration order.
     pub routes: Vec<Arc<Route>>,
+    /// How this generation's client connections are served (its TLS acceptor among them).
+    /// Shared so that a connection keeps its settings without keeping the whole generation.
+    pub conn: Arc<ConnSettings>,
     router: Router,
 }
 
@@ -60,12 +67,14 @@ pub enum BuildError {
 }
 
 impl Snapshot {
-    /// Builds generation `generation` from `config`, reusing state from `previous`.
+    /// Builds generation `generation` from `config`, reusing state from `previous`; `tls` is
+    /// the HTTPS listener's acceptor for this generation's certificate, if one is configured.
     pub fn build(
         config: Arc<Config>,
         previous: Option<&Snapshot>,
         telemetry: &Telemetry,
         generation: u64,
+        tls: Option<TlsAcceptor>,
     ) -> Result<Snapshot, BuildError> {
         let mut routes = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
@@ -87,7 +96,8 @@ impl Snapshot {
                 inflight: AtomicUsize::new(0),
             }));
         }
-        Ok(Snapshot { generation, router: Router::new(&config.routes), config, routes })
+        let conn = Arc::new(ConnSettings::new(&config.server, tls));
+        Ok(Snapshot { generation, router: Router::new(&config.routes), conn, config, routes })
     }
 
     /// Attaches every endpoint to its clients in `clients` now, so that no request of this
@@ -111,6 +121,17 @@ impl Snapshot {
     /// The route called `name`.
     pub fn route(&self, name: &str) -> Option<&Arc<Route>> {
         self.routes.iter().find(|r| r.config.name == name)
+    }
+
+    /// Pushes pending metric increments of every version, so that a scrape reads counts as
+    /// recent as the hot-path counters (the control plane otherwise pushes them each tick).
+    pub fn flush_metrics(&self) {
+        for route in &self.routes {
+            route.runtime.stable.flush_metrics();
+            if let Some((_, cand)) = &route.runtime.candidate {
+                cand.flush_metrics();
+            }
+        }
     }
 }
 
@@ -150,6 +171,11 @@ impl Route {
     /// The rollout, when the route has a candidate.
     pub fn rollout(&self) -> Option<&Arc<RolloutState>> {
         self.runtime.candidate.as_ref().map(|(r, _)| r)
+    }
+
+    /// Phase, step index and candidate weight (percent) right now.
+    pub fn position(&self) -> (crate::rollout::Phase, Option<usize>, f64) {
+        crate::rollout::position(self.rollout().map(Arc::as_ref))
     }
 
     /// Admits one more request under `max_inflight`; `None` means shed it. The slot is held

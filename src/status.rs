@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 use crate::journal::Event;
 use crate::rollout::Phase;
 use crate::rollout::judge::JudgeFigures;
-use crate::rollout::machine::EventKind;
 use crate::snapshot::Route;
 use crate::stats::window::WindowFigures;
 
@@ -43,22 +42,7 @@ pub struct RouteStatus {
     pub journal_pending: Option<JournalPending>,
 }
 
-/// A transition applied to traffic but not yet in the journal.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JournalPending {
-    /// RFC 3339 time of the transition.
-    pub at: String,
-    /// What happened (`rolled_back`).
-    pub kind: EventKind,
-    /// Phase after.
-    pub to: Phase,
-    /// Why.
-    pub reason: String,
-    /// Failed attempts to record it so far.
-    pub attempts: u64,
-    /// The latest write error.
-    pub error: String,
-}
+pub use crate::rollout::event::JournalPending;
 
 /// The rollback that put a route in `rolled_back`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -102,14 +86,14 @@ pub struct Transition {
 impl RouteStatus {
     /// The status of `route` right now.
     pub fn of(route: &Route) -> RouteStatus {
-        let version = |v: &crate::runtime::VersionRuntime, endpoints: &[String]| VersionStatus {
+        let version = |v: &crate::route_state::VersionRuntime, endpoints: &[String]| VersionStatus {
             version: v.version.clone(),
             endpoints: endpoints.to_vec(),
             window: v.figures(),
             unhealthy_endpoints: route.pool(v.role).unavailable(),
         };
         let cfg = &route.config;
-        let (phase, step, weight) = position(route);
+        let (phase, step, weight) = route.position();
         let view = route.rollout().map(|r| r.view());
         let transition = |e: &Event| Transition { at: e.at.clone(), from: e.from, to: e.to, reason: e.reason.clone() };
         RouteStatus {
@@ -133,17 +117,6 @@ impl RouteStatus {
             }),
             journal_pending: view.as_ref().and_then(|v| v.journal_pending.clone()),
             judge: view.map(|v| v.judge).unwrap_or_default(),
-        }
-    }
-}
-
-/// Phase, step index and candidate weight (percent) of a route right now.
-pub fn position(route: &Route) -> (Phase, Option<usize>, f64) {
-    match route.rollout() {
-        None => (Phase::Stable, None, 0.0),
-        Some(r) => {
-            let view = r.view();
-            (view.phase, view.step, f64::from(r.weight_bp()) / 100.0)
         }
     }
 }

@@ -218,7 +218,7 @@ async fn reload_under_load_fails_no_request_and_keeps_the_rollout() {
             }
             (true, Err(e)) => {
                 assert!(e.contains("veer.toml:") && e.contains(&expected_error), "reload {i}: {e}");
-                assert_eq!(proxy.shared().snapshot().generation, generation, "reload {i}: nothing was published");
+                assert_eq!(proxy.operations().snapshot().generation, generation, "reload {i}: nothing was published");
             }
             (invalid, outcome) => panic!("reload {i} (invalid: {invalid}): {outcome:?}"),
         }

@@ -16,7 +16,8 @@ use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::fuzz_target;
 use veer::config::Config;
-use veer::server::{Proxy, Shared};
+use veer::operations::Operations;
+use veer::server::Proxy;
 
 const TOKEN: &str = "fuzz-token";
 
@@ -119,7 +120,7 @@ struct Input {
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
-    shared: Arc<Shared>,
+    ops: Arc<Operations>,
 }
 
 fn harness() -> &'static Harness {
@@ -145,10 +146,10 @@ fn harness() -> &'static Harness {
         let config = Config::load(&path).expect("harness config is valid");
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
         let proxy = runtime.block_on(Proxy::start_with(config)).expect("proxy starts");
-        let shared = proxy.shared().clone();
+        let ops = proxy.operations().clone();
         // Dropping the proxy would stop its tasks; it lives as long as the process.
         std::mem::forget(proxy);
-        Harness { runtime, shared }
+        Harness { runtime, ops }
     })
 }
 
@@ -271,7 +272,7 @@ fuzz_target!(|input: Input| {
         }
     };
     let what = format!("{} {}", req.method(), req.uri());
-    let resp = h.runtime.block_on(veer::admin::handle(&h.shared, req));
+    let resp = h.runtime.block_on(veer::admin::handle(&h.ops, req));
     let status = resp.status();
     assert!(!status.is_server_error(), "{what}: {status}");
     if mutating && !(authorized && same_site) {

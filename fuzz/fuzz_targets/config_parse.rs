@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     match Config::parse(path, &src) {
         Ok(config) => {
             assert!(!config.routes.is_empty(), "accepted a config without routes");
-            if let Err(e) = Snapshot::build(Arc::new(config), None, &Telemetry::new(), 1) {
+            if let Err(e) = Snapshot::build(Arc::new(config), None, &Telemetry::new(), 1, None) {
                 panic!("validated config does not build: {e}");
             }
         }

@@ -78,8 +78,8 @@ pub async fn run(scenario: DemoScenario) -> Result<(), String> {
     for t in traffic {
         t.abort();
     }
-    let status = proxy.shared().snapshot().route("shop").map(|r| RouteStatus::of(r));
-    let events = proxy.shared().journal.events(Some("shop"), None);
+    let status = proxy.operations().snapshot().route("shop").map(|r| RouteStatus::of(r));
+    let events = proxy.operations().journal.events(Some("shop"), None);
     proxy.drain().await;
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(s) = status {
@@ -104,7 +104,7 @@ async fn watch(proxy: &Proxy, scenario: DemoScenario, bad: &AtomicBool) -> Strin
                 println!("+{:>5.1}s  the candidate goes bad", started.elapsed().as_secs_f64());
             }
         }
-        let Some(status) = proxy.shared().snapshot().route("shop").map(|r| RouteStatus::of(r)) else {
+        let Some(status) = proxy.operations().snapshot().route("shop").map(|r| RouteStatus::of(r)) else {
             return "the demo route disappeared".into();
         };
         if tty {

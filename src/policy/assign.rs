@@ -24,7 +24,7 @@ use http::HeaderMap;
 use http::header::{self, HeaderName};
 
 use crate::config::{RouteConfig, StickyConfig};
-use crate::runtime::{Lane, Role};
+use crate::route_state::{Lane, Role};
 use crate::snapshot::Route;
 use crate::split::FULL_BP;
 

@@ -21,7 +21,7 @@ use metrics::Counter;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::config::MirrorConfig;
-use crate::runtime::Role;
+use crate::route_state::Role;
 use crate::snapshot::Route;
 use crate::split::Splitter;
 use crate::stats::{Class, Outcome};
@@ -141,7 +141,7 @@ async fn send(route: &Route, clients: &Clients, copy: &Copy, compare_body: bool,
     let Some(i) = pool.pick(None) else { return failed };
     let mut headers = copy.headers.clone();
     // As for the primary request: an HTTP/2 upstream gets the Host as `:authority`.
-    let host = if pool.h2 { crate::proxy::headers::take_authority(&mut headers) } else { None };
+    let host = if pool.h2 { crate::headers::take_authority(&mut headers) } else { None };
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
     parts.authority = Some(host.unwrap_or_else(|| pool.get(i).authority.clone()));

@@ -267,7 +267,7 @@ pub fn upstream_uri(authority: &http::uri::Authority, path: Option<&http::uri::P
 /// out of time. `conn` (with its connection permit) lives as long as the tunnel does, so that
 /// tunnels count against `max_connections` and a drain waits for them.
 async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, conn: Arc<ConnInfo>) {
-    let mut cut = conn.shared.tunnels_cut();
+    let mut cut = conn.data.tunnels_cut();
     match tokio::try_join!(client, upstream) {
         Ok((c, u)) => {
             let mut c = hyper_util::rt::TokioIo::new(c);

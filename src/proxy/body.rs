@@ -26,7 +26,7 @@ use tokio::time::Sleep;
 
 use super::error::{self, Refusal};
 use crate::policy::mirror::Fingerprint;
-use crate::runtime::{Lane, Role};
+use crate::route_state::{Lane, Role};
 use crate::snapshot::{Admission, Route};
 use crate::stats::{Class, Outcome, Source};
 

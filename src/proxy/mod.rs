@@ -20,7 +20,6 @@
 mod attempt;
 pub mod body;
 pub mod error;
-pub mod headers;
 pub mod stall;
 
 use std::convert::Infallible;
@@ -35,11 +34,12 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
+use crate::data_plane::DataPlane;
+use crate::headers;
 use crate::policy::assign::Assignment;
 use crate::policy::mirror;
 use crate::policy::retry::RetryOutcome;
-use crate::runtime::{Lane, Role};
-use crate::server::Shared;
+use crate::route_state::{Lane, Role};
 use crate::snapshot::Route;
 use crate::stats::{Class, Outcome, Source};
 use attempt::Timeouts;
@@ -52,8 +52,8 @@ pub const ROLE_HEADER: &str = "x-veer-role";
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug)]
 pub struct ConnInfo {
-    /// Shared proxy state.
-    pub shared: Arc<Shared>,
+    /// The data plane the connection is served by.
+    pub data: Arc<DataPlane>,
     /// The peer address, ready to append to `X-Forwarded-For`.
     pub client_ip: HeaderValue,
     /// `http` or `https`.
@@ -68,11 +68,11 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
     let start = Instant::now();
     let grpc = is_grpc(req.headers());
     if let Some(refusal) = not_for_a_reverse_proxy(&req) {
-        conn.shared.telemetry.count_unrouted(refusal.source());
+        conn.data.telemetry.count_unrouted(refusal.source());
         return Ok(refusal.response(grpc));
     }
     let (route, expose_role, limits) = {
-        let snap = conn.shared.snapshot();
+        let snap = conn.data.snapshot();
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host());
         let s = &snap.config.server;
         match snap.find(host, req.uri().path()) {
@@ -82,7 +82,7 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
                 Timeouts { request: s.request_timeout, body_idle: s.body_idle_timeout },
             ),
             None => {
-                conn.shared.telemetry.count_unrouted(Source::Proxy);
+                conn.data.telemetry.count_unrouted(Source::Proxy);
                 return Ok(Refusal::NoRoute.response(grpc));
             }
         }
@@ -198,7 +198,7 @@ async fn forward(
             (Some(m), Some(to), true, false) => {
                 m.copy(to, &parts.method, &parts.uri, &parts.headers, empty).map(|copy| {
                     let (tx, rx) = oneshot::channel();
-                    tokio::spawn(mirror::run(route.clone(), conn.shared.clients.clone(), copy, rx, timeout));
+                    tokio::spawn(mirror::run(route.clone(), conn.data.clients.clone(), copy, rx, timeout));
                     Tap::new(tx, m.compare_body)
                 })
             }
@@ -223,7 +223,7 @@ async fn forward(
             ex.watch_upload(upload.clone());
             Either::Left(ClientBody::new(body, upload))
         };
-        let clients = &conn.shared.clients;
+        let clients = &conn.data.clients;
         return match attempt::send(clients, &mut ex, parts, body, limits).await {
             Ok(resp) => tagged(attempt::respond(ex, resp, client_version, client_upgrade, tap, limits.body_idle), role),
             Err(refusal) => {
@@ -279,7 +279,7 @@ async fn shielded(
     let Some(policy) = route.policy.retry.as_ref() else {
         return ex.settle_refusal(Refusal::Internal).response(grpc);
     };
-    let clients = &conn.shared.clients;
+    let clients = &conn.data.clients;
     let replay = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
     let client_version = parts.version;
     let idle = limits.body_idle;

@@ -4,7 +4,7 @@
 //! outside the configuration snapshot: the data plane reads it with one relaxed load per
 //! request, and the state survives a reload as long as the candidate version is unchanged.
 
-pub mod controller;
+pub mod event;
 pub mod judge;
 pub mod machine;
 
@@ -13,9 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::journal::Event;
 use crate::split::{FULL_BP, Splitter};
-use crate::status::JournalPending;
+use event::{Event, JournalPending};
 use judge::JudgeFigures;
 
 /// Where a rollout stands.
@@ -169,6 +168,18 @@ impl RolloutState {
     #[inline]
     pub fn pick_candidate(&self) -> bool {
         self.splitter.pick_candidate(self.weight_bp())
+    }
+}
+
+/// Phase, step index and candidate weight (percent) of a route's rollout right now; a route
+/// without candidate is `stable` at 0%.
+pub fn position(rollout: Option<&RolloutState>) -> (Phase, Option<usize>, f64) {
+    match rollout {
+        None => (Phase::Stable, None, 0.0),
+        Some(r) => {
+            let view = r.view();
+            (view.phase, view.step, f64::from(r.weight_bp()) / 100.0)
+        }
     }
 }
 

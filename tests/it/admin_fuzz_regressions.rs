@@ -53,7 +53,7 @@ async fn admin_requests_from_the_fuzz_corpus_get_their_answers() {
             req.headers_mut().expect("valid so far").insert(name, http::HeaderValue::from_bytes(value).expect("value"));
         }
         let req = req.body(Full::new(Bytes::from_static(body))).expect("request");
-        let resp = veer::admin::handle(proxy.shared(), req).await;
+        let resp = veer::admin::handle(proxy.operations(), req).await;
         let status = resp.status();
         let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
         let challenge = resp.headers().contains_key(header::WWW_AUTHENTICATE);

@@ -11,7 +11,7 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use veer::runtime::{Lane, Role};
+use veer::route_state::{Lane, Role};
 use veer::server::Proxy;
 use veer::stats::{Class, Source, Totals};
 
@@ -34,7 +34,7 @@ fn all_to_candidate(server_keys: &str, stable: SocketAddr, cand: SocketAddr) -> 
 
 /// The judged counters of `role` on route `web`.
 fn judged(proxy: &Proxy, role: Role) -> Totals {
-    let snap = proxy.shared().snapshot();
+    let snap = proxy.operations().snapshot();
     let route = snap.route("web").expect("route web");
     route.version(role).lane(Lane::Judged).totals()
 }
@@ -218,7 +218,7 @@ async fn a_retried_request_frees_its_max_inflight_slot_once() {
         assert_eq!(got.status, 200, "request {i}: {}", got.text());
         assert_eq!(got.text(), "stable");
     }
-    let snap = proxy.shared().snapshot();
+    let snap = proxy.operations().snapshot();
     let route = snap.route("web").expect("route");
     eventually(Duration::from_secs(5), "every slot is free", || async { route.inflight() == 0 }).await;
     proxy.drain().await;

@@ -12,7 +12,7 @@ use veer::config::{Config, Strategy as RolloutStrategy};
 use veer::rollout::Phase;
 use veer::rollout::judge::{Breach, RuleKind, Verdict};
 use veer::rollout::machine::{Change, Command, EventKind, Machine, Plan};
-use veer::runtime::Role;
+use veer::route_state::Role;
 use veer::snapshot::Snapshot;
 use veer::split::{FULL_BP, Splitter};
 use veer::telemetry::Telemetry;
@@ -115,7 +115,7 @@ endpoints = ["127.0.0.1:9002"]
 cookie = "session"
 "#;
         let config = Config::parse(Path::new("sticky.toml"), src).expect("valid config");
-        let snapshot = Snapshot::build(Arc::new(config), None, &Telemetry::new(), 1).expect("snapshot");
+        let snapshot = Snapshot::build(Arc::new(config), None, &Telemetry::new(), 1, None).expect("snapshot");
         StickyRoutes { snapshot }
     }
 

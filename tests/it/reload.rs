@@ -87,7 +87,7 @@ async fn invalid_file_is_rejected_with_its_line_and_old_routes_keep_serving() {
     let err = proxy.reload().await.expect_err("library reload is rejected too");
     assert!(err.to_string().contains("strictly increasing"), "{err}");
     assert_eq!(get(&c, proxy.http_addr(), "/").await.text(), "stable");
-    assert_eq!(proxy.shared().snapshot().generation, 1, "nothing was published");
+    assert_eq!(proxy.operations().snapshot().generation, 1, "nothing was published");
     proxy.drain().await;
 }
 

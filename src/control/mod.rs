@@ -5,6 +5,8 @@
 //! are applied between ticks, so exactly one thread ever changes rollout state. Journal fsyncs
 //! happen here too, never on a data-plane worker.
 
+pub mod controller;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -15,16 +17,16 @@ use metrics::Gauge;
 use tokio::sync::oneshot;
 use tracing::error;
 
+use crate::data_plane::DataPlane;
 use crate::journal::Journal;
 use crate::notify::Notifier;
 use crate::rollout::Phase;
-use crate::rollout::controller::{CommandError, MirrorReading, Outputs, RouteController};
 use crate::rollout::machine::Command;
-use crate::server::Shared;
 use crate::snapshot::{Route, Snapshot};
 use crate::stats::window::Reading;
-use crate::status::{RouteStatus, position};
+use crate::status::RouteStatus;
 use crate::telemetry::{CANDIDATE_WEIGHT, ROLLOUT_PHASE, Telemetry, UPKEEP_EVERY};
+use controller::{CommandError, MirrorReading, Outputs, RouteController};
 
 /// A command for a route's rollout, with where to send the answer.
 #[derive(Debug)]
@@ -125,7 +127,7 @@ impl RouteGauges {
     /// Shows `route`'s phase and weight as they are now. Done right after anything changes
     /// them (start, tick, command), so a scrape never reads a value older than the state.
     fn set(&self, route: &Route) {
-        let (phase, _, weight) = position(route);
+        let (phase, _, weight) = route.position();
         self.weight.set(weight);
         for (p, gauge) in &self.phases {
             gauge.set(if *p == phase { 1.0 } else { 0.0 });
@@ -135,7 +137,7 @@ impl RouteGauges {
 
 /// The control plane's state: one controller per rollout, due times, metric handles.
 pub struct ControlPlane {
-    shared: Arc<Shared>,
+    data: Arc<DataPlane>,
     journal: Arc<Journal>,
     notifier: Notifier,
     generation: u64,
@@ -148,9 +150,9 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Takes over every rollout of the current snapshot (recovering recorded state) before
     /// returning, so that traffic never sees a weight the journal does not back.
-    pub fn new(shared: Arc<Shared>, journal: Arc<Journal>, notifier: Notifier) -> ControlPlane {
+    pub fn new(data: Arc<DataPlane>, journal: Arc<Journal>, notifier: Notifier) -> ControlPlane {
         let mut plane = ControlPlane {
-            shared,
+            data,
             journal,
             notifier,
             generation: 0,
@@ -187,13 +189,13 @@ impl ControlPlane {
     }
 
     fn outputs(&self) -> (Arc<Journal>, Notifier, Arc<Telemetry>) {
-        (self.journal.clone(), self.notifier.clone(), self.shared.telemetry.clone())
+        (self.journal.clone(), self.notifier.clone(), self.data.telemetry.clone())
     }
 
     /// Follows the current snapshot: new rollouts get a controller, changed ones are told,
     /// removed ones are dropped.
     fn sync(&mut self, now: Instant) {
-        let snap = self.shared.snapshot();
+        let snap = self.data.snapshot();
         if snap.generation == self.generation {
             return;
         }
@@ -227,7 +229,7 @@ impl ControlPlane {
 
     fn tick(&mut self, now: Instant) {
         self.sync(now);
-        let snap = self.shared.snapshot();
+        let snap = self.data.snapshot();
         let (journal, notifier, telemetry) = self.outputs();
         let out = Outputs { journal: &journal, notifier: &notifier, telemetry: &telemetry };
         for route in &snap.routes {
@@ -257,7 +259,7 @@ impl ControlPlane {
     fn command(&mut self, req: CommandRequest) {
         let now = Instant::now();
         self.sync(now);
-        let snap = self.shared.snapshot();
+        let snap = self.data.snapshot();
         let result = self.apply_command(&snap, &req, now);
         if let (Some(route), Some(g)) = (snap.route(&req.route), self.gauges.get(&req.route)) {
             g.set(route);
@@ -298,14 +300,4 @@ fn read(route: &Route, now: Instant) -> Option<(Reading, Reading, MirrorReading)
         None => MirrorReading::counters(cand),
     };
     Some((stable, cand.tick(now, window), mirror))
-}
-
-/// Pushes pending metric increments of every version (right before a scrape).
-pub fn flush_metrics(snap: &Snapshot) {
-    for route in &snap.routes {
-        route.runtime.stable.flush_metrics();
-        if let Some((_, cand)) = &route.runtime.candidate {
-            cand.flush_metrics();
-        }
-    }
 }

@@ -23,14 +23,13 @@ use metrics::{Counter, Gauge};
 use serde_json::json;
 use tracing::{error, info, warn};
 
-use super::Phase;
-use super::RolloutState;
-use super::judge::{Baseline, Judge, JudgeState, Observation, RuleKind, Verdict};
-use super::machine::{Change, Command, EventKind, Machine, Plan};
 use crate::config::RouteConfig;
 use crate::journal::{Event, Journal, JournalError, Recovered, RouteRecord, timestamp};
 use crate::notify::Notifier;
-use crate::runtime::{RouteRuntime, VersionRuntime};
+use crate::rollout::judge::{Baseline, Judge, JudgeState, Observation, RuleKind, Verdict};
+use crate::rollout::machine::{Change, Command, EventKind, Machine, Plan};
+use crate::rollout::{Phase, RolloutState};
+use crate::route_state::{RouteRuntime, VersionRuntime};
 use crate::stats::Totals;
 use crate::stats::window::{Reading, WindowFigures};
 use crate::status::JournalPending;

@@ -1,0 +1,59 @@
+//! The records a rollout's transitions produce: the event that is journaled and POSTed to
+//! webhooks, and a rollback in effect that the journal has not recorded yet.
+//!
+//! Plain data, defined next to the phases and event kinds they are made of, so that the
+//! rollout state can hold them without depending on the journal or the status types (which
+//! re-export them as `journal::Event` and `status::JournalPending`).
+
+use serde::{Deserialize, Serialize};
+
+use super::Phase;
+use super::machine::EventKind;
+
+/// A journal event; also the body POSTed to webhooks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339 time.
+    pub at: String,
+    /// Route name.
+    pub route: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// Phase before.
+    pub from: Phase,
+    /// Phase after.
+    pub to: Phase,
+    /// Candidate weight after, percent.
+    pub candidate_weight: f64,
+    /// Why.
+    pub reason: String,
+    /// The judge's figures behind the decision (rollbacks), or `null`.
+    #[serde(default)]
+    pub evidence: serde_json::Value,
+    /// Step after, when on one.
+    #[serde(default)]
+    pub step: Option<usize>,
+    /// Candidate version the event is about.
+    #[serde(default)]
+    pub candidate_version: String,
+    /// Stable version at the time.
+    #[serde(default)]
+    pub stable_version: String,
+}
+
+/// A transition applied to traffic but not yet in the journal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JournalPending {
+    /// RFC 3339 time of the transition.
+    pub at: String,
+    /// What happened (`rolled_back`).
+    pub kind: EventKind,
+    /// Phase after.
+    pub to: Phase,
+    /// Why.
+    pub reason: String,
+    /// Failed attempts to record it so far.
+    pub attempts: u64,
+    /// The latest write error.
+    pub error: String,
+}
