@@ -4,9 +4,9 @@
 //! **candidate** version, measures every request of each version on the hot path, and
 //! exposes what it sees to operators (admin API, Prometheus).
 //!
-//! Modules, from the leaves up (each one only uses modules listed above it; the one
-//! exception is `policy`, which uses `snapshot`'s `Route` while `snapshot` holds each route's
-//! `RoutePolicy`, and `upstream`, which carries `proxy`'s client body type):
+//! Modules, from the leaves up; each one only uses modules listed above it, except inside the
+//! data plane: `policy` uses `snapshot`'s `Route` while a `Route` holds its `RoutePolicy`, and
+//! `upstream`'s client type carries `proxy`'s request body type.
 //!
 //! - leaves:
 //!   - [`shard`]: per-thread shards for hot-path counters;
