@@ -21,6 +21,7 @@ mod crash;
 mod dashboard;
 mod demo;
 mod deploy_assets;
+mod docs_links;
 mod endpoint_health;
 mod error_paths;
 mod fault_attribution;
