@@ -464,7 +464,7 @@ struct Watch<'a> {
 }
 
 /// The watchdog's finding.
-enum Verdict {
+enum WatchFinding {
     /// A header block has been arriving for longer than `header_read_timeout`.
     Cut,
     /// No request has been in flight for `idle_timeout`.
@@ -474,25 +474,25 @@ enum Verdict {
 }
 
 impl Watch<'_> {
-    fn verdict(&self) -> Verdict {
+    fn finding(&self) -> WatchFinding {
         let a = self.activity;
         let now = Instant::now();
         let head_since = a.head_since.load(Ordering::Relaxed);
         let head_due = (head_since != NEVER).then(|| a.at(head_since) + self.head);
         if head_due.is_some_and(|due| due <= now) {
-            return Verdict::Cut;
+            return WatchFinding::Cut;
         }
         let idle_due = if a.active.load(Ordering::Relaxed) == 0 {
             let due = a.at(a.idle_since.load(Ordering::Relaxed)) + self.idle;
             if due <= now {
-                return Verdict::Idle;
+                return WatchFinding::Idle;
             }
             due
         } else {
             // Busy now; it can become idle no sooner than this.
             now + self.idle
         };
-        Verdict::Until(head_due.map_or(idle_due, |h| h.min(idle_due)))
+        WatchFinding::Until(head_due.map_or(idle_due, |h| h.min(idle_due)))
     }
 }
 
@@ -567,21 +567,21 @@ async fn drive<C: Graceful>(conn: C, watch: Watch<'_>, mut shutdown: watch::Rece
             }
             // Mapped to `()`: the guard `wait_for` returns must not live across the awaits below.
             () = async { let _ = shutdown.wait_for(|draining| *draining).await; } => break,
-            _ = &mut timer => match watch.verdict() {
-                Verdict::Cut => {
+            _ = &mut timer => match watch.finding() {
+                WatchFinding::Cut => {
                     debug!("client connection cut: its request head took longer than header_read_timeout");
                     return;
                 }
-                Verdict::Idle => {
+                WatchFinding::Idle => {
                     debug!("closing an idle client connection");
                     conn.as_mut().shutdown();
                     close_idle(conn.as_mut(), &watch).await;
                     return;
                 }
-                Verdict::Until(at) => timer.as_mut().reset(at),
+                WatchFinding::Until(at) => timer.as_mut().reset(at),
             },
             _ = watch.activity.head_started.notified() => {
-                if let Verdict::Until(at) = watch.verdict()
+                if let WatchFinding::Until(at) = watch.finding()
                     && at < timer.deadline()
                 {
                     timer.as_mut().reset(at);

@@ -26,11 +26,11 @@ use admin_client::{AdminArgs, AdminClient};
 #[command(name = "veer", version, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Verb,
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+enum Verb {
     /// Run the proxy.
     Run {
         /// Config file.
@@ -125,17 +125,17 @@ struct RolloutVerb {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config, log_format } => run(&config, log_format),
-        Command::Check { file } => check(&file),
-        Command::Status { route, watch, json, admin } => status(route.as_deref(), watch, json, &admin),
-        Command::Promote(v) => rollout_verb("promote", &v),
-        Command::Abort(v) => rollout_verb("abort", &v),
-        Command::Pause(v) => rollout_verb("pause", &v),
-        Command::Resume(v) => rollout_verb("resume", &v),
-        Command::Retry(v) => rollout_verb("retry", &v),
-        Command::Report { route, admin } => report(&route, &admin),
-        Command::Simulate(args) => simulate(&args),
-        Command::Demo { scenario } => run_demo(scenario),
+        Verb::Run { config, log_format } => run(&config, log_format),
+        Verb::Check { file } => check(&file),
+        Verb::Status { route, watch, json, admin } => status(route.as_deref(), watch, json, &admin),
+        Verb::Promote(v) => rollout_verb("promote", &v),
+        Verb::Abort(v) => rollout_verb("abort", &v),
+        Verb::Pause(v) => rollout_verb("pause", &v),
+        Verb::Resume(v) => rollout_verb("resume", &v),
+        Verb::Retry(v) => rollout_verb("retry", &v),
+        Verb::Report { route, admin } => report(&route, &admin),
+        Verb::Simulate(args) => simulate(&args),
+        Verb::Demo { scenario } => run_demo(scenario),
     }
 }
 

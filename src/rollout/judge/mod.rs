@@ -29,7 +29,7 @@ use crate::config::RollbackConfig;
 use crate::stats::Totals;
 use crate::stats::window::Latency;
 use batch::{Batch, PairWindow};
-use rules::{RULES, Settings, Tick, Window};
+use rules::{RULES, RuleSettings, RuleWindow, Tick};
 
 /// The rules the judge knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,7 +252,7 @@ pub struct Observation<'a> {
 /// The judge of one rollout.
 #[derive(Debug, Clone)]
 pub struct Judge {
-    settings: Settings,
+    settings: RuleSettings,
     state: JudgeState,
     batch: Batch,
     taus: Option<[u64; 3]>,
@@ -269,7 +269,7 @@ impl Judge {
 
     /// A judge continuing from recorded evidence.
     pub fn restore(cfg: &RollbackConfig, state: JudgeState) -> Judge {
-        let settings = Settings { rollback: cfg.clone(), max_mismatch_rate: None };
+        let settings = RuleSettings { rollback: cfg.clone(), max_mismatch_rate: None };
         Judge {
             ln_threshold: threshold(&settings),
             settings,
@@ -352,7 +352,7 @@ impl Judge {
 
     /// Judges every armed rule on the window and keeps their figures.
     fn decide(&mut self, o: &Observation<'_>) -> Verdict {
-        let w = Window::of(o, &self.state, &self.pairs, self.ln_threshold);
+        let w = RuleWindow::of(o, &self.state, &self.pairs, self.ln_threshold);
         let rules: Vec<RuleFigures> = RULES.iter().filter_map(|rule| rule.judge(&self.settings, &w)).collect();
         let verdict = Verdict::of(&rules);
         let alpha = 1.0 - self.settings.rollback.confidence;
@@ -362,7 +362,7 @@ impl Judge {
 }
 
 /// `ln(k/α)` for the `k` armed rules: each takes an even share of the budget.
-fn threshold(settings: &Settings) -> f64 {
+fn threshold(settings: &RuleSettings) -> f64 {
     let armed = RULES.iter().filter(|rule| rule.armed(settings)).count().max(1);
     (armed as f64 / (1.0 - settings.rollback.confidence)).ln()
 }

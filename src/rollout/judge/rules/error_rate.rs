@@ -1,7 +1,7 @@
 //! `error_rate`: the candidate fails more often than stable (armed by
 //! `max_error_rate_increase`).
 
-use super::{Rule, Settings, Tick, Window, classify, enough_events, not_applicable};
+use super::{Rule, RuleSettings, RuleWindow, Tick, classify, enough_events, not_applicable};
 use crate::rollout::judge::batch::Batch;
 use crate::rollout::judge::{JudgeState, RuleFigures, RuleKind};
 
@@ -13,11 +13,11 @@ impl Rule for ErrorRate {
         RuleKind::ErrorRate
     }
 
-    fn armed(&self, settings: &Settings) -> bool {
+    fn armed(&self, settings: &RuleSettings) -> bool {
         settings.rollback.max_error_rate_increase.is_some()
     }
 
-    fn observe(&self, _settings: &Settings, state: &mut JudgeState, tick: &Tick<'_>) {
+    fn observe(&self, _settings: &RuleSettings, state: &mut JudgeState, tick: &Tick<'_>) {
         if let Some(base) = &tick.baseline {
             state.errors.one_sample(base.error_rate(), tick.n_c, tick.x_c);
         }
@@ -27,7 +27,7 @@ impl Rule for ErrorRate {
         state.errors.two_sample(b.n_c, b.n_s, b.x_c, b.x_s);
     }
 
-    fn judge(&self, settings: &Settings, w: &Window<'_>) -> Option<RuleFigures> {
+    fn judge(&self, settings: &RuleSettings, w: &RuleWindow<'_>) -> Option<RuleFigures> {
         let min_increase = settings.rollback.max_error_rate_increase?;
         let e = w.state.errors.ln_evidence();
         if w.nothing_to_compare() {

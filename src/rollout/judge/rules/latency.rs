@@ -1,7 +1,7 @@
 //! `latency`: the candidate's latency distribution is worse than stable's (armed by
 //! `max_p99_ratio`).
 
-use super::{Rule, Settings, Tick, Window, classify, enough_events, not_applicable};
+use super::{Rule, RuleSettings, RuleWindow, Tick, classify, enough_events, not_applicable};
 use crate::rollout::judge::batch::Batch;
 use crate::rollout::judge::mixture::log_mean_exp;
 use crate::rollout::judge::{JudgeState, QUANTILES, RuleFigures, RuleKind};
@@ -16,11 +16,11 @@ impl Rule for LatencyRule {
         RuleKind::Latency
     }
 
-    fn armed(&self, settings: &Settings) -> bool {
+    fn armed(&self, settings: &RuleSettings) -> bool {
         settings.rollback.max_p99_ratio.is_some()
     }
 
-    fn observe(&self, _settings: &Settings, state: &mut JudgeState, tick: &Tick<'_>) {
+    fn observe(&self, _settings: &RuleSettings, state: &mut JudgeState, tick: &Tick<'_>) {
         if let Some(base) = &tick.baseline {
             // Counting whole buckets above τ, a candidate like stable exceeds τ_q at most a
             // share 1 − q of the time.
@@ -36,7 +36,7 @@ impl Rule for LatencyRule {
         }
     }
 
-    fn judge(&self, settings: &Settings, w: &Window<'_>) -> Option<RuleFigures> {
+    fn judge(&self, settings: &RuleSettings, w: &RuleWindow<'_>) -> Option<RuleFigures> {
         let min_ratio = settings.rollback.max_p99_ratio?;
         let e = log_mean_exp(&w.state.latency.map(|m| m.ln_evidence()));
         if w.nothing_to_compare() {

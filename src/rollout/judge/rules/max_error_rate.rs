@@ -1,6 +1,6 @@
 //! `max_error_rate`: an absolute guard on the candidate's error rate.
 
-use super::{Rule, Settings, Tick, Window, classify, enough_events};
+use super::{Rule, RuleSettings, RuleWindow, Tick, classify, enough_events};
 use crate::rollout::judge::{JudgeState, RuleFigures, RuleKind};
 
 /// A one-sample mixture of the candidate against the limit ([`JudgeState::error_guard`]);
@@ -12,17 +12,17 @@ impl Rule for MaxErrorRate {
         RuleKind::MaxErrorRate
     }
 
-    fn armed(&self, settings: &Settings) -> bool {
+    fn armed(&self, settings: &RuleSettings) -> bool {
         settings.rollback.max_error_rate.is_some()
     }
 
-    fn observe(&self, settings: &Settings, state: &mut JudgeState, tick: &Tick<'_>) {
+    fn observe(&self, settings: &RuleSettings, state: &mut JudgeState, tick: &Tick<'_>) {
         if let Some(p0) = settings.rollback.max_error_rate {
             state.error_guard.one_sample(p0, tick.n_c, tick.x_c);
         }
     }
 
-    fn judge(&self, settings: &Settings, w: &Window<'_>) -> Option<RuleFigures> {
+    fn judge(&self, settings: &RuleSettings, w: &RuleWindow<'_>) -> Option<RuleFigures> {
         let limit = settings.rollback.max_error_rate?;
         let error_compared = w.alone || w.state.errors.ln_evidence() >= w.ln_threshold;
         let f = w.figure(self.kind(), w.state.error_guard.ln_evidence(), w.rc, limit);

@@ -1,6 +1,6 @@
 //! `max_p99`: an absolute guard on the candidate's p99.
 
-use super::{Rule, Settings, Tick, Window, classify, enough_events};
+use super::{Rule, RuleSettings, RuleWindow, Tick, classify, enough_events};
 use crate::rollout::judge::batch::Batch;
 use crate::rollout::judge::{JudgeState, RuleFigures, RuleKind};
 use crate::stats::window::Latency;
@@ -15,11 +15,11 @@ impl Rule for MaxP99 {
         RuleKind::MaxP99
     }
 
-    fn armed(&self, settings: &Settings) -> bool {
+    fn armed(&self, settings: &RuleSettings) -> bool {
         settings.rollback.max_p99.is_some()
     }
 
-    fn observe(&self, settings: &Settings, state: &mut JudgeState, tick: &Tick<'_>) {
+    fn observe(&self, settings: &RuleSettings, state: &mut JudgeState, tick: &Tick<'_>) {
         if let Some(limit) = settings.rollback.max_p99 {
             state.p99_guard.one_sample(0.01, tick.n_c, tick.latency.count_above(limit.as_micros() as u64));
         }
@@ -29,7 +29,7 @@ impl Rule for MaxP99 {
         state.p99_compare.two_sample(b.n_c, b.n_s, b.over_c, b.over_s);
     }
 
-    fn judge(&self, settings: &Settings, w: &Window<'_>) -> Option<RuleFigures> {
+    fn judge(&self, settings: &RuleSettings, w: &RuleWindow<'_>) -> Option<RuleFigures> {
         let us = settings.rollback.max_p99?.as_micros() as u64;
         let cl = Latency(&w.cw.latency);
         let c99 = cl.quantile_us(0.99).unwrap_or(0);

@@ -1,7 +1,7 @@
 //! `mirror_mismatch`: mirrored answers differ from stable's too often (armed by
 //! `mirror.max_mismatch_rate`).
 
-use super::{Rule, Settings, Tick, Window, classify, enough_events};
+use super::{Rule, RuleSettings, RuleWindow, Tick, classify, enough_events};
 use crate::rollout::judge::{JudgeState, RuleFigures, RuleKind};
 
 /// A one-sample mixture of the differing mirrored answers against the limit
@@ -13,17 +13,17 @@ impl Rule for MirrorMismatch {
         RuleKind::MirrorMismatch
     }
 
-    fn armed(&self, settings: &Settings) -> bool {
+    fn armed(&self, settings: &RuleSettings) -> bool {
         settings.max_mismatch_rate.is_some()
     }
 
-    fn observe(&self, settings: &Settings, state: &mut JudgeState, tick: &Tick<'_>) {
+    fn observe(&self, settings: &RuleSettings, state: &mut JudgeState, tick: &Tick<'_>) {
         if let Some(p0) = settings.max_mismatch_rate {
             state.mismatch.one_sample(p0, tick.mirror_compared, tick.mirror_mismatched);
         }
     }
 
-    fn judge(&self, settings: &Settings, w: &Window<'_>) -> Option<RuleFigures> {
+    fn judge(&self, settings: &RuleSettings, w: &RuleWindow<'_>) -> Option<RuleFigures> {
         let limit = settings.max_mismatch_rate?;
         let (n, x) = w.pairs.sums();
         let rate = if n == 0 { 0.0 } else { x as f64 / n as f64 };

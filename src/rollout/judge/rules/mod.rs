@@ -34,7 +34,7 @@ pub(super) const RULES: [&dyn Rule; 5] = [
 
 /// What a rule reads of the configuration.
 #[derive(Debug, Clone)]
-pub(super) struct Settings {
+pub(super) struct RuleSettings {
     /// The route's `rollback` table.
     pub(super) rollback: RollbackConfig,
     /// `mirror.max_mismatch_rate`, which arms `mirror_mismatch`.
@@ -47,16 +47,16 @@ pub(super) trait Rule: Sync {
     fn kind(&self) -> RuleKind;
 
     /// True when the configuration arms the rule: it then takes its share of α and is judged.
-    fn armed(&self, settings: &Settings) -> bool;
+    fn armed(&self, settings: &RuleSettings) -> bool;
 
     /// Adds one tick's one-sample evidence (guards, and the baseline comparison while baking).
-    fn observe(&self, _settings: &Settings, _state: &mut JudgeState, _tick: &Tick<'_>) {}
+    fn observe(&self, _settings: &RuleSettings, _state: &mut JudgeState, _tick: &Tick<'_>) {}
 
     /// Adds a closed batch's two-sample evidence.
     fn weigh(&self, _state: &mut JudgeState, _batch: &Batch) {}
 
     /// The rule's figures and state for the window; `None` when it is not armed.
-    fn judge(&self, settings: &Settings, w: &Window<'_>) -> Option<RuleFigures>;
+    fn judge(&self, settings: &RuleSettings, w: &RuleWindow<'_>) -> Option<RuleFigures>;
 }
 
 /// One tick, as the one-sample updates read it.
@@ -96,7 +96,7 @@ fn alone(o: &Observation<'_>) -> bool {
 }
 
 /// The window as the rules judge it.
-pub(super) struct Window<'a> {
+pub(super) struct RuleWindow<'a> {
     /// The evidence.
     pub(super) state: &'a JudgeState,
     /// Mirrored pairs in the window.
@@ -118,12 +118,12 @@ pub(super) struct Window<'a> {
     pub(super) rs: f64,
 }
 
-impl<'a> Window<'a> {
+impl<'a> RuleWindow<'a> {
     /// The window of `o`, judged on `state` against `ln_threshold`.
     pub(super) fn of(o: &Observation<'a>, state: &'a JudgeState, pairs: &'a PairWindow, ln_threshold: f64) -> Self {
         let rate = |t: &Totals| if t.requests() == 0 { 0.0 } else { t.faults as f64 / t.requests() as f64 };
         let alone = alone(o);
-        Window {
+        RuleWindow {
             state,
             pairs,
             ln_threshold,
