@@ -153,7 +153,8 @@ async fn a_client_that_never_speaks_is_cut_at_header_read_timeout() {
     assert_eq!(hits, 0);
 }
 
-/// hyper has no separate keep-alive idle timeout: `header_read_timeout` is it (README).
+/// hyper has no separate keep-alive idle timeout: `header_read_timeout` is it
+/// (docs/traffic-policies.md, listeners).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_at_header_read_timeout() {
     let (text, hits) = closed_after_header_read_timeout(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;

@@ -124,7 +124,7 @@ fn runs_are_reproducible_and_returned_in_seed_order() {
 }
 
 #[test]
-fn the_contract_fields_are_in_the_json_summary() {
+fn the_documented_fields_are_in_the_json_summary() {
     let runs = simulate::run_many(&errors_only(), Scenario::Fail, 1000.0, 1, 3);
     let v = serde_json::to_value(simulate::aggregate(&runs)).expect("serialises");
     for key in [

@@ -17,7 +17,7 @@ fn metric_value(text: &str, series: &str) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_known_traffic_with_the_contract_labels() {
+async fn metrics_count_known_traffic_with_the_documented_labels() {
     let stable = Upstream::text("ok").await;
     // 4xx is the client's fault: counted, never judged, so the split stays put.
     let cand = Upstream::status(404, "nope").await;
