@@ -366,3 +366,29 @@ fn threshold(settings: &RuleSettings) -> f64 {
     let armed = RULES.iter().filter(|rule| rule.armed(settings)).count().max(1);
     (armed as f64 / (1.0 - settings.rollback.confidence)).ln()
 }
+
+/// The confidences of a fleet's judges, so that its false-rollback budget `α = 1 − confidence`
+/// holds for the whole fleet, not once per replica.
+///
+/// A fleet rolls a healthy candidate back when the leader's judge of the merged traffic, or
+/// any one replica's judge of its own traffic, trips. The merged judge takes `α/2`; the local
+/// judges share the other half, `α/(2n)` each for `n` live members. By the union bound the
+/// chance that any of them trips on a healthy candidate stays below `α`, whatever `n` is.
+/// The merged judge sees all the traffic, so it is the one that catches a slight regression;
+/// a local judge's job is the brake on a blatant one, which needs little evidence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FleetConfidence {
+    /// For the leader's judge of the fleet's merged traffic.
+    pub merged: f64,
+    /// For each replica's judge of its own traffic.
+    pub local: f64,
+}
+
+impl FleetConfidence {
+    /// The split of `confidence` over `members` live replicas (at least one).
+    pub fn split(confidence: f64, members: usize) -> FleetConfidence {
+        let alpha = 1.0 - confidence;
+        let n = members.max(1) as f64;
+        FleetConfidence { merged: 1.0 - alpha / 2.0, local: 1.0 - alpha / (2.0 * n) }
+    }
+}

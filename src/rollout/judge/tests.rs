@@ -558,3 +558,13 @@ fn the_rules_are_listed_in_report_order_and_judged_exactly_when_armed() {
         assert!((j.ln_threshold() - (k_armed / 0.01).ln()).abs() < 1e-9, "config {bits:05b}");
     }
 }
+
+#[test]
+fn a_fleet_s_judges_share_one_false_rollback_budget() {
+    for n in [1usize, 3, 10, 100] {
+        let c = FleetConfidence::split(0.99, n);
+        let total = (1.0 - c.merged) + n as f64 * (1.0 - c.local);
+        assert!((total - 0.01).abs() < 1e-12, "n = {n}: the judges spend {total}, not α = 0.01");
+    }
+    assert_eq!(FleetConfidence::split(0.99, 0), FleetConfidence::split(0.99, 1));
+}

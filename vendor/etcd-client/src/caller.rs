@@ -47,22 +47,12 @@ impl ClientCallerBuilder {
         auth_client: RawAuthClient,
         channel: InterceptedChannel,
     ) -> Self {
-        Self {
-            options,
-            auth_token,
-            auth_client,
-            channel,
-        }
+        Self { options, auth_token, auth_client, channel }
     }
 
     /// Build a new [`ClientCaller`] passing an actual client implementation.
     pub fn build<T>(self, f_inner: impl FnOnce(InterceptedChannel) -> T) -> ClientCaller<T> {
-        ClientCaller::new(
-            f_inner(self.channel),
-            self.auth_client,
-            self.auth_token,
-            self.options,
-        )
+        ClientCaller::new(f_inner(self.channel), self.auth_client, self.auth_token, self.options)
     }
 }
 
@@ -83,18 +73,8 @@ pub struct ClientCaller<T> {
 
 impl<T> ClientCaller<T> {
     /// Make a new [`ClientCaller`].
-    pub fn new(
-        inner: T,
-        auth_client: RawAuthClient,
-        auth_token: AuthToken,
-        options: CallOptions,
-    ) -> Self {
-        Self {
-            inner,
-            auth_client,
-            auth_token,
-            options,
-        }
+    pub fn new(inner: T, auth_client: RawAuthClient, auth_token: AuthToken, options: CallOptions) -> Self {
+        Self { inner, auth_client, auth_token, options }
     }
 
     /// Refresh the authentication token if the client has credentials options.
@@ -184,11 +164,7 @@ impl<T> ClientCaller<T> {
         }
     }
 
-    async fn do_authenticate(
-        &self,
-        user: String,
-        password: String,
-    ) -> Result<MetadataValue<Ascii>> {
+    async fn do_authenticate(&self, user: String, password: String) -> Result<MetadataValue<Ascii>> {
         let resp = self
             .auth_client
             .clone()

@@ -13,10 +13,7 @@ pub trait BalancedChannelBuilder {
     type Error;
 
     /// Makes a new balanced channel, given the provided options.
-    fn balanced_channel(
-        self,
-        buffer_size: usize,
-    ) -> Result<(Channel, EndpointUpdater), Self::Error>;
+    fn balanced_channel(self, buffer_size: usize) -> Result<(Channel, EndpointUpdater), Self::Error>;
 }
 
 /// Create a simple Tonic channel.
@@ -27,10 +24,7 @@ impl BalancedChannelBuilder for Tonic {
     type Error = tonic::transport::Error;
 
     #[inline]
-    fn balanced_channel(
-        self,
-        buffer_size: usize,
-    ) -> Result<(Channel, EndpointUpdater), Self::Error> {
+    fn balanced_channel(self, buffer_size: usize) -> Result<(Channel, EndpointUpdater), Self::Error> {
         let (chan, tx) = tonic::transport::Channel::balance_channel(buffer_size);
         Ok((Channel::Tonic(chan), tx))
     }
@@ -89,10 +83,7 @@ impl std::future::Future for ChannelFuture {
     type Output = Result<TonicResponse, tower::BoxError>;
 
     #[inline]
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         // Safety: trivial projection
         unsafe {
             let this = self.get_unchecked_mut();
@@ -124,9 +115,7 @@ impl ChannelFuture {
 
     #[cfg(feature = "tls-openssl")]
     #[inline]
-    fn from_openssl(
-        value: <crate::openssl_tls::OpenSslChannel as Service<TonicRequest>>::Future,
-    ) -> Self {
+    fn from_openssl(value: <crate::openssl_tls::OpenSslChannel as Service<TonicRequest>>::Future) -> Self {
         Self::Openssl(value)
     }
 
@@ -142,10 +131,7 @@ impl Service<TonicRequest> for Channel {
     type Future = ChannelFuture;
 
     #[inline]
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         match self {
             Channel::Tonic(channel) => {
                 let result = ready!(channel.poll_ready(cx));

@@ -11,31 +11,31 @@ use crate::rpc::auth::Permission;
 use crate::rpc::auth::RawAuthClient;
 use crate::rpc::auth::{AuthClient, AuthDisableResponse, AuthEnableResponse};
 use crate::rpc::auth::{
-    RoleAddResponse, RoleDeleteResponse, RoleGetResponse, RoleGrantPermissionResponse,
-    RoleListResponse, RoleRevokePermissionOptions, RoleRevokePermissionResponse, UserAddOptions,
-    UserAddResponse, UserChangePasswordResponse, UserDeleteResponse, UserGetResponse,
-    UserGrantRoleResponse, UserListResponse, UserRevokeRoleResponse,
+    RoleAddResponse, RoleDeleteResponse, RoleGetResponse, RoleGrantPermissionResponse, RoleListResponse,
+    RoleRevokePermissionOptions, RoleRevokePermissionResponse, UserAddOptions, UserAddResponse,
+    UserChangePasswordResponse, UserDeleteResponse, UserGetResponse, UserGrantRoleResponse, UserListResponse,
+    UserRevokeRoleResponse,
 };
 use crate::rpc::cluster::{
     ClusterClient, MemberAddOptions, MemberAddResponse, MemberListResponse, MemberPromoteResponse,
     MemberRemoveResponse, MemberUpdateResponse,
 };
 use crate::rpc::election::{
-    CampaignResponse, ElectionClient, LeaderResponse, ObserveStream, ProclaimOptions,
-    ProclaimResponse, ResignOptions, ResignResponse,
+    CampaignResponse, ElectionClient, LeaderResponse, ObserveStream, ProclaimOptions, ProclaimResponse, ResignOptions,
+    ResignResponse,
 };
 use crate::rpc::kv::{
-    CompactionOptions, CompactionResponse, DeleteOptions, DeleteResponse, GetOptions, GetResponse,
-    KvClient, PutOptions, PutResponse, Txn, TxnResponse,
+    CompactionOptions, CompactionResponse, DeleteOptions, DeleteResponse, GetOptions, GetResponse, KvClient,
+    PutOptions, PutResponse, Txn, TxnResponse,
 };
 use crate::rpc::lease::{
-    LeaseClient, LeaseGrantOptions, LeaseGrantResponse, LeaseKeepAliveStream, LeaseKeeper,
-    LeaseLeasesResponse, LeaseRevokeResponse, LeaseTimeToLiveOptions, LeaseTimeToLiveResponse,
+    LeaseClient, LeaseGrantOptions, LeaseGrantResponse, LeaseKeepAliveStream, LeaseKeeper, LeaseLeasesResponse,
+    LeaseRevokeResponse, LeaseTimeToLiveOptions, LeaseTimeToLiveResponse,
 };
 use crate::rpc::lock::{LockClient, LockOptions, LockResponse, UnlockResponse};
 use crate::rpc::maintenance::{
-    AlarmAction, AlarmOptions, AlarmResponse, AlarmType, DefragmentResponse, HashKvResponse,
-    HashResponse, MaintenanceClient, MoveLeaderResponse, SnapshotStreaming, StatusResponse,
+    AlarmAction, AlarmOptions, AlarmResponse, AlarmType, DefragmentResponse, HashKvResponse, HashResponse,
+    MaintenanceClient, MoveLeaderResponse, SnapshotStreaming, StatusResponse,
 };
 use crate::rpc::watch::{WatchClient, WatchOptions, WatchStream};
 #[cfg(feature = "tls-openssl")]
@@ -77,18 +77,12 @@ pub struct Client {
 
 impl Client {
     /// Connect to `etcd` servers from given `endpoints`.
-    pub async fn connect<E: AsRef<str>, S: AsRef<[E]>>(
-        endpoints: S,
-        options: Option<ConnectOptions>,
-    ) -> Result<Self> {
+    pub async fn connect<E: AsRef<str>, S: AsRef<[E]>>(endpoints: S, options: Option<ConnectOptions>) -> Result<Self> {
         #[cfg(not(feature = "tls-openssl"))]
         let make_balanced_channel = crate::channel::Tonic;
         #[cfg(feature = "tls-openssl")]
         let make_balanced_channel = crate::channel::Openssl {
-            conn: options
-                .clone()
-                .and_then(|o| o.otls)
-                .unwrap_or_else(OpenSslConnector::create_default)?,
+            conn: options.clone().and_then(|o| o.otls).unwrap_or_else(OpenSslConnector::create_default)?,
         };
         Self::connect_with_balanced_channel(endpoints, options, make_balanced_channel).await
     }
@@ -123,19 +117,14 @@ impl Client {
         let (channel, tx) = make_balanced_channel.balanced_channel(64)?;
         let channel = InterceptedChannel::new(
             channel,
-            Interceptor {
-                require_leader: options.require_leader,
-                auth_token: auth_token.clone(),
-            },
+            Interceptor { require_leader: options.require_leader, auth_token: auth_token.clone() },
         );
         for endpoint in endpoints {
             // The rx inside `channel` may be closed or error, e.g. the balanced service is
             // openssl based and the openssl connector is misconfigured, the send here may fail.
             tx.send(Change::Insert(endpoint.uri().clone(), endpoint))
                 .await
-                .map_err(|_| {
-                    Error::Internal("failed to insert endpoint into the balanced channel".into())
-                })?;
+                .map_err(|_| Error::Internal("failed to insert endpoint into the balanced channel".into()))?;
         }
 
         let client = Self::build_client(channel, Some(tx), auth_token, options);
@@ -150,10 +139,7 @@ impl Client {
         let auth_token = Arc::new(RwLock::new(None));
         let channel = InterceptedChannel::new(
             channel,
-            Interceptor {
-                require_leader: options.require_leader,
-                auth_token: auth_token.clone(),
-            },
+            Interceptor { require_leader: options.require_leader, auth_token: auth_token.clone() },
         );
 
         let client = Self::build_client(channel, None, auth_token, options);
@@ -166,9 +152,7 @@ impl Client {
         let mut endpoint = if url.starts_with(HTTP_PREFIX) {
             #[cfg(feature = "_tls")]
             if options.tls.is_some() {
-                return Err(Error::InvalidArgs(String::from(
-                    "TLS options are only supported with HTTPS URLs",
-                )));
+                return Err(Error::InvalidArgs(String::from("TLS options are only supported with HTTPS URLs")));
             }
 
             TonicChannel::builder(url.parse()?)
@@ -207,11 +191,7 @@ impl Client {
 
             #[cfg(all(feature = "tls-openssl", not(feature = "_tls")))]
             {
-                let pfx = if options.otls.as_ref().is_some() {
-                    HTTPS_PREFIX
-                } else {
-                    HTTP_PREFIX
-                };
+                let pfx = if options.otls.as_ref().is_some() { HTTPS_PREFIX } else { HTTP_PREFIX };
                 let e = pfx.to_owned() + url;
                 TonicChannel::builder(e.parse()?)
             }
@@ -251,12 +231,8 @@ impl Client {
         auth_token: Arc<RwLock<Option<MetadataValue<Ascii>>>>,
         options: ConnectOptions,
     ) -> Self {
-        let builder = ClientCallerBuilder::new(
-            (&options).into(),
-            auth_token,
-            RawAuthClient::new(channel.clone()),
-            channel,
-        );
+        let builder =
+            ClientCallerBuilder::new((&options).into(), auth_token, RawAuthClient::new(channel.clone()), channel);
 
         let auth = AuthClient::new(builder.clone());
         let kv = KvClient::new(builder.clone());
@@ -382,21 +358,13 @@ impl Client {
 
     /// Gets the key from the key-value store.
     #[inline]
-    pub async fn get(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        options: Option<GetOptions>,
-    ) -> Result<GetResponse> {
+    pub async fn get(&mut self, key: impl Into<Vec<u8>>, options: Option<GetOptions>) -> Result<GetResponse> {
         self.kv.get(key, options).await
     }
 
     /// Deletes the given key from the key-value store.
     #[inline]
-    pub async fn delete(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        options: Option<DeleteOptions>,
-    ) -> Result<DeleteResponse> {
+    pub async fn delete(&mut self, key: impl Into<Vec<u8>>, options: Option<DeleteOptions>) -> Result<DeleteResponse> {
         self.kv.delete(key, options).await
     }
 
@@ -404,11 +372,7 @@ impl Client {
     /// store should be periodically compacted or the event history will continue to grow
     /// indefinitely.
     #[inline]
-    pub async fn compact(
-        &mut self,
-        revision: i64,
-        options: Option<CompactionOptions>,
-    ) -> Result<CompactionResponse> {
+    pub async fn compact(&mut self, revision: i64, options: Option<CompactionOptions>) -> Result<CompactionResponse> {
         self.kv.compact(revision, options).await
     }
 
@@ -426,11 +390,7 @@ impl Client {
     /// stream sends events. The entire event history can be watched starting from the
     /// last compaction revision.
     #[inline]
-    pub async fn watch(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        options: Option<WatchOptions>,
-    ) -> Result<WatchStream> {
+    pub async fn watch(&mut self, key: impl Into<Vec<u8>>, options: Option<WatchOptions>) -> Result<WatchStream> {
         self.watch.watch(key, options).await
     }
 
@@ -438,11 +398,7 @@ impl Client {
     /// within a given time to live period. All keys attached to the lease will be expired and
     /// deleted if the lease expires. Each expired key generates a delete event in the event history.
     #[inline]
-    pub async fn lease_grant(
-        &mut self,
-        ttl: i64,
-        options: Option<LeaseGrantOptions>,
-    ) -> Result<LeaseGrantResponse> {
+    pub async fn lease_grant(&mut self, ttl: i64, options: Option<LeaseGrantOptions>) -> Result<LeaseGrantResponse> {
         self.lease.grant(ttl, options).await
     }
 
@@ -455,10 +411,7 @@ impl Client {
     /// Keeps the lease alive by streaming keep alive requests from the client
     /// to the server and streaming keep alive responses from the server to the client.
     #[inline]
-    pub async fn lease_keep_alive(
-        &mut self,
-        id: i64,
-    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
+    pub async fn lease_keep_alive(&mut self, id: i64) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
         self.lease.keep_alive(id).await
     }
 
@@ -485,11 +438,7 @@ impl Client {
     /// lock ownership. The lock is held until Unlock is called on the key or the
     /// lease associate with the owner expires.
     #[inline]
-    pub async fn lock(
-        &mut self,
-        name: impl Into<Vec<u8>>,
-        options: Option<LockOptions>,
-    ) -> Result<LockResponse> {
+    pub async fn lock(&mut self, name: impl Into<Vec<u8>>, options: Option<LockOptions>) -> Result<LockResponse> {
         self.lock.lock(name, options).await
     }
 
@@ -625,9 +574,7 @@ impl Client {
         alarm_type: AlarmType,
         options: Option<AlarmOptions>,
     ) -> Result<AlarmResponse> {
-        self.maintenance
-            .alarm(alarm_action, alarm_type, options)
-            .await
+        self.maintenance.alarm(alarm_action, alarm_type, options).await
     }
 
     /// Gets the status of a member.
@@ -692,11 +639,7 @@ impl Client {
 
     /// Updates the member.
     #[inline]
-    pub async fn member_update(
-        &mut self,
-        id: u64,
-        url: impl Into<Vec<String>>,
-    ) -> Result<MemberUpdateResponse> {
+    pub async fn member_update(&mut self, id: u64, url: impl Into<Vec<String>>) -> Result<MemberUpdateResponse> {
         self.cluster.member_update(id, url).await
     }
 

@@ -29,10 +29,7 @@ impl Interceptor {
 }
 
 impl TonicInterceptor for Interceptor {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(method) = request.extensions().get::<GrpcMethod>() {
             match (method.service(), method.method()) {
                 // `Authenticate` is how the token is obtained.
@@ -55,10 +52,7 @@ impl TonicInterceptor for Interceptor {
         }
 
         if self.require_leader {
-            request.metadata_mut().append(
-                REQUIRE_LEADER_KEY,
-                AsciiMetadataValue::from_static(REQUIRE_LEADER_VALUE),
-            );
+            request.metadata_mut().append(REQUIRE_LEADER_KEY, AsciiMetadataValue::from_static(REQUIRE_LEADER_VALUE));
         }
 
         Ok(request)
@@ -73,19 +67,12 @@ mod tests {
     use super::*;
 
     fn token_of(service: &'static str, method: &'static str) -> Option<String> {
-        let mut interceptor = Interceptor {
-            require_leader: false,
-            auth_token: Arc::new(RwLock::new(Some("token".parse().unwrap()))),
-        };
+        let mut interceptor =
+            Interceptor { require_leader: false, auth_token: Arc::new(RwLock::new(Some("token".parse().unwrap()))) };
         let mut request = tonic::Request::new(());
-        request
-            .extensions_mut()
-            .insert(GrpcMethod::new(service, method));
+        request.extensions_mut().insert(GrpcMethod::new(service, method));
         let request = interceptor.call(request).unwrap();
-        request
-            .metadata()
-            .get(TOKEN_HEADER)
-            .map(|v| v.to_str().unwrap().to_owned())
+        request.metadata().get(TOKEN_HEADER).map(|v| v.to_str().unwrap().to_owned())
     }
 
     #[test]
@@ -101,20 +88,13 @@ mod tests {
             ("v3electionpb.Election", "Campaign"),
             ("v3lockpb.Lock", "Lock"),
         ] {
-            assert_eq!(
-                token_of(service, method).as_deref(),
-                Some("token"),
-                "{service}/{method}"
-            );
+            assert_eq!(token_of(service, method).as_deref(), Some("token"), "{service}/{method}");
         }
     }
 
     #[test]
     fn token_is_not_sent_to_authenticate_and_non_etcd_services() {
-        for (service, method) in [
-            ("etcdserverpb.Auth", "Authenticate"),
-            ("grpc.health.v1.Health", "Check"),
-        ] {
+        for (service, method) in [("etcdserverpb.Auth", "Authenticate"), ("grpc.health.v1.Health", "Check")] {
             assert_eq!(token_of(service, method), None, "{service}/{method}");
         }
     }

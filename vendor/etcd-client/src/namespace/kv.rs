@@ -1,8 +1,7 @@
 use crate::error::Result;
 use crate::vec::VecExt;
 use crate::{
-    DeleteOptions, DeleteResponse, GetOptions, GetResponse, KvClient, PutOptions, PutResponse, Txn,
-    TxnResponse,
+    DeleteOptions, DeleteResponse, GetOptions, GetResponse, KvClient, PutOptions, PutResponse, Txn, TxnResponse,
 };
 
 pub struct KvClientPrefix {
@@ -34,11 +33,7 @@ impl KvClientPrefix {
         Ok(resp)
     }
 
-    pub async fn get(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        mut options: Option<GetOptions>,
-    ) -> Result<GetResponse> {
+    pub async fn get(&mut self, key: impl Into<Vec<u8>>, mut options: Option<GetOptions>) -> Result<GetResponse> {
         let key = self.prefixed_key(key);
         options = options.map(|mut opts| {
             opts.key_range_end_mut().prefix_range_end_with(&self.pfx);

@@ -19,12 +19,7 @@ pub struct BackOffWhenFail<S> {
 
 impl<S> BackOffWhenFail<S> {
     pub fn new(inner: S, back_off: BackOffStatus) -> Self {
-        Self {
-            inner,
-            handle: BackOffHandle {
-                inner: Arc::new(Mutex::new(back_off)),
-            },
-        }
+        Self { inner, handle: BackOffHandle { inner: Arc::new(Mutex::new(back_off)) } }
     }
 }
 
@@ -112,10 +107,7 @@ where
 {
     type Output = <F as Future>::Output;
 
-    fn poll(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         // Safety: trivial projection.
         let (inner, handle) = unsafe {
             let this = self.get_unchecked_mut();
@@ -139,18 +131,12 @@ where
     type Error = <S as Service<Req>>::Error;
     type Future = TraceFailFuture<<S as Service<Req>>::Future>;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::result::Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        TraceFailFuture {
-            inner: self.inner.call(req),
-            handle: self.handle.clone(),
-        }
+        TraceFailFuture { inner: self.inner.call(req), handle: self.handle.clone() }
     }
 }
 
@@ -173,16 +159,8 @@ mod test {
         let mut state = BackOffStatus::new(Duration::from_secs(1), Duration::from_secs(4));
         let assert_state = |state: &mut BackOffStatus, failed, curr, next, desc| {
             assert_eq!(state.failed(), failed, "{desc}: success status not match");
-            assert_eq!(
-                state.current_backoff_dur,
-                Duration::from_secs(curr),
-                "{desc}: current_backoff_dur not match"
-            );
-            assert_eq!(
-                state.next_backoff_dur,
-                Duration::from_secs(next),
-                "{desc}: next_backoff_dur not match"
-            );
+            assert_eq!(state.current_backoff_dur, Duration::from_secs(curr), "{desc}: current_backoff_dur not match");
+            assert_eq!(state.next_backoff_dur, Duration::from_secs(next), "{desc}: next_backoff_dur not match");
         };
         assert!(!state.failed());
         state.fail();

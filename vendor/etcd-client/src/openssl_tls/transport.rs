@@ -23,8 +23,7 @@ pub type OpenSslResult<T> = std::result::Result<T, ErrorStack>;
 // Below are some type alias for make clearer types.
 pub type TonicRequest = Request<tonic::body::Body>;
 pub type Balanced<T> = Balance<T, TonicRequest>;
-pub type OpenSslChannel =
-    Buffer<TonicRequest, <Balanced<OpenSslDiscover<Uri>> as Service<TonicRequest>>::Future>;
+pub type OpenSslChannel = Buffer<TonicRequest, <Balanced<OpenSslDiscover<Uri>> as Service<TonicRequest>>::Future>;
 /// OpenSslDiscover is the backend for balanced channel based on OpenSSL transports.
 /// Because `Channel::balance` doesn't allow us to provide custom connector, we must implement ourselves' balancer...
 pub type OpenSslDiscover<K> = ReceiverStream<Result<TowerChange<K, BackOffWhenFail<Channel>>>>;
@@ -49,14 +48,12 @@ impl OpenSslConnector {
 compile_error!(concat!(
     "**You should only enable one of `tls`/`tls-ring`/`tls-aws-lc` and `tls-openssl`.** Reason: ",
     "For now, `tls-openssl` would take over the transport layer (sockets) to implement TLS based connection. ",
-    "As a result, once using with `tonic`'s internal TLS implementation (which based on `rustls`), ", 
-    "we may create TLS tunnels over TLS tunnels or directly fail because of some sorts of misconfiguration.")
-);
+    "As a result, once using with `tonic`'s internal TLS implementation (which based on `rustls`), ",
+    "we may create TLS tunnels over TLS tunnels or directly fail because of some sorts of misconfiguration."
+));
 
 /// Create a balanced channel using the OpenSSL config.
-pub fn balanced_channel(
-    connector: OpenSslConnector,
-) -> Result<(OpenSslChannel, Sender<Change<Uri, Endpoint>>)> {
+pub fn balanced_channel(connector: OpenSslConnector) -> Result<(OpenSslChannel, Sender<Change<Uri, Endpoint>>)> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let tls_conn = create_openssl_discover(connector, rx);
     let balance = Balance::new(tls_conn);
@@ -136,9 +133,7 @@ impl Default for OpenSslClientConfig {
 
 impl std::fmt::Debug for OpenSslClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("OpenSslClientConfig")
-            .field(&"callbacks")
-            .finish()
+        f.debug_tuple("OpenSslClientConfig").field(&"callbacks").finish()
     }
 }
 

@@ -11,26 +11,22 @@ use crate::rpc::pb::etcdserverpb::{
     AuthDisableRequest as PbAuthDisableRequest, AuthDisableResponse as PbAuthDisableResponse,
     AuthEnableRequest as PbAuthEnableRequest, AuthEnableResponse as PbAuthEnableResponse,
     AuthRoleAddRequest as PbAuthRoleAddRequest, AuthRoleAddResponse as PbAuthRoleAddResponse,
-    AuthRoleDeleteRequest as PbAuthRoleDeleteRequest,
-    AuthRoleDeleteResponse as PbAuthRoleDeleteResponse, AuthRoleGetRequest as PbAuthRoleGetRequest,
-    AuthRoleGetResponse as PbAuthRoleGetResponse,
+    AuthRoleDeleteRequest as PbAuthRoleDeleteRequest, AuthRoleDeleteResponse as PbAuthRoleDeleteResponse,
+    AuthRoleGetRequest as PbAuthRoleGetRequest, AuthRoleGetResponse as PbAuthRoleGetResponse,
     AuthRoleGrantPermissionRequest as PbAuthRoleGrantPermissionRequest,
-    AuthRoleGrantPermissionResponse as PbAuthRoleGrantPermissionResponse,
-    AuthRoleListRequest as PbAuthRoleListRequest, AuthRoleListResponse as PbAuthRoleListResponse,
+    AuthRoleGrantPermissionResponse as PbAuthRoleGrantPermissionResponse, AuthRoleListRequest as PbAuthRoleListRequest,
+    AuthRoleListResponse as PbAuthRoleListResponse,
     AuthRoleRevokePermissionRequest as PbAuthRoleRevokePermissionRequest,
-    AuthRoleRevokePermissionResponse as PbAuthRoleRevokePermissionResponse,
-    AuthUserAddRequest as PbAuthUserAddRequest, AuthUserAddResponse as PbAuthUserAddResponse,
-    AuthUserChangePasswordRequest as PbAuthUserChangePasswordRequest,
+    AuthRoleRevokePermissionResponse as PbAuthRoleRevokePermissionResponse, AuthUserAddRequest as PbAuthUserAddRequest,
+    AuthUserAddResponse as PbAuthUserAddResponse, AuthUserChangePasswordRequest as PbAuthUserChangePasswordRequest,
     AuthUserChangePasswordResponse as PbAuthUserChangePasswordResponse,
-    AuthUserDeleteRequest as PbAuthUserDeleteRequest,
-    AuthUserDeleteResponse as PbAuthUserDeleteResponse, AuthUserGetRequest as PbAuthUserGetRequest,
-    AuthUserGetResponse as PbAuthUserGetResponse,
-    AuthUserGrantRoleRequest as PbAuthUserGrantRoleRequest,
-    AuthUserGrantRoleResponse as PbAuthUserGrantRoleResponse,
+    AuthUserDeleteRequest as PbAuthUserDeleteRequest, AuthUserDeleteResponse as PbAuthUserDeleteResponse,
+    AuthUserGetRequest as PbAuthUserGetRequest, AuthUserGetResponse as PbAuthUserGetResponse,
+    AuthUserGrantRoleRequest as PbAuthUserGrantRoleRequest, AuthUserGrantRoleResponse as PbAuthUserGrantRoleResponse,
     AuthUserListRequest as PbAuthUserListRequest, AuthUserListResponse as PbAuthUserListResponse,
     AuthUserRevokeRoleRequest as PbAuthUserRevokeRoleRequest,
-    AuthUserRevokeRoleResponse as PbAuthUserRevokeRoleResponse,
-    AuthenticateRequest as PbAuthenticateRequest, AuthenticateResponse as PbAuthenticateResponse,
+    AuthUserRevokeRoleResponse as PbAuthUserRevokeRoleResponse, AuthenticateRequest as PbAuthenticateRequest,
+    AuthenticateResponse as PbAuthenticateResponse,
 };
 use crate::rpc::ResponseHeader;
 use crate::rpc::{get_prefix, KeyRange};
@@ -52,39 +48,27 @@ impl AuthClient {
     /// Creates an auth client.
     #[inline]
     pub(crate) fn new(builder: ClientCallerBuilder) -> Self {
-        Self {
-            inner: builder.build(Client::new),
-        }
+        Self { inner: builder.build(Client::new) }
     }
 
     /// Enables authentication for the etcd cluster.
     #[inline]
     pub async fn auth_enable(&mut self) -> Result<AuthEnableResponse> {
-        async fn auth_enable_impl(
-            client: &mut Client,
-            options: AuthEnableOptions,
-        ) -> Result<AuthEnableResponse> {
+        async fn auth_enable_impl(client: &mut Client, options: AuthEnableOptions) -> Result<AuthEnableResponse> {
             let resp = client.auth_enable(options).await?.into_inner();
             Ok(AuthEnableResponse::new(resp))
         }
-        self.inner
-            .do_call(AuthEnableOptions::new(), auth_enable_impl)
-            .await
+        self.inner.do_call(AuthEnableOptions::new(), auth_enable_impl).await
     }
 
     /// Disables authentication for the etcd cluster.
     #[inline]
     pub async fn auth_disable(&mut self) -> Result<AuthDisableResponse> {
-        async fn auth_disable_impl(
-            client: &mut Client,
-            options: AuthDisableOptions,
-        ) -> Result<AuthDisableResponse> {
+        async fn auth_disable_impl(client: &mut Client, options: AuthDisableOptions) -> Result<AuthDisableResponse> {
             let resp = client.auth_disable(options).await?.into_inner();
             Ok(AuthDisableResponse::new(resp))
         }
-        self.inner
-            .do_call(AuthDisableOptions::new(), auth_disable_impl)
-            .await
+        self.inner.do_call(AuthDisableOptions::new(), auth_disable_impl).await
     }
 
     /// Sends an authenticate request.
@@ -95,11 +79,7 @@ impl AuthClient {
     /// This is the only call that does not refresh an expired token, since it is the
     /// call used to obtain one.
     #[inline]
-    pub async fn authenticate(
-        &mut self,
-        name: String,
-        password: String,
-    ) -> Result<AuthenticateResponse> {
+    pub async fn authenticate(&mut self, name: String, password: String) -> Result<AuthenticateResponse> {
         let resp = self
             .inner
             .inner_mut()
@@ -112,61 +92,41 @@ impl AuthClient {
     /// Adds role
     #[inline]
     pub async fn role_add(&mut self, name: impl Into<String>) -> Result<RoleAddResponse> {
-        async fn role_add_impl(
-            client: &mut Client,
-            options: RoleAddOptions,
-        ) -> Result<RoleAddResponse> {
+        async fn role_add_impl(client: &mut Client, options: RoleAddOptions) -> Result<RoleAddResponse> {
             let resp = client.role_add(options).await?.into_inner();
             Ok(RoleAddResponse::new(resp))
         }
-        self.inner
-            .do_call(RoleAddOptions::new(name.into()), role_add_impl)
-            .await
+        self.inner.do_call(RoleAddOptions::new(name.into()), role_add_impl).await
     }
 
     /// Deletes role
     #[inline]
     pub async fn role_delete(&mut self, name: impl Into<String>) -> Result<RoleDeleteResponse> {
-        async fn role_delete_impl(
-            client: &mut Client,
-            options: RoleDeleteOptions,
-        ) -> Result<RoleDeleteResponse> {
+        async fn role_delete_impl(client: &mut Client, options: RoleDeleteOptions) -> Result<RoleDeleteResponse> {
             let resp = client.role_delete(options).await?.into_inner();
             Ok(RoleDeleteResponse::new(resp))
         }
-        self.inner
-            .do_call(RoleDeleteOptions::new(name.into()), role_delete_impl)
-            .await
+        self.inner.do_call(RoleDeleteOptions::new(name.into()), role_delete_impl).await
     }
 
     /// Gets role
     #[inline]
     pub async fn role_get(&mut self, name: impl Into<String>) -> Result<RoleGetResponse> {
-        async fn role_get_impl(
-            client: &mut Client,
-            options: RoleGetOptions,
-        ) -> Result<RoleGetResponse> {
+        async fn role_get_impl(client: &mut Client, options: RoleGetOptions) -> Result<RoleGetResponse> {
             let resp = client.role_get(options).await?.into_inner();
             Ok(RoleGetResponse::new(resp))
         }
-        self.inner
-            .do_call(RoleGetOptions::new(name.into()), role_get_impl)
-            .await
+        self.inner.do_call(RoleGetOptions::new(name.into()), role_get_impl).await
     }
 
     /// Lists role
     #[inline]
     pub async fn role_list(&mut self) -> Result<RoleListResponse> {
-        async fn role_list_impl(
-            client: &mut Client,
-            options: AuthRoleListOptions,
-        ) -> Result<RoleListResponse> {
+        async fn role_list_impl(client: &mut Client, options: AuthRoleListOptions) -> Result<RoleListResponse> {
             let resp = client.role_list(options).await?.into_inner();
             Ok(RoleListResponse::new(resp))
         }
-        self.inner
-            .do_call(AuthRoleListOptions {}, role_list_impl)
-            .await
+        self.inner.do_call(AuthRoleListOptions {}, role_list_impl).await
     }
 
     /// Grants role permission
@@ -183,12 +143,7 @@ impl AuthClient {
             let resp = client.role_grant_permission(options).await?.into_inner();
             Ok(RoleGrantPermissionResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                RoleGrantPermissionOptions::new(name.into(), perm),
-                role_grant_permission_impl,
-            )
-            .await
+        self.inner.do_call(RoleGrantPermissionOptions::new(name.into(), perm), role_grant_permission_impl).await
     }
 
     /// Revokes role permission
@@ -208,10 +163,7 @@ impl AuthClient {
         }
         self.inner
             .do_call(
-                options
-                    .unwrap_or_default()
-                    .with_name(name.into())
-                    .with_key(key.into()),
+                options.unwrap_or_default().with_name(name.into()).with_key(key.into()),
                 role_revoke_permission_impl,
             )
             .await
@@ -225,67 +177,43 @@ impl AuthClient {
         password: impl Into<String>,
         options: Option<UserAddOptions>,
     ) -> Result<UserAddResponse> {
-        async fn user_add_impl(
-            client: &mut Client,
-            options: UserAddOptions,
-        ) -> Result<UserAddResponse> {
+        async fn user_add_impl(client: &mut Client, options: UserAddOptions) -> Result<UserAddResponse> {
             let resp = client.user_add(options).await?.into_inner();
             Ok(UserAddResponse::new(resp))
         }
         self.inner
-            .do_call(
-                options
-                    .unwrap_or_default()
-                    .with_name(name.into())
-                    .with_pwd(password.into()),
-                user_add_impl,
-            )
+            .do_call(options.unwrap_or_default().with_name(name.into()).with_pwd(password.into()), user_add_impl)
             .await
     }
 
     /// Gets user
     #[inline]
     pub async fn user_get(&mut self, name: impl Into<String>) -> Result<UserGetResponse> {
-        async fn user_get_impl(
-            client: &mut Client,
-            options: UserGetOptions,
-        ) -> Result<UserGetResponse> {
+        async fn user_get_impl(client: &mut Client, options: UserGetOptions) -> Result<UserGetResponse> {
             let resp = client.user_get(options).await?.into_inner();
             Ok(UserGetResponse::new(resp))
         }
-        self.inner
-            .do_call(UserGetOptions::new(name.into()), user_get_impl)
-            .await
+        self.inner.do_call(UserGetOptions::new(name.into()), user_get_impl).await
     }
 
     /// Lists user
     #[inline]
     pub async fn user_list(&mut self) -> Result<UserListResponse> {
-        async fn user_list_impl(
-            client: &mut Client,
-            options: AuthUserListOptions,
-        ) -> Result<UserListResponse> {
+        async fn user_list_impl(client: &mut Client, options: AuthUserListOptions) -> Result<UserListResponse> {
             let resp = client.user_list(options).await?.into_inner();
             Ok(UserListResponse::new(resp))
         }
-        self.inner
-            .do_call(AuthUserListOptions {}, user_list_impl)
-            .await
+        self.inner.do_call(AuthUserListOptions {}, user_list_impl).await
     }
 
     /// Deletes user
     #[inline]
     pub async fn user_delete(&mut self, name: impl Into<String>) -> Result<UserDeleteResponse> {
-        async fn user_delete_impl(
-            client: &mut Client,
-            options: UserDeleteOptions,
-        ) -> Result<UserDeleteResponse> {
+        async fn user_delete_impl(client: &mut Client, options: UserDeleteOptions) -> Result<UserDeleteResponse> {
             let resp = client.user_delete(options).await?.into_inner();
             Ok(UserDeleteResponse::new(resp))
         }
-        self.inner
-            .do_call(UserDeleteOptions::new(name.into()), user_delete_impl)
-            .await
+        self.inner.do_call(UserDeleteOptions::new(name.into()), user_delete_impl).await
     }
 
     /// Change user's password
@@ -303,10 +231,7 @@ impl AuthClient {
             Ok(UserChangePasswordResponse::new(resp))
         }
         self.inner
-            .do_call(
-                UserChangePasswordOptions::new(name.into(), password.into()),
-                user_change_password_impl,
-            )
+            .do_call(UserChangePasswordOptions::new(name.into(), password.into()), user_change_password_impl)
             .await
     }
 
@@ -324,12 +249,7 @@ impl AuthClient {
             let resp = client.user_grant_role(options).await?.into_inner();
             Ok(UserGrantRoleResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                UserGrantRoleOptions::new(name.into(), role.into()),
-                user_grant_role_impl,
-            )
-            .await
+        self.inner.do_call(UserGrantRoleOptions::new(name.into(), role.into()), user_grant_role_impl).await
     }
 
     /// Revoke role for an user
@@ -346,12 +266,7 @@ impl AuthClient {
             let resp = client.user_revoke_role(options).await?.into_inner();
             Ok(UserRevokeRoleResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                UserRevokeRoleOptions::new(name.into(), role.into()),
-                user_revoke_role_impl,
-            )
-            .await
+        self.inner.do_call(UserRevokeRoleOptions::new(name.into(), role.into()), user_revoke_role_impl).await
     }
 }
 
@@ -476,10 +391,7 @@ impl AuthenticateOptions {
     /// Creates a `AuthenticateOptions`.
     #[inline]
     pub const fn new() -> Self {
-        Self(PbAuthenticateRequest {
-            name: String::new(),
-            password: String::new(),
-        })
+        Self(PbAuthenticateRequest { name: String::new(), password: String::new() })
     }
 }
 
@@ -677,11 +589,7 @@ impl Permission {
     #[inline]
     pub fn new(perm_type: PermissionType, key: impl Into<Vec<u8>>) -> Self {
         Self {
-            inner: PbPermission {
-                perm_type: perm_type.into(),
-                key: key.into(),
-                range_end: Vec::new(),
-            },
+            inner: PbPermission { perm_type: perm_type.into(), key: key.into(), range_end: Vec::new() },
             with_prefix: false,
             with_from_key: false,
         }
@@ -825,11 +733,7 @@ impl From<&PbPermission> for Permission {
     #[inline]
     fn from(src: &PbPermission) -> Self {
         let mut perm = Permission {
-            inner: PbPermission {
-                perm_type: src.perm_type,
-                key: src.key.clone(),
-                range_end: src.range_end.clone(),
-            },
+            inner: PbPermission { perm_type: src.perm_type, key: src.key.clone(), range_end: src.range_end.clone() },
             with_from_key: false,
             with_prefix: false,
         };
@@ -944,10 +848,7 @@ impl RoleGrantPermissionOptions {
     /// Creates a "RoleGrantPermissionOptions" to grant role permission
     #[inline]
     pub fn new(name: String, perm: Permission) -> Self {
-        Self(PbAuthRoleGrantPermissionRequest {
-            name,
-            perm: Some(perm.into()),
-        })
+        Self(PbAuthRoleGrantPermissionRequest { name, perm: Some(perm.into()) })
     }
 }
 
@@ -1003,11 +904,7 @@ impl RoleRevokePermissionOptions {
     #[inline]
     pub const fn new() -> Self {
         Self {
-            req: PbAuthRoleRevokePermissionRequest {
-                role: String::new(),
-                key: Vec::new(),
-                range_end: Vec::new(),
-            },
+            req: PbAuthRoleRevokePermissionRequest { role: String::new(), key: Vec::new(), range_end: Vec::new() },
             key_range: KeyRange::new(),
         }
     }
@@ -1334,11 +1231,7 @@ impl UserChangePasswordOptions {
     /// Creates a `UserChangePasswordOptions` to change user's password.
     #[inline]
     pub fn new(name: String, new_password: String) -> Self {
-        Self(PbAuthUserChangePasswordRequest {
-            name,
-            password: new_password,
-            hashed_password: String::new(),
-        })
+        Self(PbAuthUserChangePasswordRequest { name, password: new_password, hashed_password: String::new() })
     }
 }
 

@@ -5,12 +5,11 @@ use crate::error::Result;
 use crate::intercept::InterceptedChannel;
 use crate::rpc::pb::etcdserverpb::cluster_client::ClusterClient as PbClusterClient;
 use crate::rpc::pb::etcdserverpb::{
-    Member as PbMember, MemberAddRequest as PbMemberAddRequest,
-    MemberAddResponse as PbMemberAddResponse, MemberListRequest as PbMemberListRequest,
-    MemberListResponse as PbMemberListResponse, MemberPromoteRequest as PbMemberPromoteRequest,
-    MemberPromoteResponse as PbMemberPromoteResponse, MemberRemoveRequest as PbMemberRemoveRequest,
-    MemberRemoveResponse as PbMemberRemoveResponse, MemberUpdateRequest as PbMemberUpdateRequest,
-    MemberUpdateResponse as PbMemberUpdateResponse,
+    Member as PbMember, MemberAddRequest as PbMemberAddRequest, MemberAddResponse as PbMemberAddResponse,
+    MemberListRequest as PbMemberListRequest, MemberListResponse as PbMemberListResponse,
+    MemberPromoteRequest as PbMemberPromoteRequest, MemberPromoteResponse as PbMemberPromoteResponse,
+    MemberRemoveRequest as PbMemberRemoveRequest, MemberRemoveResponse as PbMemberRemoveResponse,
+    MemberUpdateRequest as PbMemberUpdateRequest, MemberUpdateResponse as PbMemberUpdateResponse,
 };
 use crate::rpc::ResponseHeader;
 use tonic::{IntoRequest, Request};
@@ -28,9 +27,7 @@ impl ClusterClient {
     /// Creates an Cluster client.
     #[inline]
     pub(crate) fn new(builder: ClientCallerBuilder) -> Self {
-        Self {
-            inner: builder.build(Client::new),
-        }
+        Self { inner: builder.build(Client::new) }
     }
 
     /// Adds a new member into the cluster.
@@ -40,73 +37,41 @@ impl ClusterClient {
         urls: impl Into<Vec<String>>,
         options: Option<MemberAddOptions>,
     ) -> Result<MemberAddResponse> {
-        async fn member_add_impl(
-            client: &mut Client,
-            options: MemberAddOptions,
-        ) -> Result<MemberAddResponse> {
+        async fn member_add_impl(client: &mut Client, options: MemberAddOptions) -> Result<MemberAddResponse> {
             let resp = client.member_add(options).await?.into_inner();
             Ok(MemberAddResponse::new(resp))
         }
-        self.inner
-            .do_call(options.unwrap_or_default().with_urls(urls), member_add_impl)
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_urls(urls), member_add_impl).await
     }
 
     /// Removes an existing member from the cluster.
     #[inline]
     pub async fn member_remove(&mut self, id: u64) -> Result<MemberRemoveResponse> {
-        async fn member_remove_impl(
-            client: &mut Client,
-            options: MemberRemoveOptions,
-        ) -> Result<MemberRemoveResponse> {
+        async fn member_remove_impl(client: &mut Client, options: MemberRemoveOptions) -> Result<MemberRemoveResponse> {
             let resp = client.member_remove(options).await?.into_inner();
             Ok(MemberRemoveResponse::new(resp))
         }
-        self.inner
-            .do_call(MemberRemoveOptions::new().with_id(id), member_remove_impl)
-            .await
+        self.inner.do_call(MemberRemoveOptions::new().with_id(id), member_remove_impl).await
     }
 
     /// Updates the member configuration.
     #[inline]
-    pub async fn member_update(
-        &mut self,
-        id: u64,
-        url: impl Into<Vec<String>>,
-    ) -> Result<MemberUpdateResponse> {
-        async fn member_update_impl(
-            client: &mut Client,
-            options: MemberUpdateOptions,
-        ) -> Result<MemberUpdateResponse> {
+    pub async fn member_update(&mut self, id: u64, url: impl Into<Vec<String>>) -> Result<MemberUpdateResponse> {
+        async fn member_update_impl(client: &mut Client, options: MemberUpdateOptions) -> Result<MemberUpdateResponse> {
             let resp = client.member_update(options).await?.into_inner();
             Ok(MemberUpdateResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                MemberUpdateOptions::new().with_option(id, url),
-                member_update_impl,
-            )
-            .await
+        self.inner.do_call(MemberUpdateOptions::new().with_option(id, url), member_update_impl).await
     }
 
     /// Lists all the members in the cluster.
     #[inline]
     pub async fn member_list(&mut self) -> Result<MemberListResponse> {
-        async fn member_list_impl(
-            client: &mut Client,
-            options: PbMemberListRequest,
-        ) -> Result<MemberListResponse> {
+        async fn member_list_impl(client: &mut Client, options: PbMemberListRequest) -> Result<MemberListResponse> {
             let resp = client.member_list(options).await?.into_inner();
             Ok(MemberListResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                PbMemberListRequest {
-                    linearizable: false,
-                },
-                member_list_impl,
-            )
-            .await
+        self.inner.do_call(PbMemberListRequest { linearizable: false }, member_list_impl).await
     }
 
     /// Promotes a member from raft learner (non-voting) to raft voting member.
@@ -119,9 +84,7 @@ impl ClusterClient {
             let resp = client.member_promote(options).await?.into_inner();
             Ok(MemberPromoteResponse::new(resp))
         }
-        self.inner
-            .do_call(MemberPromoteOptions::new().with_id(id), member_promote_impl)
-            .await
+        self.inner.do_call(MemberPromoteOptions::new().with_id(id), member_promote_impl).await
     }
 }
 
@@ -140,10 +103,7 @@ impl MemberAddOptions {
     /// Creates a `MemberAddOptions`.
     #[inline]
     pub const fn new() -> Self {
-        Self(PbMemberAddRequest {
-            peer_ur_ls: Vec::new(),
-            is_learner: false,
-        })
+        Self(PbMemberAddRequest { peer_ur_ls: Vec::new(), is_learner: false })
     }
 
     /// Sets the member as a learner.
@@ -288,10 +248,7 @@ impl MemberUpdateOptions {
     /// Creates a `MemberUpdateOptions`.
     #[inline]
     pub const fn new() -> Self {
-        Self(PbMemberUpdateRequest {
-            id: 0,
-            peer_ur_ls: Vec::new(),
-        })
+        Self(PbMemberUpdateRequest { id: 0, peer_ur_ls: Vec::new() })
     }
 }
 

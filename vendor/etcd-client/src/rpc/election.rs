@@ -5,10 +5,9 @@ use crate::error::Result;
 use crate::intercept::InterceptedChannel;
 use crate::rpc::pb::v3electionpb::election_client::ElectionClient as PbElectionClient;
 use crate::rpc::pb::v3electionpb::{
-    CampaignRequest as PbCampaignRequest, CampaignResponse as PbCampaignResponse,
-    LeaderKey as PbLeaderKey, LeaderRequest as PbLeaderRequest, LeaderResponse as PbLeaderResponse,
-    ProclaimRequest as PbProclaimRequest, ProclaimResponse as PbProclaimResponse,
-    ResignRequest as PbResignRequest, ResignResponse as PbResignResponse,
+    CampaignRequest as PbCampaignRequest, CampaignResponse as PbCampaignResponse, LeaderKey as PbLeaderKey,
+    LeaderRequest as PbLeaderRequest, LeaderResponse as PbLeaderResponse, ProclaimRequest as PbProclaimRequest,
+    ProclaimResponse as PbProclaimResponse, ResignRequest as PbResignRequest, ResignResponse as PbResignResponse,
 };
 use crate::rpc::{KeyValue, ResponseHeader};
 use std::pin::Pin;
@@ -33,11 +32,7 @@ pub struct CampaignOptions(PbCampaignRequest);
 impl CampaignOptions {
     #[inline]
     pub const fn new() -> Self {
-        Self(PbCampaignRequest {
-            name: Vec::new(),
-            lease: 0,
-            value: Vec::new(),
-        })
+        Self(PbCampaignRequest { name: Vec::new(), lease: 0, value: Vec::new() })
     }
 
     /// Name is the election's identifier for the campaign.
@@ -84,10 +79,7 @@ pub struct ProclaimOptions(PbProclaimRequest);
 impl ProclaimOptions {
     #[inline]
     pub const fn new() -> Self {
-        Self(PbProclaimRequest {
-            leader: None,
-            value: Vec::new(),
-        })
+        Self(PbProclaimRequest { leader: None, value: Vec::new() })
     }
 
     /// The initial proclaimed value set when the campaigner wins the election.
@@ -312,13 +304,11 @@ impl Stream for ObserveStream {
 
     #[inline]
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.get_mut().stream)
-            .poll_next(cx)
-            .map(|t| match t {
-                Some(Ok(resp)) => Some(Ok(LeaderResponse::new(resp))),
-                Some(Err(e)) => Some(Err(From::from(e))),
-                None => None,
-            })
+        Pin::new(&mut self.get_mut().stream).poll_next(cx).map(|t| match t {
+            Some(Ok(resp)) => Some(Ok(LeaderResponse::new(resp))),
+            Some(Err(e)) => Some(Err(From::from(e))),
+            None => None,
+        })
     }
 }
 
@@ -356,12 +346,7 @@ impl LeaderKey {
     /// Creates a new leader key.
     #[inline]
     pub const fn new() -> Self {
-        Self(PbLeaderKey {
-            name: Vec::new(),
-            key: Vec::new(),
-            rev: 0,
-            lease: 0,
-        })
+        Self(PbLeaderKey { name: Vec::new(), key: Vec::new(), rev: 0, lease: 0 })
     }
 
     /// The election identifier that corresponds to the leadership key.
@@ -488,9 +473,7 @@ impl ElectionClient {
     /// Creates a election
     #[inline]
     pub(crate) fn new(builder: ClientCallerBuilder) -> Self {
-        Self {
-            inner: builder.build(Client::new),
-        }
+        Self { inner: builder.build(Client::new) }
     }
 
     /// Puts a value as eligible for the election on the prefix key.
@@ -503,22 +486,13 @@ impl ElectionClient {
         value: impl Into<Vec<u8>>,
         lease: i64,
     ) -> Result<CampaignResponse> {
-        async fn campaign_impl(
-            client: &mut Client,
-            options: CampaignOptions,
-        ) -> Result<CampaignResponse> {
+        async fn campaign_impl(client: &mut Client, options: CampaignOptions) -> Result<CampaignResponse> {
             let resp = client.campaign(options).await?.into_inner();
             Ok(CampaignResponse::new(resp))
         }
 
         self.inner
-            .do_call(
-                CampaignOptions::new()
-                    .with_name(name)
-                    .with_value(value)
-                    .with_lease(lease),
-                campaign_impl,
-            )
+            .do_call(CampaignOptions::new().with_name(name).with_value(value).with_lease(lease), campaign_impl)
             .await
     }
 
@@ -529,61 +503,41 @@ impl ElectionClient {
         value: impl Into<Vec<u8>>,
         options: Option<ProclaimOptions>,
     ) -> Result<ProclaimResponse> {
-        async fn proclaim_impl(
-            client: &mut Client,
-            options: ProclaimOptions,
-        ) -> Result<ProclaimResponse> {
+        async fn proclaim_impl(client: &mut Client, options: ProclaimOptions) -> Result<ProclaimResponse> {
             let resp = client.proclaim(options).await?.into_inner();
             Ok(ProclaimResponse::new(resp))
         }
-        self.inner
-            .do_call(options.unwrap_or_default().with_value(value), proclaim_impl)
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_value(value), proclaim_impl).await
     }
 
     /// Returns the leader value for the current election.
     #[inline]
     pub async fn leader(&mut self, name: impl Into<Vec<u8>>) -> Result<LeaderResponse> {
-        async fn leader_impl(
-            client: &mut Client,
-            options: LeaderOptions,
-        ) -> Result<LeaderResponse> {
+        async fn leader_impl(client: &mut Client, options: LeaderOptions) -> Result<LeaderResponse> {
             let resp = client.leader(options).await?.into_inner();
             Ok(LeaderResponse::new(resp))
         }
-        self.inner
-            .do_call(LeaderOptions::new().with_name(name), leader_impl)
-            .await
+        self.inner.do_call(LeaderOptions::new().with_name(name), leader_impl).await
     }
 
     /// Returns a channel that reliably observes ordered leader proposals
     /// as GetResponse values on every current elected leader key.
     #[inline]
     pub async fn observe(&mut self, name: impl Into<Vec<u8>>) -> Result<ObserveStream> {
-        async fn observe_impl(
-            client: &mut Client,
-            options: LeaderOptions,
-        ) -> Result<ObserveStream> {
+        async fn observe_impl(client: &mut Client, options: LeaderOptions) -> Result<ObserveStream> {
             let resp = client.observe(options).await?.into_inner();
             Ok(ObserveStream::new(resp))
         }
-        self.inner
-            .do_call(LeaderOptions::new().with_name(name), observe_impl)
-            .await
+        self.inner.do_call(LeaderOptions::new().with_name(name), observe_impl).await
     }
 
     /// Releases election leadership and then start a new election
     #[inline]
     pub async fn resign(&mut self, option: Option<ResignOptions>) -> Result<ResignResponse> {
-        async fn resign_impl(
-            client: &mut Client,
-            options: ResignOptions,
-        ) -> Result<ResignResponse> {
+        async fn resign_impl(client: &mut Client, options: ResignOptions) -> Result<ResignResponse> {
             let resp = client.resign(options).await?.into_inner();
             Ok(ResignResponse::new(resp))
         }
-        self.inner
-            .do_call(option.unwrap_or_default(), resign_impl)
-            .await
+        self.inner.do_call(option.unwrap_or_default(), resign_impl).await
     }
 }

@@ -11,13 +11,11 @@ use crate::rpc::pb::etcdserverpb::kv_client::KvClient as PbKvClient;
 use crate::rpc::pb::etcdserverpb::request_op::Request as PbTxnOp;
 use crate::rpc::pb::etcdserverpb::response_op::Response as PbTxnOpResponse;
 use crate::rpc::pb::etcdserverpb::{
-    CompactionRequest as PbCompactionRequest, CompactionRequest,
-    CompactionResponse as PbCompactionResponse, Compare as PbCompare,
-    DeleteRangeRequest as PbDeleteRequest, DeleteRangeRequest,
-    DeleteRangeResponse as PbDeleteResponse, PutRequest as PbPutRequest,
-    PutResponse as PbPutResponse, RangeRequest as PbRangeRequest, RangeResponse as PbRangeResponse,
-    RangeStreamResponse as PbRangeStreamResponse, RequestOp as PbTxnRequestOp,
-    TxnRequest as PbTxnRequest, TxnResponse as PbTxnResponse,
+    CompactionRequest as PbCompactionRequest, CompactionRequest, CompactionResponse as PbCompactionResponse,
+    Compare as PbCompare, DeleteRangeRequest as PbDeleteRequest, DeleteRangeRequest,
+    DeleteRangeResponse as PbDeleteResponse, PutRequest as PbPutRequest, PutResponse as PbPutResponse,
+    RangeRequest as PbRangeRequest, RangeResponse as PbRangeResponse, RangeStreamResponse as PbRangeStreamResponse,
+    RequestOp as PbTxnRequestOp, TxnRequest as PbTxnRequest, TxnResponse as PbTxnResponse,
 };
 use crate::rpc::{get_prefix, KeyRange, KeyValue, ResponseHeader};
 use crate::vec::VecExt;
@@ -53,9 +51,7 @@ impl GetStreamResponse {
     #[inline]
     pub async fn message(&mut self) -> Result<Option<GetResponse>> {
         match self.stream.message().await? {
-            Some(PbRangeStreamResponse {
-                range_response: Some(resp),
-            }) => Ok(Some(GetResponse::new(resp))),
+            Some(PbRangeStreamResponse { range_response: Some(resp) }) => Ok(Some(GetResponse::new(resp))),
             _ => Ok(None),
         }
     }
@@ -66,16 +62,12 @@ impl Stream for GetStreamResponse {
 
     #[inline]
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.get_mut().stream)
-            .poll_next(cx)
-            .map(|t| match t {
-                Some(Ok(PbRangeStreamResponse {
-                    range_response: Some(resp),
-                })) => Some(Ok(GetResponse::new(resp))),
-                Some(Ok(_)) => None,
-                Some(Err(e)) => Some(Err(From::from(e))),
-                None => None,
-            })
+        Pin::new(&mut self.get_mut().stream).poll_next(cx).map(|t| match t {
+            Some(Ok(PbRangeStreamResponse { range_response: Some(resp) })) => Some(Ok(GetResponse::new(resp))),
+            Some(Ok(_)) => None,
+            Some(Err(e)) => Some(Err(From::from(e))),
+            None => None,
+        })
     }
 }
 
@@ -83,18 +75,14 @@ impl KvClient {
     /// Creates a kv client.
     #[inline]
     pub(crate) fn new(builder: ClientCallerBuilder) -> Self {
-        Self {
-            inner: builder.build(Client::new),
-        }
+        Self { inner: builder.build(Client::new) }
     }
 
     /// Limits the maximum size of a decoded message.
     ///
     /// Default: `4MB`
     pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
-        self.inner = self
-            .inner
-            .with(|client| client.max_decoding_message_size(limit));
+        self.inner = self.inner.with(|client| client.max_decoding_message_size(limit));
         self
     }
 
@@ -102,9 +90,7 @@ impl KvClient {
     ///
     /// Default: `usize::MAX`
     pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
-        self.inner = self
-            .inner
-            .with(|client| client.max_encoding_message_size(limit));
+        self.inner = self.inner.with(|client| client.max_encoding_message_size(limit));
         self
     }
 
@@ -122,25 +108,17 @@ impl KvClient {
             let resp = client.put(req).await?.into_inner();
             Ok(PutResponse::new(resp))
         }
-        self.inner
-            .do_call(options.unwrap_or_default().with_kv(key, value), put_impl)
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_kv(key, value), put_impl).await
     }
 
     /// Gets the key or a range of keys from the store.
     #[inline]
-    pub async fn get(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        options: Option<GetOptions>,
-    ) -> Result<GetResponse> {
+    pub async fn get(&mut self, key: impl Into<Vec<u8>>, options: Option<GetOptions>) -> Result<GetResponse> {
         async fn get_impl(client: &mut Client, req: GetOptions) -> Result<GetResponse> {
             let resp = client.range(req).await?.into_inner();
             Ok(GetResponse::new(resp))
         }
-        self.inner
-            .do_call(options.unwrap_or_default().with_key(key.into()), get_impl)
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_key(key.into()), get_impl).await
     }
 
     /// The streaming version of `get`, which was introduced in etcd v3.7.
@@ -163,62 +141,33 @@ impl KvClient {
         key: impl Into<Vec<u8>>,
         options: Option<GetOptions>,
     ) -> Result<GetStreamResponse> {
-        async fn get_stream_impl(
-            client: &mut Client,
-            req: GetOptions,
-        ) -> Result<GetStreamResponse> {
+        async fn get_stream_impl(client: &mut Client, req: GetOptions) -> Result<GetStreamResponse> {
             let resp = client.range_stream(req).await?.into_inner();
             Ok(GetStreamResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                options.unwrap_or_default().with_key(key.into()),
-                get_stream_impl,
-            )
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_key(key.into()), get_stream_impl).await
     }
 
     /// Deletes the given key or a range of keys from the key-value store.
     #[inline]
-    pub async fn delete(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        options: Option<DeleteOptions>,
-    ) -> Result<DeleteResponse> {
+    pub async fn delete(&mut self, key: impl Into<Vec<u8>>, options: Option<DeleteOptions>) -> Result<DeleteResponse> {
         async fn delete_impl(client: &mut Client, req: DeleteOptions) -> Result<DeleteResponse> {
             let resp = client.delete_range(req).await?.into_inner();
             Ok(DeleteResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                options.unwrap_or_default().with_key(key.into()),
-                delete_impl,
-            )
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_key(key.into()), delete_impl).await
     }
 
     /// Compacts the event history in the etcd key-value store. The key-value
     /// store should be periodically compacted or the event history will continue to grow
     /// indefinitely.
     #[inline]
-    pub async fn compact(
-        &mut self,
-        revision: i64,
-        options: Option<CompactionOptions>,
-    ) -> Result<CompactionResponse> {
-        async fn compact_impl(
-            client: &mut Client,
-            req: CompactionOptions,
-        ) -> Result<CompactionResponse> {
+    pub async fn compact(&mut self, revision: i64, options: Option<CompactionOptions>) -> Result<CompactionResponse> {
+        async fn compact_impl(client: &mut Client, req: CompactionOptions) -> Result<CompactionResponse> {
             let resp = client.compact(req).await?.into_inner();
             Ok(CompactionResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                options.unwrap_or_default().with_revision(revision),
-                compact_impl,
-            )
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_revision(revision), compact_impl).await
     }
 
     /// Processes multiple operations in a single transaction.
@@ -619,11 +568,7 @@ impl DeleteOptions {
     #[inline]
     pub const fn new() -> Self {
         Self {
-            req: PbDeleteRequest {
-                key: Vec::new(),
-                range_end: Vec::new(),
-                prev_kv: false,
-            },
+            req: PbDeleteRequest { key: Vec::new(), range_end: Vec::new(), prev_kv: false },
             key_range: KeyRange::new(),
         }
     }
@@ -748,10 +693,7 @@ impl CompactionOptions {
     /// Creates a `CompactionOptions`.
     #[inline]
     pub const fn new() -> Self {
-        Self(PbCompactionRequest {
-            revision: 0,
-            physical: false,
-        })
+        Self(PbCompactionRequest { revision: 0, physical: false })
     }
 
     /// The key-value store revision for the compaction operation.
@@ -812,12 +754,7 @@ pub struct Compare(PbCompare);
 impl Compare {
     /// Creates a new `Compare`.
     #[inline]
-    fn new(
-        key: impl Into<Vec<u8>>,
-        cmp: CompareOp,
-        target: CompareTarget,
-        target_union: TargetUnion,
-    ) -> Self {
+    fn new(key: impl Into<Vec<u8>>, cmp: CompareOp, target: CompareTarget, target_union: TargetUnion) -> Self {
         Self(PbCompare {
             result: cmp as i32,
             target: target as i32,
@@ -830,45 +767,25 @@ impl Compare {
     /// Compares the version of the given key.
     #[inline]
     pub fn version(key: impl Into<Vec<u8>>, cmp: CompareOp, version: i64) -> Self {
-        Self::new(
-            key,
-            cmp,
-            CompareTarget::Version,
-            TargetUnion::Version(version),
-        )
+        Self::new(key, cmp, CompareTarget::Version, TargetUnion::Version(version))
     }
 
     /// Compares the creation revision of the given key.
     #[inline]
     pub fn create_revision(key: impl Into<Vec<u8>>, cmp: CompareOp, revision: i64) -> Self {
-        Self::new(
-            key,
-            cmp,
-            CompareTarget::Create,
-            TargetUnion::CreateRevision(revision),
-        )
+        Self::new(key, cmp, CompareTarget::Create, TargetUnion::CreateRevision(revision))
     }
 
     /// Compares the last modified revision of the given key.
     #[inline]
     pub fn mod_revision(key: impl Into<Vec<u8>>, cmp: CompareOp, revision: i64) -> Self {
-        Self::new(
-            key,
-            cmp,
-            CompareTarget::Mod,
-            TargetUnion::ModRevision(revision),
-        )
+        Self::new(key, cmp, CompareTarget::Mod, TargetUnion::ModRevision(revision))
     }
 
     /// Compares the value of the given key.
     #[inline]
     pub fn value(key: impl Into<Vec<u8>>, cmp: CompareOp, value: impl Into<Vec<u8>>) -> Self {
-        Self::new(
-            key,
-            cmp,
-            CompareTarget::Value,
-            TargetUnion::Value(value.into()),
-        )
+        Self::new(key, cmp, CompareTarget::Value, TargetUnion::Value(value.into()))
     }
 
     /// Compares the lease id of the given key.
@@ -900,30 +817,20 @@ pub struct TxnOp(PbTxnOp);
 impl TxnOp {
     /// `Put` operation.
     #[inline]
-    pub fn put(
-        key: impl Into<Vec<u8>>,
-        value: impl Into<Vec<u8>>,
-        options: Option<PutOptions>,
-    ) -> Self {
-        TxnOp(PbTxnOp::RequestPut(
-            options.unwrap_or_default().with_kv(key, value).into(),
-        ))
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, options: Option<PutOptions>) -> Self {
+        TxnOp(PbTxnOp::RequestPut(options.unwrap_or_default().with_kv(key, value).into()))
     }
 
     /// `Get` operation.
     #[inline]
     pub fn get(key: impl Into<Vec<u8>>, options: Option<GetOptions>) -> Self {
-        TxnOp(PbTxnOp::RequestRange(
-            options.unwrap_or_default().with_key(key).into(),
-        ))
+        TxnOp(PbTxnOp::RequestRange(options.unwrap_or_default().with_key(key).into()))
     }
 
     /// `Delete` operation.
     #[inline]
     pub fn delete(key: impl Into<Vec<u8>>, options: Option<DeleteOptions>) -> Self {
-        TxnOp(PbTxnOp::RequestDeleteRange(
-            options.unwrap_or_default().with_key(key).into(),
-        ))
+        TxnOp(PbTxnOp::RequestDeleteRange(options.unwrap_or_default().with_key(key).into()))
     }
 
     /// `Txn` operation.
@@ -954,11 +861,7 @@ impl Txn {
     #[inline]
     pub const fn new() -> Self {
         Self {
-            req: PbTxnRequest {
-                compare: Vec::new(),
-                success: Vec::new(),
-                failure: Vec::new(),
-            },
+            req: PbTxnRequest { compare: Vec::new(), success: Vec::new(), failure: Vec::new() },
             c_when: false,
             c_then: false,
             c_else: false,
@@ -977,13 +880,8 @@ impl Txn {
         self.c_when = true;
 
         let compares = ManuallyDrop::new(compares.into());
-        self.req.compare = unsafe {
-            Vec::from_raw_parts(
-                compares.as_ptr() as *mut PbCompare,
-                compares.len(),
-                compares.capacity(),
-            )
-        };
+        self.req.compare =
+            unsafe { Vec::from_raw_parts(compares.as_ptr() as *mut PbCompare, compares.len(), compares.capacity()) };
 
         self
     }
@@ -996,13 +894,8 @@ impl Txn {
         assert!(!self.c_else, "cannot call and_then after or_else");
 
         self.c_then = true;
-        self.req.success = operations
-            .into()
-            .into_iter()
-            .map(|op| PbTxnRequestOp {
-                request: Some(op.into()),
-            })
-            .collect();
+        self.req.success =
+            operations.into().into_iter().map(|op| PbTxnRequestOp { request: Some(op.into()) }).collect();
         self
     }
 
@@ -1013,13 +906,8 @@ impl Txn {
         assert!(!self.c_else, "cannot call or_else twice");
 
         self.c_else = true;
-        self.req.failure = operations
-            .into()
-            .into_iter()
-            .map(|op| PbTxnRequestOp {
-                request: Some(op.into()),
-            })
-            .collect();
+        self.req.failure =
+            operations.into().into_iter().map(|op| PbTxnRequestOp { request: Some(op.into()) }).collect();
         self
     }
 
@@ -1123,18 +1011,12 @@ impl TxnResponse {
             .responses
             .iter()
             .map(|resp| match resp.response.as_ref().unwrap() {
-                PbTxnOpResponse::ResponsePut(put) => {
-                    TxnOpResponse::Put(PutResponse::new(put.clone()))
-                }
-                PbTxnOpResponse::ResponseRange(get) => {
-                    TxnOpResponse::Get(GetResponse::new(get.clone()))
-                }
+                PbTxnOpResponse::ResponsePut(put) => TxnOpResponse::Put(PutResponse::new(put.clone())),
+                PbTxnOpResponse::ResponseRange(get) => TxnOpResponse::Get(GetResponse::new(get.clone())),
                 PbTxnOpResponse::ResponseDeleteRange(delete) => {
                     TxnOpResponse::Delete(DeleteResponse::new(delete.clone()))
                 }
-                PbTxnOpResponse::ResponseTxn(txn) => {
-                    TxnOpResponse::Txn(TxnResponse::new(txn.clone()))
-                }
+                PbTxnOpResponse::ResponseTxn(txn) => TxnOpResponse::Txn(TxnResponse::new(txn.clone())),
             })
             .collect()
     }

@@ -6,11 +6,10 @@ use crate::intercept::InterceptedChannel;
 use crate::rpc::pb::etcdserverpb::lease_client::LeaseClient as PbLeaseClient;
 use crate::rpc::pb::etcdserverpb::{
     LeaseGrantRequest as PbLeaseGrantRequest, LeaseGrantResponse as PbLeaseGrantResponse,
-    LeaseKeepAliveRequest as PbLeaseKeepAliveRequest,
-    LeaseKeepAliveResponse as PbLeaseKeepAliveResponse, LeaseLeasesRequest as PbLeaseLeasesRequest,
-    LeaseLeasesResponse as PbLeaseLeasesResponse, LeaseRevokeRequest as PbLeaseRevokeRequest,
-    LeaseRevokeResponse as PbLeaseRevokeResponse, LeaseStatus as PbLeaseStatus,
-    LeaseTimeToLiveRequest as PbLeaseTimeToLiveRequest,
+    LeaseKeepAliveRequest as PbLeaseKeepAliveRequest, LeaseKeepAliveResponse as PbLeaseKeepAliveResponse,
+    LeaseLeasesRequest as PbLeaseLeasesRequest, LeaseLeasesResponse as PbLeaseLeasesResponse,
+    LeaseRevokeRequest as PbLeaseRevokeRequest, LeaseRevokeResponse as PbLeaseRevokeResponse,
+    LeaseStatus as PbLeaseStatus, LeaseTimeToLiveRequest as PbLeaseTimeToLiveRequest,
     LeaseTimeToLiveResponse as PbLeaseTimeToLiveResponse,
 };
 use crate::rpc::ResponseHeader;
@@ -36,47 +35,29 @@ impl LeaseClient {
     /// Creates a `LeaseClient`.
     #[inline]
     pub(crate) fn new(builder: ClientCallerBuilder) -> Self {
-        Self {
-            inner: builder.build(Client::new),
-        }
+        Self { inner: builder.build(Client::new) }
     }
 
     /// Creates a lease which expires if the server does not receive a keepAlive
     /// within a given time to live period. All keys attached to the lease will be expired and
     /// deleted if the lease expires. Each expired key generates a delete event in the event history.
     #[inline]
-    pub async fn grant(
-        &mut self,
-        ttl: i64,
-        options: Option<LeaseGrantOptions>,
-    ) -> Result<LeaseGrantResponse> {
-        async fn grant_impl(
-            client: &mut Client,
-            options: LeaseGrantOptions,
-        ) -> Result<LeaseGrantResponse> {
-            Ok(LeaseGrantResponse::new(
-                client.lease_grant(options).await?.into_inner(),
-            ))
+    pub async fn grant(&mut self, ttl: i64, options: Option<LeaseGrantOptions>) -> Result<LeaseGrantResponse> {
+        async fn grant_impl(client: &mut Client, options: LeaseGrantOptions) -> Result<LeaseGrantResponse> {
+            Ok(LeaseGrantResponse::new(client.lease_grant(options).await?.into_inner()))
         }
-        self.inner
-            .do_call(options.unwrap_or_default().with_ttl(ttl), grant_impl)
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_ttl(ttl), grant_impl).await
     }
 
     /// Revokes a lease. All keys attached to the lease will expire and be deleted.
     #[inline]
     pub async fn revoke(&mut self, id: i64) -> Result<LeaseRevokeResponse> {
-        async fn revoke_impl(
-            client: &mut Client,
-            options: LeaseRevokeOptions,
-        ) -> Result<LeaseRevokeResponse> {
+        async fn revoke_impl(client: &mut Client, options: LeaseRevokeOptions) -> Result<LeaseRevokeResponse> {
             let resp = client.lease_revoke(options).await?.into_inner();
             Ok(LeaseRevokeResponse::new(resp))
         }
 
-        self.inner
-            .do_call(LeaseRevokeOptions::new().with_id(id), revoke_impl)
-            .await
+        self.inner.do_call(LeaseRevokeOptions::new().with_id(id), revoke_impl).await
     }
 
     /// Keeps the lease alive by streaming keep alive requests from the client
@@ -86,28 +67,17 @@ impl LeaseClient {
         async fn keep_alive_impl(
             client: &mut Client,
             options: PbLeaseKeepAliveRequest,
-        ) -> Result<(
-            Sender<PbLeaseKeepAliveRequest>,
-            Streaming<PbLeaseKeepAliveResponse>,
-        )> {
+        ) -> Result<(Sender<PbLeaseKeepAliveRequest>, Streaming<PbLeaseKeepAliveResponse>)> {
             let (sender, receiver) = channel::<PbLeaseKeepAliveRequest>(100);
-            sender
-                .send(options)
-                .await
-                .map_err(|e| Error::LeaseKeepAliveError(e.to_string()))?;
+            sender.send(options).await.map_err(|e| Error::LeaseKeepAliveError(e.to_string()))?;
 
             let receiver = ReceiverStream::new(receiver);
             let resp = client.lease_keep_alive(receiver).await?.into_inner();
             Ok((sender, resp))
         }
 
-        let (sender, mut stream) = self
-            .inner
-            .do_call(
-                LeaseKeepAliveOptions::new().with_id(id).into(),
-                keep_alive_impl,
-            )
-            .await?;
+        let (sender, mut stream) =
+            self.inner.do_call(LeaseKeepAliveOptions::new().with_id(id).into(), keep_alive_impl).await?;
 
         let id = match stream.message().await? {
             Some(resp) => {
@@ -117,16 +87,11 @@ impl LeaseClient {
                 resp.id
             }
             None => {
-                return Err(Error::WatchError(
-                    "failed to create lease keeper".to_string(),
-                ));
+                return Err(Error::WatchError("failed to create lease keeper".to_string()));
             }
         };
 
-        Ok((
-            LeaseKeeper::new(id, sender),
-            LeaseKeepAliveStream::new(stream),
-        ))
+        Ok((LeaseKeeper::new(id, sender), LeaseKeepAliveStream::new(stream)))
     }
 
     /// Retrieves lease information.
@@ -144,25 +109,18 @@ impl LeaseClient {
             Ok(LeaseTimeToLiveResponse::new(resp))
         }
 
-        self.inner
-            .do_call(options.unwrap_or_default().with_id(id), time_to_live_impl)
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_id(id), time_to_live_impl).await
     }
 
     /// Lists all existing leases.
     #[inline]
     pub async fn leases(&mut self) -> Result<LeaseLeasesResponse> {
-        async fn leases_impl(
-            client: &mut Client,
-            req: PbLeaseLeasesRequest,
-        ) -> Result<LeaseLeasesResponse> {
+        async fn leases_impl(client: &mut Client, req: PbLeaseLeasesRequest) -> Result<LeaseLeasesResponse> {
             let resp = client.lease_leases(req).await?.into_inner();
             Ok(LeaseLeasesResponse::new(resp))
         }
 
-        self.inner
-            .do_call(PbLeaseLeasesRequest {}, leases_impl)
-            .await
+        self.inner.do_call(PbLeaseLeasesRequest {}, leases_impl).await
     }
 }
 
@@ -594,12 +552,10 @@ impl Stream for LeaseKeepAliveStream {
 
     #[inline]
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.get_mut().stream)
-            .poll_next(cx)
-            .map(|t| match t {
-                Some(Ok(resp)) => Some(Ok(LeaseKeepAliveResponse::new(resp))),
-                Some(Err(e)) => Some(Err(From::from(e))),
-                None => None,
-            })
+        Pin::new(&mut self.get_mut().stream).poll_next(cx).map(|t| match t {
+            Some(Ok(resp)) => Some(Ok(LeaseKeepAliveResponse::new(resp))),
+            Some(Err(e)) => Some(Err(From::from(e))),
+            None => None,
+        })
     }
 }

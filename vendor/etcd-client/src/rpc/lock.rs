@@ -25,9 +25,7 @@ impl LockClient {
     /// Creates a lock client.
     #[inline]
     pub(crate) fn new(builder: ClientCallerBuilder) -> Self {
-        Self {
-            inner: builder.build(Client::new),
-        }
+        Self { inner: builder.build(Client::new) }
     }
     /// Acquires a distributed shared lock on a given named lock.
     /// On success, it will return a unique key that exists so long as the
@@ -36,18 +34,12 @@ impl LockClient {
     /// lock ownership. The lock is held until Unlock is called on the key or the
     /// lease associate with the owner expires.
     #[inline]
-    pub async fn lock(
-        &mut self,
-        name: impl Into<Vec<u8>>,
-        options: Option<LockOptions>,
-    ) -> Result<LockResponse> {
+    pub async fn lock(&mut self, name: impl Into<Vec<u8>>, options: Option<LockOptions>) -> Result<LockResponse> {
         async fn lock_impl(client: &mut Client, options: LockOptions) -> Result<LockResponse> {
             let resp = client.lock(options).await?.into_inner();
             Ok(LockResponse::new(resp))
         }
-        self.inner
-            .do_call(options.unwrap_or_default().with_name(name), lock_impl)
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_name(name), lock_impl).await
     }
 
     /// Takes a key returned by Lock and releases the hold on lock. The
@@ -55,16 +47,11 @@ impl LockClient {
     /// ownership of the lock.
     #[inline]
     pub async fn unlock(&mut self, key: impl Into<Vec<u8>>) -> Result<UnlockResponse> {
-        async fn unlock_impl(
-            client: &mut Client,
-            options: UnlockOptions,
-        ) -> Result<UnlockResponse> {
+        async fn unlock_impl(client: &mut Client, options: UnlockOptions) -> Result<UnlockResponse> {
             let resp = client.unlock(options).await?.into_inner();
             Ok(UnlockResponse::new(resp))
         }
-        self.inner
-            .do_call(UnlockOptions::new().with_key(key), unlock_impl)
-            .await
+        self.inner.do_call(UnlockOptions::new().with_key(key), unlock_impl).await
     }
 }
 
@@ -84,10 +71,7 @@ impl LockOptions {
     /// Creates a `LockOptions`.
     #[inline]
     pub const fn new() -> Self {
-        Self(PbLockRequest {
-            name: Vec::new(),
-            lease: 0,
-        })
+        Self(PbLockRequest { name: Vec::new(), lease: 0 })
     }
 
     /// `lease` is the ID of the lease that will be attached to ownership of the

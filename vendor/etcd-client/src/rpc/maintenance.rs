@@ -9,14 +9,12 @@ use super::pb::etcdserverpb;
 use crate::error::Result;
 use crate::intercept::InterceptedChannel;
 use crate::rpc::pb::etcdserverpb::{
-    AlarmRequest as PbAlarmRequest, AlarmResponse as PbAlarmResponse,
-    DefragmentRequest as PbDefragmentRequest, DefragmentResponse as PbDefragmentResponse,
-    DowngradeInfo as PbDowngradeInfo, DowngradeRequest as PbDowngradeRequest,
-    DowngradeResponse as PbDowngradeResponse, HashKvRequest as PbHashKvRequest,
-    HashKvResponse as PbHashKvResponse, HashRequest as PbHashRequest,
-    HashResponse as PbHashResponse, MoveLeaderRequest as PbMoveLeaderRequest,
-    MoveLeaderResponse as PbMoveLeaderResponse, SnapshotRequest as PbSnapshotRequest,
-    SnapshotResponse as PbSnapshotResponse, StatusRequest as PbStatusRequest,
+    AlarmRequest as PbAlarmRequest, AlarmResponse as PbAlarmResponse, DefragmentRequest as PbDefragmentRequest,
+    DefragmentResponse as PbDefragmentResponse, DowngradeInfo as PbDowngradeInfo,
+    DowngradeRequest as PbDowngradeRequest, DowngradeResponse as PbDowngradeResponse, HashKvRequest as PbHashKvRequest,
+    HashKvResponse as PbHashKvResponse, HashRequest as PbHashRequest, HashResponse as PbHashResponse,
+    MoveLeaderRequest as PbMoveLeaderRequest, MoveLeaderResponse as PbMoveLeaderResponse,
+    SnapshotRequest as PbSnapshotRequest, SnapshotResponse as PbSnapshotResponse, StatusRequest as PbStatusRequest,
     StatusResponse as PbStatusResponse,
 };
 use crate::rpc::ResponseHeader;
@@ -43,20 +41,12 @@ impl AlarmOptions {
     /// Creates a new `AlarmOptions`.
     #[inline]
     pub const fn new() -> Self {
-        AlarmOptions(PbAlarmRequest {
-            action: AlarmAction::Get as i32,
-            member_id: 0,
-            alarm: AlarmType::None as i32,
-        })
+        AlarmOptions(PbAlarmRequest { action: AlarmAction::Get as i32, member_id: 0, alarm: AlarmType::None as i32 })
     }
 
     /// Sets alarm action and alarm type.
     #[inline]
-    const fn with_action_and_type(
-        mut self,
-        alarm_action: AlarmAction,
-        alarm_type: AlarmType,
-    ) -> Self {
+    const fn with_action_and_type(mut self, alarm_action: AlarmAction, alarm_type: AlarmType) -> Self {
         self.0.action = alarm_action as i32;
         self.0.alarm = alarm_type as i32;
         self
@@ -100,18 +90,13 @@ impl From<DowngradeOptions> for PbDowngradeRequest {
     #[inline]
     fn from(options: DowngradeOptions) -> Self {
         match options {
-            DowngradeOptions::Validate(version) => PbDowngradeRequest {
-                action: DowngradeAction::Validate as i32,
-                version,
-            },
-            DowngradeOptions::Enable(version) => PbDowngradeRequest {
-                action: DowngradeAction::Enable as i32,
-                version,
-            },
-            DowngradeOptions::Cancel => PbDowngradeRequest {
-                action: DowngradeAction::Cancel as i32,
-                version: String::new(),
-            },
+            DowngradeOptions::Validate(version) => {
+                PbDowngradeRequest { action: DowngradeAction::Validate as i32, version }
+            }
+            DowngradeOptions::Enable(version) => PbDowngradeRequest { action: DowngradeAction::Enable as i32, version },
+            DowngradeOptions::Cancel => {
+                PbDowngradeRequest { action: DowngradeAction::Cancel as i32, version: String::new() }
+            }
         }
     }
 }
@@ -702,9 +687,7 @@ impl MaintenanceClient {
     /// Creates a maintenance client.
     #[inline]
     pub(crate) fn new(builder: ClientCallerBuilder) -> Self {
-        Self {
-            inner: builder.build(Client::new),
-        }
+        Self { inner: builder.build(Client::new) }
     }
 
     /// Get or active or inactive alarm.
@@ -719,23 +702,13 @@ impl MaintenanceClient {
             let resp = client.alarm(options).await?.into_inner();
             Ok(AlarmResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                options
-                    .unwrap_or_default()
-                    .with_action_and_type(alarm_action, alarm_type),
-                alarm_impl,
-            )
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_action_and_type(alarm_action, alarm_type), alarm_impl).await
     }
 
     /// Get status of a member.
     #[inline]
     pub async fn status(&mut self) -> Result<StatusResponse> {
-        async fn status_impl(
-            client: &mut Client,
-            options: StatusOptions,
-        ) -> Result<StatusResponse> {
+        async fn status_impl(client: &mut Client, options: StatusOptions) -> Result<StatusResponse> {
             let resp = client.status(options).await?.into_inner();
             Ok(StatusResponse::new(resp))
         }
@@ -745,16 +718,11 @@ impl MaintenanceClient {
     /// Defragment a member's backend database to recover storage space.
     #[inline]
     pub async fn defragment(&mut self) -> Result<DefragmentResponse> {
-        async fn defragment_impl(
-            client: &mut Client,
-            options: DefragmentOptions,
-        ) -> Result<DefragmentResponse> {
+        async fn defragment_impl(client: &mut Client, options: DefragmentOptions) -> Result<DefragmentResponse> {
             let resp = client.defragment(options).await?.into_inner();
             Ok(DefragmentResponse::new(resp))
         }
-        self.inner
-            .do_call(DefragmentOptions::new(), defragment_impl)
-            .await
+        self.inner.do_call(DefragmentOptions::new(), defragment_impl).await
     }
 
     /// Computes the hash of whole backend keyspace.
@@ -773,49 +741,31 @@ impl MaintenanceClient {
     /// It only iterates \"key\" bucket in backend storage.
     #[inline]
     pub async fn hash_kv(&mut self, revision: i64) -> Result<HashKvResponse> {
-        async fn hash_kv_impl(
-            client: &mut Client,
-            options: HashKvOptions,
-        ) -> Result<HashKvResponse> {
+        async fn hash_kv_impl(client: &mut Client, options: HashKvOptions) -> Result<HashKvResponse> {
             let resp = client.hash_kv(options).await?.into_inner();
             Ok(HashKvResponse::new(resp))
         }
-        self.inner
-            .do_call(HashKvOptions::new(revision), hash_kv_impl)
-            .await
+        self.inner.do_call(HashKvOptions::new(revision), hash_kv_impl).await
     }
 
     /// Gets a snapshot of the entire backend from a member over a stream to a client.
     #[inline]
     pub async fn snapshot(&mut self) -> Result<SnapshotStreaming> {
-        async fn snapshot_impl(
-            client: &mut Client,
-            options: SnapshotOptions,
-        ) -> Result<SnapshotStreaming> {
+        async fn snapshot_impl(client: &mut Client, options: SnapshotOptions) -> Result<SnapshotStreaming> {
             let resp = client.snapshot(options).await?.into_inner();
             Ok(SnapshotStreaming(resp))
         }
-        self.inner
-            .do_call(SnapshotOptions::new(), snapshot_impl)
-            .await
+        self.inner.do_call(SnapshotOptions::new(), snapshot_impl).await
     }
 
     /// Moves the current leader node to target node.
     #[inline]
     pub async fn move_leader(&mut self, target_id: u64) -> Result<MoveLeaderResponse> {
-        async fn move_leader_impl(
-            client: &mut Client,
-            options: MoveLeaderOptions,
-        ) -> Result<MoveLeaderResponse> {
+        async fn move_leader_impl(client: &mut Client, options: MoveLeaderOptions) -> Result<MoveLeaderResponse> {
             let resp = client.move_leader(options).await?.into_inner();
             Ok(MoveLeaderResponse::new(resp))
         }
-        self.inner
-            .do_call(
-                MoveLeaderOptions::new().with_target_id(target_id),
-                move_leader_impl,
-            )
-            .await
+        self.inner.do_call(MoveLeaderOptions::new().with_target_id(target_id), move_leader_impl).await
     }
 
     /// Downgrade requests downgrades, verifies feasibility or cancels downgrade
@@ -824,10 +774,7 @@ impl MaintenanceClient {
     /// Supported since etcd 3.5.
     #[inline]
     pub async fn downgrade(&mut self, options: DowngradeOptions) -> Result<DowngradeResponse> {
-        async fn downgrade_impl(
-            client: &mut Client,
-            options: DowngradeOptions,
-        ) -> Result<DowngradeResponse> {
+        async fn downgrade_impl(client: &mut Client, options: DowngradeOptions) -> Result<DowngradeResponse> {
             let resp = client.downgrade(options).await?.into_inner();
             Ok(DowngradeResponse::new(resp))
         }

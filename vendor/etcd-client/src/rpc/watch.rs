@@ -8,8 +8,7 @@ use crate::intercept::InterceptedChannel;
 use crate::rpc::pb::etcdserverpb::watch_client::WatchClient as PbWatchClient;
 use crate::rpc::pb::etcdserverpb::watch_request::RequestUnion as WatchRequestUnion;
 use crate::rpc::pb::etcdserverpb::{
-    WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
-    WatchResponse as PbWatchResponse,
+    WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse as PbWatchResponse,
 };
 use crate::rpc::pb::mvccpb::Event as PbEvent;
 use crate::rpc::{KeyRange, KeyValue, ResponseHeader};
@@ -32,18 +31,14 @@ impl WatchClient {
     /// Creates a watch client.
     #[inline]
     pub(crate) fn new(builder: ClientCallerBuilder) -> Self {
-        Self {
-            inner: builder.build(Client::new),
-        }
+        Self { inner: builder.build(Client::new) }
     }
 
     /// Limits the maximum size of a decoded message.
     ///
     /// Default: `4MB`
     pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
-        self.inner = self
-            .inner
-            .with(|client| client.max_decoding_message_size(limit));
+        self.inner = self.inner.with(|client| client.max_decoding_message_size(limit));
         self
     }
 
@@ -54,24 +49,15 @@ impl WatchClient {
     /// One watch stream can watch on multiple key ranges, streaming events for several watches
     /// are grouped by watch ID. The entire event history can be watched starting from the
     /// last compaction revision.
-    pub async fn watch(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        options: Option<WatchOptions>,
-    ) -> Result<WatchStream> {
+    pub async fn watch(&mut self, key: impl Into<Vec<u8>>, options: Option<WatchOptions>) -> Result<WatchStream> {
         async fn watch_impl(client: &mut Client, options: WatchOptions) -> Result<WatchStream> {
             let (request_sender, request_receiver) = channel::<WatchRequest>(100);
-            request_sender
-                .send(options.into())
-                .await
-                .map_err(|e| Error::WatchError(e.to_string()))?;
+            request_sender.send(options.into()).await.map_err(|e| Error::WatchError(e.to_string()))?;
             let request_stream = ReceiverStream::new(request_receiver);
             let stream = client.watch(request_stream).await?.into_inner();
             Ok(WatchStream::new(request_sender, stream))
         }
-        self.inner
-            .do_call(options.unwrap_or_default().with_key(key), watch_impl)
-            .await
+        self.inner.do_call(options.unwrap_or_default().with_key(key), watch_impl).await
     }
 }
 
@@ -204,27 +190,21 @@ impl From<WatchOptions> for WatchCreateRequest {
 impl From<WatchOptions> for WatchRequest {
     #[inline]
     fn from(options: WatchOptions) -> Self {
-        Self {
-            request_union: Some(WatchRequestUnion::CreateRequest(options.into())),
-        }
+        Self { request_union: Some(WatchRequestUnion::CreateRequest(options.into())) }
     }
 }
 
 impl From<WatchCancelRequest> for WatchRequest {
     #[inline]
     fn from(req: WatchCancelRequest) -> Self {
-        Self {
-            request_union: Some(WatchRequestUnion::CancelRequest(req)),
-        }
+        Self { request_union: Some(WatchRequestUnion::CancelRequest(req)) }
     }
 }
 
 impl From<WatchProgressRequest> for WatchRequest {
     #[inline]
     fn from(req: WatchProgressRequest) -> Self {
-        Self {
-            request_union: Some(WatchRequestUnion::ProgressRequest(req)),
-        }
+        Self { request_union: Some(WatchRequestUnion::ProgressRequest(req)) }
     }
 }
 
@@ -382,21 +362,14 @@ impl WatchResponseStream {
     /// See also [`WatchStream::message`] for receiving watch response from the [`WatchStream`].
     #[inline]
     pub async fn message(&mut self) -> Result<Option<WatchResponse>> {
-        self.0
-            .message()
-            .await
-            .map(|resp| resp.map(WatchResponse::new))
-            .map_err(From::from)
+        self.0.message().await.map(|resp| resp.map(WatchResponse::new)).map_err(From::from)
     }
 }
 
 impl WatchStream {
     /// Creates a new `WatchStream`.
     #[inline]
-    const fn new(
-        request_sender: Sender<WatchRequest>,
-        response_stream: Streaming<PbWatchResponse>,
-    ) -> Self {
+    const fn new(request_sender: Sender<WatchRequest>, response_stream: Streaming<PbWatchResponse>) -> Self {
         Self {
             request_sender: WatchRequestSender(request_sender),
             response_stream: WatchResponseStream(response_stream),
@@ -405,11 +378,7 @@ impl WatchStream {
 
     /// Send watch request in the existing watch stream.
     #[inline]
-    pub async fn watch(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        options: Option<WatchOptions>,
-    ) -> Result<()> {
+    pub async fn watch(&mut self, key: impl Into<Vec<u8>>, options: Option<WatchOptions>) -> Result<()> {
         self.request_sender.watch(key, options).await
     }
 
@@ -442,23 +411,15 @@ impl WatchRequestSender {
     /// Send watch request in the existing watch stream.
     #[inline]
     async fn send(&mut self, req: WatchRequest) -> Result<()> {
-        self.0
-            .send(req)
-            .await
-            .map_err(|e| Error::WatchError(e.to_string()))
+        self.0.send(req).await.map_err(|e| Error::WatchError(e.to_string()))
     }
 
     /// Send watch request in the existing watch stream.
     ///
     /// See also [`WatchStream::watch`] for sending watch request using [`WatchStream`].
     #[inline]
-    pub async fn watch(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        options: Option<WatchOptions>,
-    ) -> Result<()> {
-        self.send(options.unwrap_or_default().with_key(key).into())
-            .await
+    pub async fn watch(&mut self, key: impl Into<Vec<u8>>, options: Option<WatchOptions>) -> Result<()> {
+        self.send(options.unwrap_or_default().with_key(key).into()).await
     }
 
     /// Cancels watch by specified `watch_id`.
@@ -488,13 +449,11 @@ impl Stream for WatchResponseStream {
 
     #[inline]
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.get_mut().0)
-            .poll_next(cx)
-            .map(|t| match t {
-                Some(Ok(resp)) => Some(Ok(WatchResponse::new(resp))),
-                Some(Err(e)) => Some(Err(From::from(e))),
-                None => None,
-            })
+        Pin::new(&mut self.get_mut().0).poll_next(cx).map(|t| match t {
+            Some(Ok(resp)) => Some(Ok(WatchResponse::new(resp))),
+            Some(Err(e)) => Some(Err(From::from(e))),
+            None => None,
+        })
     }
 }
 
