@@ -42,6 +42,10 @@ pub enum ReloadError {
     /// The snapshot could not be built.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// `[cluster]` changed: a replica moving to another fleet (or in or out of fleet mode)
+    /// mid-rollout would carry its state into the wrong one, so that takes a restart.
+    #[error("[cluster] changed: fleet settings take a restart, the running configuration is unchanged")]
+    Cluster,
     /// The new certificate could not be loaded.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
@@ -69,6 +73,9 @@ pub async fn reload(ops: &Operations) -> Result<ReloadSummary, ReloadError> {
 
 fn apply(ops: &Operations) -> Result<ReloadSummary, ReloadError> {
     let config = Arc::new(Config::load(&ops.config_path)?);
+    if config.cluster != ops.snapshot().config.cluster {
+        return Err(ReloadError::Cluster);
+    }
     let tls = config.server.tls.as_ref().map(|t| crate::tls::acceptor(&t.cert, &t.key)).transpose()?;
     let old = ops.snapshot();
     let next = Snapshot::build(config.clone(), Some(&old), ops.telemetry(), old.generation + 1, tls)?;

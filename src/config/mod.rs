@@ -29,8 +29,38 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Webhooks.
     pub notify: Vec<NotifyConfig>,
+    /// Fleet mode, when configured: the rollouts live in etcd and are shared by every replica.
+    pub cluster: Option<ClusterConfig>,
     /// Routes in declaration order.
     pub routes: Vec<RouteConfig>,
+}
+
+/// `[cluster]`: where a fleet of replicas keeps its one rollout per route.
+///
+/// Read once at start: a reload that changes it is refused, because a replica that moved to
+/// another fleet mid-rollout would carry its state into the wrong one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// etcd client URLs (`http://` or `https://`).
+    pub etcd: Vec<String>,
+    /// Key prefix of this fleet, without a trailing `/`: one fleet per prefix.
+    pub prefix: String,
+    /// This replica's name, unique in the fleet (default: the host name).
+    pub node: String,
+    /// A replica (and the leader) counts as gone this long after it was last heard.
+    pub lease_ttl: Duration,
+    /// How often a replica publishes its counters.
+    pub publish_interval: Duration,
+    /// CA bundle that signs etcd's server certificates (TLS to etcd).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for etcd (mutual TLS), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// etcd user, with `password_file`.
+    pub username: Option<String>,
+    /// File holding the etcd user's password (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
 }
 
 /// `[server]`.

@@ -23,8 +23,25 @@ pub struct RawConfig {
     pub state: RawState,
     #[serde(default)]
     pub notify: Vec<RawNotify>,
+    pub cluster: Option<RawCluster>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+}
+
+/// `[cluster]`: fleet mode, one rollout shared by every replica through etcd.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub etcd: Sp<Vec<Sp<String>>>,
+    pub prefix: Sp<String>,
+    pub node: Option<Sp<String>>,
+    pub lease_ttl: Option<Sp<String>>,
+    pub publish_interval: Option<Sp<String>>,
+    pub ca_file: Option<Sp<String>>,
+    pub cert_file: Option<Sp<String>>,
+    pub key_file: Option<Sp<String>>,
+    pub username: Option<Sp<String>>,
+    pub password_file: Option<Sp<String>>,
 }
 
 /// `[server]`: listeners and connection limits.

@@ -93,7 +93,91 @@ impl Validator<'_> {
             }
             routes.push(route);
         }
-        Config { source: path.to_path_buf(), server, admin, state_dir, notify, routes }
+        let cluster = raw.cluster.map(|c| self.cluster(c));
+        Config { source: path.to_path_buf(), server, admin, state_dir, notify, cluster, routes }
+    }
+
+    fn cluster(&mut self, c: RawCluster) -> ClusterConfig {
+        let mut etcd = Vec::new();
+        if c.etcd.get_ref().is_empty() {
+            self.err(&c.etcd, "cluster.etcd", "no etcd endpoint: list at least one, e.g. [\"http://127.0.0.1:2379\"]");
+        }
+        for e in c.etcd.get_ref() {
+            match e.get_ref().parse::<http::Uri>() {
+                Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
+                    etcd.push(e.get_ref().trim_end_matches('/').to_string());
+                }
+                _ => self.err(
+                    e,
+                    "cluster.etcd",
+                    format!("{:?} is not an http:// or https:// URL with a host", e.get_ref()),
+                ),
+            }
+        }
+        let prefix = c.prefix.get_ref().trim_end_matches('/').to_string();
+        if !prefix.starts_with('/') || prefix.len() < 2 || prefix.contains("//") {
+            self.err(
+                &c.prefix,
+                "cluster.prefix",
+                format!("{:?} is not a key prefix like \"/veer/prod-edge\"", c.prefix.get_ref()),
+            );
+        }
+        let node = match &c.node {
+            Some(n) => {
+                let ok = !n.get_ref().is_empty()
+                    && n.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !ok {
+                    self.err(
+                        n,
+                        "cluster.node",
+                        format!("{:?} is not a node name: use letters, digits, '-', '_' and '.'", n.get_ref()),
+                    );
+                }
+                n.get_ref().clone()
+            }
+            None => host_name(),
+        };
+        let lease_ttl = self.duration(c.lease_ttl.as_ref(), "cluster.lease_ttl", Duration::from_secs(5));
+        if let Some(l) = &c.lease_ttl
+            && lease_ttl < Duration::from_secs(1)
+        {
+            self.err(l, "cluster.lease_ttl", "etcd leases count whole seconds: use at least \"1s\"");
+        }
+        let publish_interval =
+            self.duration(c.publish_interval.as_ref(), "cluster.publish_interval", Duration::from_millis(250));
+        if let Some(p) = &c.publish_interval
+            && publish_interval >= lease_ttl
+        {
+            self.err(
+                p,
+                "cluster.publish_interval",
+                "must be shorter than cluster.lease_ttl, or a live replica would look gone",
+            );
+        }
+        let cert_file = c.cert_file.as_ref().map(|f| self.path(f));
+        let key_file = c.key_file.as_ref().map(|f| self.path(f));
+        match (&c.cert_file, &c.key_file) {
+            (Some(f), None) => self.err(f, "cluster.cert_file", "cluster.cert_file needs cluster.key_file"),
+            (None, Some(f)) => self.err(f, "cluster.key_file", "cluster.key_file needs cluster.cert_file"),
+            _ => {}
+        }
+        match (&c.username, &c.password_file) {
+            (Some(u), None) => self.err(u, "cluster.username", "cluster.username needs cluster.password_file"),
+            (None, Some(f)) => self.err(f, "cluster.password_file", "cluster.password_file needs cluster.username"),
+            _ => {}
+        }
+        ClusterConfig {
+            etcd,
+            prefix,
+            node,
+            lease_ttl,
+            publish_interval,
+            ca_file: c.ca_file.as_ref().map(|f| self.path(f)),
+            cert_file,
+            key_file,
+            username: c.username.as_ref().map(|u| u.get_ref().clone()),
+            password_file: c.password_file.as_ref().map(|f| self.path(f)),
+        }
     }
 
     fn server(&mut self, s: RawServer) -> ServerConfig {
@@ -595,6 +679,16 @@ impl Validator<'_> {
     }
 }
 
+/// The machine's host name (a pod's name in Kubernetes): the default fleet node name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "veer".to_string())
+}
+
 /// `host:port` with a non-zero port and a plausible host; names are resolved at connect time.
 fn check_endpoint(s: &str) -> Result<(), String> {
     if s.parse::<SocketAddr>().is_ok() {
@@ -711,6 +805,42 @@ endpoints = ["127.0.0.1:9002"]
         let keys: Vec<&str> = d.iter().map(|d| d.key.as_str()).collect();
         assert_eq!(keys, ["admin.listen", "routes[1].path_prefix"], "{d:?}");
         assert!(d[1].message.contains("never be reached"));
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_at_their_keys() {
+        let ok = parse(
+            Path::new("/etc/veer/t.toml"),
+            &format!(
+                "[cluster]\netcd = [\"http://127.0.0.1:2379/\"]\nprefix = \"/veer/edge/\"\nnode = \"a-1\"\n{BASE}"
+            ),
+        )
+        .expect("valid");
+        let c = ok.cluster.expect("fleet mode");
+        assert_eq!(
+            (c.etcd, c.prefix.as_str(), c.node.as_str()),
+            (vec!["http://127.0.0.1:2379".to_string()], "/veer/edge", "a-1")
+        );
+        assert_eq!((c.lease_ttl, c.publish_interval), (Duration::from_secs(5), Duration::from_millis(250)));
+        let bad = "[cluster]\netcd = [\"127.0.0.1:2379\"]\nprefix = \"veer\"\nnode = \"a b\"\nlease_ttl = \"500ms\"\npublish_interval = \"2s\"\ncert_file = \"c.pem\"\nusername = \"u\"\n";
+        let d = errs(&format!("{bad}{BASE}"));
+        let keys: Vec<(&str, usize)> = d.iter().map(|d| (d.key.as_str(), d.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("cluster.etcd", 2),
+                ("cluster.prefix", 3),
+                ("cluster.node", 4),
+                ("cluster.lease_ttl", 5),
+                ("cluster.publish_interval", 6),
+                ("cluster.cert_file", 7),
+                ("cluster.username", 8)
+            ],
+            "{d:?}"
+        );
+        assert!(
+            errs(&format!("[cluster]\netcd = []\nprefix = \"/v\"\n{BASE}"))[0].message.contains("no etcd endpoint")
+        );
     }
 
     #[test]
