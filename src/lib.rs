@@ -52,6 +52,7 @@ pub mod conn_settings;
 pub mod connection;
 pub mod control;
 pub mod data_plane;
+pub mod fleet;
 pub mod headers;
 pub mod health;
 pub mod journal;

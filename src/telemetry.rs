@@ -48,6 +48,16 @@ pub const JOURNAL_PENDING: &str = "veer_journal_pending";
 pub const JOURNAL_WRITE_FAILURES: &str = "veer_journal_write_failures_total";
 /// `veer_config_reloads_total{outcome}`.
 pub const CONFIG_RELOADS: &str = "veer_config_reloads_total";
+/// Fleet mode: 1 while this replica's etcd session is up.
+pub const CLUSTER_CONNECTED: &str = "veer_cluster_connected";
+/// Fleet mode: live replicas of the fleet, as this replica sees them.
+pub const CLUSTER_MEMBERS: &str = "veer_cluster_members";
+/// Fleet mode: 1 on the replica that leads the route's rollout.
+pub const CLUSTER_LEADER: &str = "veer_cluster_leader";
+/// Fleet mode: 1 while this replica's config of the route disagrees with the fleet's rollout.
+pub const CLUSTER_CONFIG_MISMATCH: &str = "veer_cluster_config_mismatch";
+/// Fleet mode: writes of rollout records, by outcome.
+pub const CLUSTER_WRITES: &str = "veer_cluster_writes_total";
 
 /// The metrics registry of one running proxy.
 pub struct Telemetry {
@@ -110,6 +120,17 @@ impl Telemetry {
                 JOURNAL_WRITE_FAILURES,
                 "Writes to the state dir (journal, state file, rollback marker) that failed."
             );
+            metrics::describe_gauge!(CLUSTER_CONNECTED, "1 while this replica's etcd session is up (fleet mode).");
+            metrics::describe_gauge!(CLUSTER_MEMBERS, "Live replicas of the fleet, as this replica sees them.");
+            metrics::describe_gauge!(CLUSTER_LEADER, "1 on the replica that leads the route's fleet rollout.");
+            metrics::describe_gauge!(
+                CLUSTER_CONFIG_MISMATCH,
+                "1 while this replica's config of the route disagrees with the fleet's rollout (it serves stable only)."
+            );
+            metrics::describe_counter!(
+                CLUSTER_WRITES,
+                "Rollout record writes to etcd, by outcome (written, conflict, failed)."
+            );
             metrics::describe_gauge!(JUDGE_EVIDENCE, "The judge's evidence against the candidate, ln E, per rule.");
             metrics::describe_gauge!(
                 JUDGE_THRESHOLD,
@@ -162,6 +183,11 @@ impl Telemetry {
     pub fn route_counter(&self, name: &'static str, route: &str, label: &'static str, value: String) -> Counter {
         let r = route.to_string();
         self.with(|| metrics::counter!(name, "route" => r, label => value))
+    }
+
+    /// A gauge without labels.
+    pub fn gauge(&self, name: &'static str) -> Gauge {
+        self.with(|| metrics::gauge!(name))
     }
 
     /// A counter with one label.

@@ -1,0 +1,458 @@
+//! The etcd side of fleet mode: one session at a time, on the agent's own thread.
+//!
+//! A session connects, grants a lease of `lease_ttl`, reads every key of the fleet, then
+//! watches them from the revision it read at, so no change falls between the read and the
+//! watch. While it lasts it keeps the lease alive, publishes the replica's report, campaigns
+//! and resigns, and performs writes. Any error ends the session: the view is marked
+//! disconnected (traffic keeps the weights last applied), and a new session starts after a
+//! short pause, with a new lease. Every etcd call has a deadline, so a partition never hangs
+//! the agent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::counters::Counters;
+use super::keys::{KEEP_EVENTS, Key, Keys};
+use super::record::Identity as RolloutIdentity;
+use super::record::{MemberReport, MemberRoute, MirrorCounters, RolloutRecord, Standing, unix_ms};
+use super::{Fleet, FleetView, HistoryError, Leader, Member, Request, Versioned, Write, WriteError, Written};
+use crate::data_plane::DataPlane;
+use crate::notify::Notifier;
+use crate::rollout::event::Event;
+use crate::route_state::Lane;
+use crate::telemetry::{CLUSTER_CONNECTED, CLUSTER_MEMBERS, CLUSTER_WRITES};
+
+/// Deadline of one etcd call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between a failed session and the next attempt.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// How often the agent checks whether it should campaign or resign.
+const CAMPAIGN_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Config(String),
+    #[error("the lease expired")]
+    LeaseLost,
+    #[error("the watch ended: {0}")]
+    WatchEnded(String),
+}
+
+async fn call<T>(f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, SessionError> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(SessionError::Timeout(CALL_TIMEOUT)),
+    }
+}
+
+/// Runs the agent on a thread of its own until the [`Fleet`] is dropped.
+pub(super) fn spawn(fleet: Arc<Fleet>, data: Arc<DataPlane>, notifier: Notifier, rx: mpsc::UnboundedReceiver<Request>) {
+    let weak = Arc::downgrade(&fleet);
+    let connected = data.telemetry.gauge(CLUSTER_CONNECTED);
+    let members = data.telemetry.gauge(CLUSTER_MEMBERS);
+    let writes = ["written", "conflict", "failed"].map(|o| data.telemetry.counter(CLUSTER_WRITES, "outcome", o));
+    drop(fleet);
+    std::thread::Builder::new()
+        .name("veer-fleet".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("fleet runtime");
+            let mut agent = Agent { fleet: weak, data, notifier, rx, connected, members, writes, stopped: false };
+            rt.block_on(agent.run());
+        })
+        .expect("spawn the fleet thread");
+}
+
+struct Agent {
+    fleet: Weak<Fleet>,
+    data: Arc<DataPlane>,
+    notifier: Notifier,
+    rx: mpsc::UnboundedReceiver<Request>,
+    connected: metrics::Gauge,
+    members: metrics::Gauge,
+    writes: [metrics::Counter; 3],
+    stopped: bool,
+}
+
+/// One etcd session's state.
+struct Session {
+    client: Client,
+    lease: i64,
+    keys: Keys,
+    node: String,
+    view: FleetView,
+}
+
+impl Agent {
+    async fn run(&mut self) {
+        let mut failures = 0u64;
+        while !self.stopped {
+            let Some(fleet) = self.fleet.upgrade() else { return };
+            let config = fleet.config.clone();
+            drop(fleet);
+            match self.session(&config).await {
+                Ok(()) => return,
+                Err(e) => {
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        warn!(error = %e, attempts = failures, etcd = ?config.etcd, "fleet: no etcd session; serving with the weights last applied");
+                    }
+                }
+            }
+            self.connected.set(0.0);
+            if let Some(fleet) = self.fleet.upgrade() {
+                fleet.view.rcu(|v| FleetView { connected: false, ..(**v).clone() });
+                fleet.wake();
+            }
+            // Writes asked for while there is no session fail at once: the control plane
+            // retries what must be retried, and an operator gets an answer.
+            let pause = tokio::time::sleep(RETRY_PAUSE);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    () = &mut pause => break,
+                    req = self.rx.recv() => match req {
+                        None => return,
+                        Some(req) => self.refuse(req, "no etcd session"),
+                    },
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, req: Request, why: &str) {
+        match req {
+            Request::Write(w) => {
+                self.writes[2].increment(1);
+                if let Some(fleet) = self.fleet.upgrade() {
+                    fleet.finish(Written {
+                        route: w.route,
+                        token: w.token,
+                        outcome: Err(WriteError::Unavailable(why.into())),
+                    });
+                }
+            }
+            Request::Events { reply, .. } => {
+                let _ = reply.send(Err(HistoryError(why.into())));
+            }
+        }
+    }
+
+    async fn connect(config: &crate::config::ClusterConfig) -> Result<Client, SessionError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(CALL_TIMEOUT)
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), CALL_TIMEOUT);
+        if let (Some(user), Some(file)) = (&config.username, &config.password_file) {
+            let password = std::fs::read_to_string(file)
+                .map_err(|e| SessionError::Config(format!("cluster.password_file {}: {e}", file.display())))?;
+            opts = opts.with_user(user.clone(), password.trim_end_matches(['\n', '\r']).to_string());
+        }
+        if config.ca_file.is_some() || config.cert_file.is_some() {
+            let read = |key: &str, p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| SessionError::Config(format!("{key} {}: {e}", p.display())))
+            };
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &config.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read("cluster.ca_file", ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+                tls =
+                    tls.identity(Identity::from_pem(read("cluster.cert_file", cert)?, read("cluster.key_file", key)?));
+            }
+            opts = opts.with_tls(tls);
+        }
+        call(Client::connect(&config.etcd, Some(opts))).await
+    }
+
+    /// One session; `Ok` only when the fleet is gone (veer is stopping).
+    async fn session(&mut self, config: &crate::config::ClusterConfig) -> Result<(), SessionError> {
+        let mut client = Self::connect(config).await?;
+        let ttl = i64::try_from(config.lease_ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let lease = call(client.lease_grant(ttl, None)).await?.id();
+        let (mut keeper, mut alive) = call(client.lease_keep_alive(lease)).await?;
+        let keys = Keys::new(&config.prefix);
+        let mut s = Session { client, lease, keys, node: config.node.clone(), view: FleetView::default() };
+        let read = call(s.client.get(s.keys.all(), Some(GetOptions::new().with_prefix()))).await?;
+        let revision = read.header().map_or(0, |h| h.revision());
+        s.view = FleetView { connected: true, synced: true, ..FleetView::default() };
+        for kv in read.kvs() {
+            apply_put(&mut s.view, &s.keys, kv);
+        }
+        let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let (_watcher, mut watch) = call(s.client.watch(s.keys.all(), Some(opts))).await?.split();
+        info!(node = %s.node, lease, members = s.view.members.len(), records = s.view.records.len(), "fleet: etcd session up");
+        self.connected.set(1.0);
+        self.publish_view(&s.view);
+        // A write of the report right away, so a starting replica counts at once.
+        self.publish_report(&mut s).await?;
+
+        let mut keep_alive = tokio::time::interval((config.lease_ttl / 3).max(Duration::from_millis(200)));
+        let mut publish = tokio::time::interval(config.publish_interval);
+        let mut campaign = tokio::time::interval(CAMPAIGN_EVERY);
+        for t in [&mut keep_alive, &mut publish, &mut campaign] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        loop {
+            tokio::select! {
+                _ = keep_alive.tick() => {
+                    call(keeper.keep_alive()).await?;
+                }
+                msg = alive.message() => match msg? {
+                    Some(r) if r.ttl() > 0 => {}
+                    _ => return Err(SessionError::LeaseLost),
+                },
+                _ = publish.tick() => self.publish_report(&mut s).await?,
+                _ = campaign.tick() => self.campaign(&mut s).await?,
+                msg = watch.message() => {
+                    let resp = msg?.ok_or_else(|| SessionError::WatchEnded("closed by etcd".into()))?;
+                    if resp.canceled() {
+                        return Err(SessionError::WatchEnded(resp.cancel_reason().to_string()));
+                    }
+                    for e in resp.events() {
+                        let Some(kv) = e.kv() else { continue };
+                        match e.event_type() {
+                            EventType::Put => apply_put(&mut s.view, &s.keys, kv),
+                            EventType::Delete => apply_delete(&mut s.view, &s.keys, kv),
+                        }
+                    }
+                    self.publish_view(&s.view);
+                }
+                req = self.rx.recv() => match req {
+                    None => {
+                        self.stopped = true;
+                        // Leaving cleanly: the leader keys and the report go at once, so
+                        // another replica takes over without waiting for the lease to expire.
+                        let _ = call(s.client.lease_revoke(s.lease)).await;
+                        return Ok(());
+                    }
+                    Some(Request::Write(w)) => self.write(&mut s, *w).await?,
+                    Some(Request::Events { route, limit, reply }) => {
+                        let _ = reply.send(history(&mut s, route.as_deref(), limit).await);
+                    }
+                },
+            }
+        }
+    }
+
+    fn publish_view(&self, view: &FleetView) {
+        self.members.set(view.members.len() as f64);
+        if let Some(fleet) = self.fleet.upgrade() {
+            fleet.view.store(Arc::new(view.clone()));
+            fleet.wake();
+        }
+    }
+
+    async fn publish_report(&mut self, s: &mut Session) -> Result<(), SessionError> {
+        let Some(fleet) = self.fleet.upgrade() else { return Ok(()) };
+        let standings = fleet.standings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        drop(fleet);
+        let report = report(&self.data, &s.node, &standings);
+        let value = serde_json::to_vec(&report).expect("reports serialize");
+        let put = s.client.put(s.keys.member(&s.node), value, Some(PutOptions::new().with_lease(s.lease)));
+        call(put).await?;
+        Ok(())
+    }
+
+    /// Takes the leadership of the routes this replica may lead and nobody leads; gives up
+    /// the ones it may no longer lead.
+    async fn campaign(&mut self, s: &mut Session) -> Result<(), SessionError> {
+        let Some(fleet) = self.fleet.upgrade() else { return Ok(()) };
+        let eligible = fleet.eligible.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        drop(fleet);
+        let mut changed = false;
+        for route in &eligible {
+            if s.view.leaders.contains_key(route) {
+                continue;
+            }
+            let key = s.keys.leader(route);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key, s.node.clone(), Some(PutOptions::new().with_lease(s.lease)))]);
+            let resp = call(s.client.txn(txn)).await?;
+            if resp.succeeded() {
+                let revision = resp.header().map_or(0, |h| h.revision());
+                info!(route = %route, node = %s.node, "fleet: leading the route's rollout");
+                s.view.leaders.insert(route.clone(), Leader { node: s.node.clone(), revision });
+                changed = true;
+            }
+        }
+        let resign: Vec<(String, i64)> = s
+            .view
+            .leaders
+            .iter()
+            .filter(|(route, l)| l.node == s.node && !eligible.contains(*route))
+            .map(|(route, l)| (route.clone(), l.revision))
+            .collect();
+        for (route, revision) in resign {
+            let key = s.keys.leader(&route);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, revision)])
+                .and_then([TxnOp::delete(key, None)]);
+            call(s.client.txn(txn)).await?;
+            info!(route = %route, node = %s.node, "fleet: no longer leading the route (its config is not the fleet's)");
+            s.view.leaders.remove(&route);
+            changed = true;
+        }
+        if changed {
+            self.publish_view(&s.view);
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, s: &mut Session, w: Write) -> Result<(), SessionError> {
+        let outcome = self.transact(s, &w).await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                self.writes[2].increment(1);
+                if let Some(fleet) = self.fleet.upgrade() {
+                    let err = WriteError::Unavailable(e.to_string());
+                    fleet.finish(Written { route: w.route, token: w.token, outcome: Err(err) });
+                }
+                return Err(e);
+            }
+        };
+        match &outcome {
+            Ok(revision) => {
+                self.writes[0].increment(1);
+                let v = Versioned { record: w.record.clone(), revision: *revision };
+                if s.view.records.get(&w.route).is_none_or(|old| old.revision < *revision) {
+                    s.view.records.insert(w.route.clone(), Arc::new(v));
+                }
+                self.publish_view(&s.view);
+                if let Some(e) = &w.event {
+                    // The writer is the one replica that saw the transition committed.
+                    self.notifier.notify(e);
+                }
+            }
+            Err(_) => self.writes[1].increment(1),
+        }
+        if let Some(fleet) = self.fleet.upgrade() {
+            fleet.finish(Written { route: w.route, token: w.token, outcome });
+        }
+        Ok(())
+    }
+
+    async fn transact(&mut self, s: &mut Session, w: &Write) -> Result<Result<i64, WriteError>, SessionError> {
+        let key = s.keys.rollout(&w.route);
+        let mut when = vec![match w.base {
+            Some(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+        }];
+        if w.as_leader {
+            match s.view.leaders.get(&w.route) {
+                Some(l) if l.node == s.node => {
+                    when.push(Compare::create_revision(s.keys.leader(&w.route), CompareOp::Equal, l.revision));
+                }
+                _ => return Ok(Err(WriteError::Conflict)),
+            }
+        }
+        let value = serde_json::to_vec(&w.record).expect("records serialize");
+        let mut then = vec![TxnOp::put(key, value, None)];
+        if let Some(e) = &w.event {
+            let seq = w.record.seq;
+            then.push(TxnOp::put(s.keys.event(&w.route, seq), serde_json::to_vec(e).expect("events serialize"), None));
+            if seq > KEEP_EVENTS {
+                then.push(TxnOp::delete(s.keys.event(&w.route, seq - KEEP_EVENTS), None));
+            }
+        }
+        let resp = call(s.client.txn(Txn::new().when(when).and_then(then))).await?;
+        Ok(if resp.succeeded() { Ok(resp.header().map_or(0, |h| h.revision())) } else { Err(WriteError::Conflict) })
+    }
+}
+
+/// The fleet's newest `limit` events, oldest first.
+async fn history(s: &mut Session, route: Option<&str>, limit: usize) -> Result<Vec<Event>, HistoryError> {
+    let mut opts = GetOptions::new().with_prefix();
+    if route.is_some() {
+        opts = opts.with_sort(SortTarget::Key, SortOrder::Descend).with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+    let resp = call(s.client.get(s.keys.events(route), Some(opts))).await.map_err(|e| HistoryError(e.to_string()))?;
+    let mut events: Vec<Event> = resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
+    events.sort_by(|a, b| a.at.cmp(&b.at));
+    let skip = events.len().saturating_sub(limit);
+    Ok(events.split_off(skip))
+}
+
+fn apply_put(view: &mut FleetView, keys: &Keys, kv: &KeyValue) {
+    let Ok(key) = kv.key_str() else { return };
+    match keys.parse(key) {
+        Some(Key::Rollout(route)) => match serde_json::from_slice::<RolloutRecord>(kv.value()) {
+            Ok(record) => {
+                view.records.insert(route.to_string(), Arc::new(Versioned { record, revision: kv.mod_revision() }));
+            }
+            Err(e) => warn!(key, error = %e, "fleet: a rollout record that does not parse is ignored"),
+        },
+        Some(Key::Leader(route)) => {
+            let node = String::from_utf8_lossy(kv.value()).into_owned();
+            view.leaders.insert(route.to_string(), Leader { node, revision: kv.create_revision() });
+        }
+        Some(Key::Member(node)) => match serde_json::from_slice::<MemberReport>(kv.value()) {
+            Ok(report) => {
+                let m = Member { report, lease: kv.lease(), seen: Instant::now() };
+                view.members.insert(node.to_string(), Arc::new(m));
+            }
+            Err(e) => warn!(key, error = %e, "fleet: a member report that does not parse is ignored"),
+        },
+        Some(Key::Event) | None => {}
+    }
+}
+
+fn apply_delete(view: &mut FleetView, keys: &Keys, kv: &KeyValue) {
+    let Ok(key) = kv.key_str() else { return };
+    match keys.parse(key) {
+        Some(Key::Rollout(route)) => {
+            view.records.remove(route);
+        }
+        Some(Key::Leader(route)) => {
+            view.leaders.remove(route);
+        }
+        Some(Key::Member(node)) => {
+            view.members.remove(node);
+        }
+        Some(Key::Event) | None => {}
+    }
+}
+
+/// This replica's report: its routes with a candidate, what it applies and what it counted.
+fn report(data: &DataPlane, node: &str, standings: &HashMap<String, Standing>) -> MemberReport {
+    let snap = data.snapshot();
+    let routes = snap
+        .routes
+        .iter()
+        .filter_map(|route| {
+            let identity = RolloutIdentity::of(&route.config)?;
+            let (rollout, cand) = route.runtime.candidate.as_ref()?;
+            let stable = &route.runtime.stable;
+            let mirror = route.policy.mirror.as_ref().map(|_| MirrorCounters {
+                candidate: Counters::of(&cand.lane(Lane::Mirror).totals()),
+                stable: Counters::of(&stable.lane(Lane::Mirror).totals()),
+                compared: cand.mirror_pairs.compared.load(std::sync::atomic::Ordering::Relaxed),
+                mismatched: cand.mirror_pairs.mismatched.load(std::sync::atomic::Ordering::Relaxed),
+            });
+            Some(MemberRoute {
+                route: route.config.name.clone(),
+                identity,
+                weight_bp: rollout.weight_bp(),
+                standing: standings.get(&route.config.name).copied().unwrap_or(Standing::Waiting),
+                stable: Counters::of(&stable.lane(Lane::Judged).totals()),
+                candidate: Counters::of(&cand.lane(Lane::Judged).totals()),
+                mirror,
+            })
+        })
+        .collect();
+    MemberReport { node: node.to_string(), at_ms: unix_ms(SystemTime::now()), routes }
+}
