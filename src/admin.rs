@@ -24,7 +24,7 @@ use crate::control::controller::CommandError;
 use crate::operations::Operations;
 use crate::reload::{self, ReloadError};
 use crate::report;
-use crate::rollout::machine::Command;
+use crate::rollout::machine::{Command, EventKind};
 use crate::status::RouteStatus;
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -126,6 +126,13 @@ where
             };
             let journal = ops.journal.clone();
             let route = query.get("route").map(str::to_string);
+            if let Some(fleet) = ops.fleet() {
+                // The fleet's history lives in etcd, whichever replica is asked.
+                return match fleet.events(route.as_deref(), limit.unwrap_or(1000)).await {
+                    Ok(events) => json(StatusCode::OK, &events),
+                    Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                };
+            }
             // File reads and parsing stay off the proxy's runtime.
             match tokio::task::spawn_blocking(move || journal.events(route.as_deref(), limit)).await {
                 Ok(events) => json(StatusCode::OK, &events),
@@ -141,11 +148,31 @@ where
                     Some(c) => journal.rollout_events(&route, &c),
                     None => journal.events(Some(&route), Some(REPORT_EVENTS)),
                 };
-                let events = match tokio::task::spawn_blocking(read).await {
-                    Ok(events) => events,
-                    Err(e) => {
-                        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the journal failed: {e}"));
+                let fleet_events = match ops.fleet() {
+                    Some(fleet) => Some(fleet.events(Some(name), REPORT_EVENTS).await),
+                    None => None,
+                };
+                let events = match fleet_events {
+                    Some(Ok(mut events)) => {
+                        if let Some(c) = &status.candidate {
+                            // The current rollout's history, as the journal's report shows it.
+                            let since = events
+                                .iter()
+                                .rposition(|e| e.kind == EventKind::Started && e.candidate_version == c.version);
+                            events = events.split_off(since.unwrap_or(0));
+                        }
+                        events
                     }
+                    Some(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                    None => match tokio::task::spawn_blocking(read).await {
+                        Ok(events) => events,
+                        Err(e) => {
+                            return error(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                format!("reading the journal failed: {e}"),
+                            );
+                        }
+                    },
                 };
                 let mut resp = Response::new(Full::new(Bytes::from(report::render(&status, &events))));
                 resp.headers_mut()
@@ -414,7 +441,7 @@ endpoints = ["127.0.0.1:2"]
         let journal = Arc::new(Journal::new(&config.state_dir));
         let ops = Arc::new(Operations::new(data.clone(), config.source.clone(), journal.clone()));
         let handle = control.then(|| {
-            let handle = ControlPlane::new(data, journal, Notifier::spawn(vec![])).spawn();
+            let handle = ControlPlane::new(data, journal, Notifier::spawn(vec![]), None).spawn();
             ops.connect_control(handle.sender());
             handle
         });

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::control::CommandSender;
 use crate::data_plane::DataPlane;
+use crate::fleet::Fleet;
 use crate::journal::Journal;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Telemetry;
@@ -23,6 +24,7 @@ pub struct Operations {
     /// The rollout journal (`state.dir` as of start).
     pub journal: Arc<Journal>,
     commands: OnceLock<CommandSender>,
+    fleet: OnceLock<Arc<Fleet>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -39,7 +41,14 @@ impl Operations {
     /// The operator side of `data`, reloading from `config_path` and recording in `journal`.
     /// Commands are refused (503) until [`Operations::connect_control`] is called.
     pub fn new(data: Arc<DataPlane>, config_path: PathBuf, journal: Arc<Journal>) -> Operations {
-        Operations { data, config_path, journal, commands: OnceLock::new(), reload_lock: tokio::sync::Mutex::new(()) }
+        Operations {
+            data,
+            config_path,
+            journal,
+            commands: OnceLock::new(),
+            fleet: OnceLock::new(),
+            reload_lock: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// The data plane this side publishes into.
@@ -62,6 +71,16 @@ impl Operations {
     /// call is ignored).
     pub fn connect_control(&self, sender: CommandSender) {
         let _ = self.commands.set(sender);
+    }
+
+    /// Fleet mode: history is read from the fleet (once; a second call is ignored).
+    pub fn connect_fleet(&self, fleet: Arc<Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// The fleet this replica belongs to, in fleet mode.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.get()
     }
 
     /// Where operator commands go (the control-plane thread), once it runs.

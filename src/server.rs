@@ -104,7 +104,12 @@ impl Proxy {
             (local(&http), tls_listener.as_ref().map(local), local(&admin_listener));
 
         // Rollouts are recovered (or started) before the first request is accepted.
-        let plane = ControlPlane::new(data.clone(), journal, Notifier::spawn(config.notify.clone()));
+        let notifier = Notifier::spawn(config.notify.clone());
+        let fleet = config.cluster.as_ref().map(|c| crate::fleet::start(c.clone(), data.clone(), notifier.clone()));
+        if let Some(f) = &fleet {
+            ops.connect_fleet(f.clone());
+        }
+        let plane = ControlPlane::new(data.clone(), journal, notifier, fleet);
         let control = plane.spawn();
         ops.connect_control(control.sender());
 

@@ -40,9 +40,13 @@ pub struct RouteStatus {
     /// While it is set nothing else is recorded for the route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal_pending: Option<JournalPending>,
+    /// Fleet mode: the fleet's record, its leader and members, the merged windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
 }
 
 pub use crate::rollout::event::JournalPending;
+pub use crate::rollout::fleet_status::FleetStatus;
 
 /// The rollback that put a route in `rolled_back`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -116,6 +120,7 @@ impl RouteStatus {
                 evidence: e.evidence.clone(),
             }),
             journal_pending: view.as_ref().and_then(|v| v.journal_pending.clone()),
+            fleet: view.as_ref().and_then(|v| v.fleet.clone()),
             judge: view.map(|v| v.judge).unwrap_or_default(),
         }
     }

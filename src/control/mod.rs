@@ -6,6 +6,7 @@
 //! happen here too, never on a data-plane worker.
 
 pub mod controller;
+pub mod fleet;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio::sync::oneshot;
 use tracing::error;
 
 use crate::data_plane::DataPlane;
+use crate::fleet::Fleet;
 use crate::journal::Journal;
 use crate::notify::Notifier;
 use crate::rollout::Phase;
@@ -27,6 +29,7 @@ use crate::stats::window::Reading;
 use crate::status::RouteStatus;
 use crate::telemetry::{CANDIDATE_WEIGHT, ROLLOUT_PHASE, Telemetry, UPKEEP_EVERY};
 use controller::{CommandError, MirrorReading, Outputs, RouteController};
+use fleet::FleetRoute;
 
 /// A command for a route's rollout, with where to send the answer.
 #[derive(Debug)]
@@ -50,6 +53,9 @@ pub enum CommandFailure {
     /// Refused (409) or not recorded (503).
     #[error(transparent)]
     Command(#[from] CommandError),
+    /// Fleet mode: etcd did not take the write (503); nothing changed.
+    #[error("not applied: {0}")]
+    Fleet(String),
     /// The control plane has stopped (503).
     #[error("the control plane is shutting down")]
     Stopped,
@@ -58,6 +64,8 @@ pub enum CommandFailure {
 #[derive(Debug)]
 enum Msg {
     Command(CommandRequest),
+    /// Fleet mode: the fleet's view changed or a write completed.
+    Wake,
     Stop,
 }
 
@@ -142,24 +150,46 @@ pub struct ControlPlane {
     notifier: Notifier,
     generation: u64,
     controllers: HashMap<String, RouteController>,
+    /// Fleet mode: the rollouts the fleet shares (instead of `controllers`).
+    fleet: Option<Arc<Fleet>>,
+    fleet_routes: HashMap<String, FleetRoute>,
     gauges: HashMap<String, RouteGauges>,
     due: HashMap<String, Instant>,
     last_upkeep: Instant,
+    tx: mpsc::Sender<Msg>,
+    rx: mpsc::Receiver<Msg>,
 }
 
 impl ControlPlane {
-    /// Takes over every rollout of the current snapshot (recovering recorded state) before
-    /// returning, so that traffic never sees a weight the journal does not back.
-    pub fn new(data: Arc<DataPlane>, journal: Arc<Journal>, notifier: Notifier) -> ControlPlane {
+    /// Takes over every rollout of the current snapshot (recovering recorded state, or in
+    /// fleet mode serving stable until the fleet's record is read) before returning, so that
+    /// traffic never sees a weight the journal or the fleet does not back.
+    pub fn new(
+        data: Arc<DataPlane>,
+        journal: Arc<Journal>,
+        notifier: Notifier,
+        fleet: Option<Arc<Fleet>>,
+    ) -> ControlPlane {
+        let (tx, rx) = mpsc::channel();
+        if let Some(f) = &fleet {
+            let doorbell = std::sync::Mutex::new(tx.clone());
+            f.set_waker(Box::new(move || {
+                let _ = doorbell.lock().unwrap_or_else(|e| e.into_inner()).send(Msg::Wake);
+            }));
+        }
         let mut plane = ControlPlane {
             data,
             journal,
             notifier,
             generation: 0,
             controllers: HashMap::new(),
+            fleet,
+            fleet_routes: HashMap::new(),
             gauges: HashMap::new(),
             due: HashMap::new(),
             last_upkeep: Instant::now(),
+            tx,
+            rx,
         };
         plane.sync(Instant::now());
         plane
@@ -167,25 +197,74 @@ impl ControlPlane {
 
     /// Runs the plane on its own thread.
     pub fn spawn(self) -> ControlHandle {
-        let (tx, rx) = mpsc::channel();
+        let tx = self.tx.clone();
         let thread = std::thread::Builder::new()
             .name("veer-control".into())
-            .spawn(move || self.run(rx))
+            .spawn(move || self.run())
             .expect("spawn the control thread");
         ControlHandle { tx, thread: Some(thread) }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+    fn run(mut self) {
         loop {
             let now = Instant::now();
             let next = self.due.values().min().copied().unwrap_or(now + Duration::from_millis(100));
-            match rx.recv_timeout(next.saturating_duration_since(now)) {
+            match self.rx.recv_timeout(next.saturating_duration_since(now)) {
                 Ok(Msg::Command(req)) => self.command(req),
+                Ok(Msg::Wake) => self.fleet_changed(),
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.tick(Instant::now());
         }
+    }
+
+    /// Fleet mode: applies the fleet's new view at once (a weight change reaches traffic
+    /// without waiting for a tick) and answers the commands whose writes completed.
+    fn fleet_changed(&mut self) {
+        let Some(fleet) = self.fleet.clone() else { return };
+        // Wake-ups queue up while a tick runs; one pass serves them all.
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Wake => {}
+                other => {
+                    let _ = self.tx.send(other);
+                    break;
+                }
+            }
+        }
+        let view = fleet.view();
+        let (journal, notifier, telemetry) = self.outputs();
+        let out = Outputs { journal: &journal, notifier: &notifier, telemetry: &telemetry };
+        let mut replies = Vec::new();
+        for w in fleet.take_results() {
+            if let Some(r) = self.fleet_routes.get_mut(&w.route).and_then(|fr| fr.written(&w)) {
+                replies.push((w.route.clone(), r));
+            }
+        }
+        for fr in self.fleet_routes.values_mut() {
+            fr.follow(&view, &out);
+        }
+        let snap = self.data.snapshot();
+        for (route, (reply, answer)) in replies {
+            let status = snap.route(&route).map(|r| RouteStatus::of(r));
+            let _ = reply.send(answer.and_then(|()| status.ok_or(CommandFailure::UnknownRoute(route))));
+        }
+        self.share_standings(&fleet);
+        for route in &snap.routes {
+            if let Some(g) = self.gauges.get(&route.config.name) {
+                g.set(route);
+            }
+        }
+    }
+
+    /// Tells the agent where this replica stands with each route and which it may lead.
+    fn share_standings(&self, fleet: &Fleet) {
+        let view = fleet.view();
+        fleet.set_standings(self.fleet_routes.iter().map(|(n, fr)| (n.clone(), fr.standing())).collect());
+        fleet.set_eligible(
+            self.fleet_routes.iter().filter(|(_, fr)| fr.eligible(&view)).map(|(n, _)| n.clone()).collect(),
+        );
     }
 
     fn outputs(&self) -> (Arc<Journal>, Notifier, Arc<Telemetry>) {
@@ -203,11 +282,23 @@ impl ControlPlane {
         let (journal, notifier, telemetry) = self.outputs();
         let out = Outputs { journal: &journal, notifier: &notifier, telemetry: &telemetry };
         let mut controllers = HashMap::new();
+        let mut fleet_routes = HashMap::new();
         for route in &snap.routes {
             let name = route.config.name.clone();
             self.gauges.entry(name.clone()).or_insert_with(|| RouteGauges::new(&telemetry, &name));
             self.due.entry(name.clone()).or_insert(now);
             let Some(rollout) = route.rollout() else { continue };
+            if let Some(fleet) = &self.fleet {
+                let fr = match self.fleet_routes.remove(&name) {
+                    Some(mut fr) if Arc::ptr_eq(fr.rollout(), rollout) => {
+                        fr.reconfigure(&route.config, &out);
+                        fr
+                    }
+                    _ => FleetRoute::new(rollout.clone(), &route.config, &route.runtime, fleet, &out),
+                };
+                fleet_routes.insert(name, fr);
+                continue;
+            }
             let c = match self.controllers.remove(&name) {
                 Some(mut c) if Arc::ptr_eq(c.rollout(), rollout) => {
                     c.reconfigure(&route.config, &route.runtime, &out, now);
@@ -218,6 +309,10 @@ impl ControlPlane {
             controllers.insert(name, c);
         }
         self.controllers = controllers;
+        self.fleet_routes = fleet_routes;
+        if let Some(fleet) = &self.fleet {
+            self.share_standings(fleet);
+        }
         self.gauges.retain(|name, _| snap.route(name).is_some());
         self.due.retain(|name, _| snap.route(name).is_some());
         for route in &snap.routes {
@@ -246,9 +341,17 @@ impl ControlPlane {
             if let (Some(c), Some((stable, candidate, mirror))) = (self.controllers.get_mut(name), &readings) {
                 c.tick(now, stable, candidate, mirror, &out);
             }
+            if let (Some(fr), Some(fleet), Some((stable, candidate, mirror))) =
+                (self.fleet_routes.get_mut(name), &self.fleet, &readings)
+            {
+                fr.tick(now, (stable, candidate, mirror), &fleet.view(), &out);
+            }
             if let Some(g) = self.gauges.get(name) {
                 g.set(route);
             }
+        }
+        if let Some(fleet) = &self.fleet {
+            self.share_standings(fleet);
         }
         if self.last_upkeep.elapsed() >= UPKEEP_EVERY {
             telemetry.upkeep();
@@ -259,6 +362,11 @@ impl ControlPlane {
     fn command(&mut self, req: CommandRequest) {
         let now = Instant::now();
         self.sync(now);
+        if let (Some(fleet), Some(fr)) = (&self.fleet, self.fleet_routes.get_mut(&req.route)) {
+            // Answered once the record's write completes.
+            fr.command(req.command, req.reason.as_deref(), &fleet.view(), now, req.reply);
+            return;
+        }
         let snap = self.data.snapshot();
         let result = self.apply_command(&snap, &req, now);
         if let (Some(route), Some(g)) = (snap.route(&req.route), self.gauges.get(&req.route)) {

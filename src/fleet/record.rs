@@ -17,6 +17,7 @@ use crate::rollout::judge::JudgeState;
 use crate::rollout::machine::MachineState;
 
 use super::counters::Counters;
+pub use crate::rollout::fleet_status::Standing;
 
 /// Which rollout a record (or a replica's config) is about: two replicas agree on a route only
 /// when all of it is equal.
@@ -83,33 +84,6 @@ impl RolloutRecord {
             .ok()
             .and_then(|at| now.duration_since(at).ok())
             .unwrap_or(Duration::ZERO)
-    }
-}
-
-/// Where a replica stands with a route's fleet rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Standing {
-    /// Applies the record's weight.
-    Following,
-    /// Has not read a record for its rollout yet (starting, or etcd unreachable since start):
-    /// serves stable only.
-    Waiting,
-    /// Its config names another rollout than the record: serves stable only.
-    Mismatch,
-    /// Its own judge failed the candidate: serves stable only for this epoch.
-    Braked,
-}
-
-impl Standing {
-    /// The label in status and logs.
-    pub fn label(self) -> &'static str {
-        match self {
-            Standing::Following => "following",
-            Standing::Waiting => "waiting",
-            Standing::Mismatch => "mismatch",
-            Standing::Braked => "braked",
-        }
     }
 }
 

@@ -181,6 +181,15 @@ impl Machine {
         Machine { plan, state, step_since: now, step_requests: 0 }
     }
 
+    /// A machine continuing a fleet's recorded state: the step began at `step_since` (from the
+    /// recorded transition time) with `step_requests` already counted, so a new leader neither
+    /// restarts the dwell nor takes the step twice.
+    pub fn resume(plan: Plan, state: MachineState, step_since: Instant, step_requests: u64) -> Self {
+        let mut m = Machine::restore(plan, state, step_since);
+        m.step_requests = step_requests;
+        m
+    }
+
     /// The recorded state.
     pub fn state(&self) -> &MachineState {
         &self.state

@@ -5,6 +5,7 @@
 //! request, and the state survives a reload as long as the candidate version is unchanged.
 
 pub mod event;
+pub mod fleet_status;
 pub mod judge;
 pub mod machine;
 
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::split::{FULL_BP, Splitter};
 use event::{Event, JournalPending};
+use fleet_status::FleetStatus;
 use judge::JudgeFigures;
 
 /// Where a rollout stands.
@@ -82,6 +84,8 @@ pub struct RolloutView {
     pub judge: JudgeFigures,
     /// A rollback in effect that the journal has not recorded yet.
     pub journal_pending: Option<JournalPending>,
+    /// How the fleet shares this rollout (fleet mode only).
+    pub fleet: Option<FleetStatus>,
 }
 
 /// The live state of one candidate's rollout.
@@ -115,6 +119,7 @@ impl RolloutState {
                 rollback: None,
                 judge: JudgeFigures::default(),
                 journal_pending: None,
+                fleet: None,
             }),
         }
     }
