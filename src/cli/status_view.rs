@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Instant;
 
+use crate::rollout::fleet_status::FleetStatus;
 use crate::rollout::judge::RuleState;
 use crate::status::{RouteStatus, VersionStatus};
 
@@ -87,9 +88,64 @@ pub fn render(routes: &[RouteStatus], mut rates: Option<&mut Rates>) -> String {
                 inert(&p.error)
             );
         }
+        if let Some(f) = &r.fleet {
+            fleet(&mut s, f);
+        }
         s.push('\n');
     }
     s
+}
+
+/// The fleet's part of a route: leader, this replica's standing, the merged windows and one
+/// line per member.
+fn fleet(s: &mut String, f: &FleetStatus) {
+    let link = if f.connected { "" } else { "  ETCD UNREACHABLE: serving the weights last applied" };
+    let leader = f.leader.as_deref().map_or("none".to_string(), inert);
+    let _ = writeln!(s, "  fleet     node {}  leader {leader}  {}{link}", inert(&f.node), f.standing.label());
+    if let Some(why) = &f.reason {
+        let _ = writeln!(s, "            {}", inert(why));
+    }
+    if let Some(rec) = &f.record {
+        let step = rec.step.map(|i| format!(" step {}", i + 1)).unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "  record    rev {} epoch {}  {}{step} {:.2}%  {} over {}  written by {}",
+            rec.revision,
+            rec.epoch,
+            rec.phase.label(),
+            rec.candidate_weight,
+            inert(&rec.candidate_version),
+            inert(&rec.stable_version),
+            inert(&rec.writer)
+        );
+    }
+    if let Some(m) = &f.merged {
+        let _ = writeln!(
+            s,
+            "  merged    stable {} req {:.2}% err   candidate {} req {:.2}% err   alpha {:.4} merged, {:.5} per replica",
+            m.stable.requests,
+            m.stable.error_rate * 100.0,
+            m.candidate.requests,
+            m.candidate.error_rate * 100.0,
+            f.alpha.merged,
+            f.alpha.local
+        );
+    }
+    for m in &f.members {
+        let agrees = if m.agrees { "" } else { "  (other config)" };
+        let _ = writeln!(
+            s,
+            "  member    {:<16} {:>6.2}%  {:<9} heard {:>5}ms ago  candidate {} req {} err  stable {} req {} err{agrees}",
+            inert(&m.node),
+            m.candidate_weight,
+            m.standing.label(),
+            m.last_heard_ms,
+            m.candidate.requests,
+            m.candidate.errors,
+            m.stable.requests,
+            m.stable.errors
+        );
+    }
 }
 
 /// `text` with every control character (escape sequences, carriage returns, newlines) and

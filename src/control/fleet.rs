@@ -64,7 +64,13 @@ struct Inflight {
 struct Brake {
     epoch: u64,
     event: Event,
+    /// When the record was last asked to take it: a failed write is retried, but not faster
+    /// than [`BRAKE_RETRY`], so an unreachable etcd costs nothing.
+    sent: Instant,
 }
+
+/// How often a brake the record does not have yet is written again.
+const BRAKE_RETRY: Duration = Duration::from_millis(200);
 
 /// What the leader keeps between ticks.
 struct Lead {
@@ -334,9 +340,12 @@ impl FleetRoute {
         self.publish_status(view);
         if standing == Standing::Braked
             && self.inflight.is_none()
-            && let (Some(v), Some(b)) = (&record, self.brake.clone())
+            && let (Some(v), Some(b)) = (&record, self.brake.as_mut())
+            && b.sent.elapsed() >= BRAKE_RETRY
         {
-            self.write_rollback(v, b.event);
+            b.sent = Instant::now();
+            let event = b.event.clone();
+            self.write_rollback(v, event);
         }
     }
 
@@ -483,7 +492,7 @@ impl FleetRoute {
         warn!(route = %self.config.name, candidate = %self.identity.candidate, %rule, reason = %event.reason, "candidate rolled back to 0%");
         out.telemetry.route_counter(ROLLBACKS_TOTAL, &self.config.name, "rule", rule.to_string()).increment(1);
         self.journal(&event, out);
-        self.brake = Some(Brake { epoch: v.record.epoch, event: event.clone() });
+        self.brake = Some(Brake { epoch: v.record.epoch, event: event.clone(), sent: Instant::now() });
         self.standing = Standing::Braked;
         self.reason = Some(event.reason.clone());
         self.rollout.set_view(|rv| {
