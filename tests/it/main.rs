@@ -24,6 +24,7 @@ mod deploy_assets;
 mod docs_links;
 mod endpoint_health;
 mod error_paths;
+mod etcd_harness;
 mod fault_attribution;
 mod harness;
 mod hostile;
