@@ -241,6 +241,11 @@ struct Checked {
     run_as_user: u64,
     probe_paths: Vec<String>,
     scrape_paths: Vec<String>,
+    /// The embedded config, parsed, and its text.
+    config: Config,
+    toml: String,
+    /// The Deployment.
+    deployment: Value,
 }
 
 fn check_manifest(rel: &str) -> Checked {
@@ -345,7 +350,17 @@ fn check_manifest(rel: &str) -> Checked {
         assert_eq!(resolve_port(veer, &e["port"]), admin_port, "{rel}: PodMonitor port");
         scrape_paths.push(e["path"].as_str().expect("path").to_string());
     }
-    Checked { config_path, http_port, admin_port, run_as_user, probe_paths, scrape_paths }
+    Checked {
+        config_path,
+        http_port,
+        admin_port,
+        run_as_user,
+        probe_paths,
+        scrape_paths,
+        toml: toml.to_string(),
+        config,
+        deployment: deployment.clone(),
+    }
 }
 
 #[test]
@@ -355,6 +370,200 @@ fn kubernetes_manifests_match_the_binary_and_their_config() {
         assert_eq!(c.scrape_paths, ["/metrics"], "{rel}");
         assert_eq!(c.config_path, "/etc/veer/veer.toml", "{rel}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The etcd of fleet mode
+// ---------------------------------------------------------------------------------------------
+
+const ETCD_MANIFEST: &str = "deploy/k8s/etcd.yaml";
+
+/// etcd's `--flag=value` arguments as a map (`--flag` alone is `true`); each flag once.
+fn etcd_flags(args: &[String]) -> BTreeMap<String, String> {
+    let mut flags = BTreeMap::new();
+    for a in args {
+        let f = a.strip_prefix("--").unwrap_or_else(|| panic!("{ETCD_MANIFEST}: {a:?} is not a --flag"));
+        let (k, v) = f.split_once('=').unwrap_or((f, "true"));
+        assert!(flags.insert(k.to_string(), v.to_string()).is_none(), "{ETCD_MANIFEST}: --{k} given twice");
+    }
+    flags
+}
+
+/// The port of an `http://host:port` URL.
+fn url_port(url: &str) -> u16 {
+    let uri: http::Uri = url.parse().unwrap_or_else(|e| panic!("{url:?} is not a URL: {e}"));
+    assert_eq!(uri.scheme_str(), Some("http"), "{url}");
+    uri.port_u16().unwrap_or_else(|| panic!("{url} has no port"))
+}
+
+/// What the etcd manifest deploys, after checking it is a three-member cluster that can form
+/// and keep a quorum: its members' client URLs as a pod of the same namespace reaches them,
+/// and the Raft timing its flags set.
+struct EtcdDeployed {
+    client_urls: Vec<String>,
+    timing: crate::common::etcd::Timing,
+}
+
+fn check_etcd_manifest() -> EtcdDeployed {
+    let rel = ETCD_MANIFEST;
+    let docs = yaml_docs(rel);
+    let [sts] = of_kind(&docs, "StatefulSet")[..] else { panic!("{rel}: one StatefulSet") };
+    assert_eq!(sts["apiVersion"], "apps/v1", "{rel}");
+    let name = sts["metadata"]["name"].as_str().expect("name");
+    let replicas = sts["spec"]["replicas"].as_u64().expect("replicas");
+    assert_eq!(replicas, 3, "{rel}: three members, so one can fail and two still make a quorum");
+    // OrderedReady would deadlock: member 0 is only ready with a quorum it cannot have alone.
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel", "{rel}: podManagementPolicy");
+    let template = &sts["spec"]["template"];
+    let pod_labels = &template["metadata"]["labels"];
+    assert!(selects(&sts["spec"]["selector"]["matchLabels"], pod_labels), "{rel}: selector/labels");
+    let pod = &template["spec"];
+    let [etcd] = pod["containers"].as_array().expect("containers").iter().collect::<Vec<_>>()[..] else {
+        panic!("{rel}: one container")
+    };
+
+    // The headless Service that names the members, resolvable before they are ready.
+    let svc_name = sts["spec"]["serviceName"].as_str().unwrap_or_else(|| panic!("{rel}: serviceName"));
+    let svc = of_kind(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == svc_name)
+        .unwrap_or_else(|| panic!("{rel}: no Service {svc_name}"));
+    assert_eq!(svc["spec"]["clusterIP"], "None", "{rel}: {svc_name} must be headless");
+    assert_eq!(svc["spec"]["publishNotReadyAddresses"], true, "{rel}: peers must resolve before ready");
+    assert!(selects(&svc["spec"]["selector"], pod_labels), "{rel}: Service selector");
+    let (client_port, peer_port) = (port_named(etcd, "client"), port_named(etcd, "peer"));
+    let svc_ports: BTreeSet<u16> =
+        svc["spec"]["ports"].as_array().expect("ports").iter().map(|p| resolve_port(etcd, &p["targetPort"])).collect();
+    assert_eq!(svc_ports, BTreeSet::from([client_port, peer_port]), "{rel}: Service ports");
+
+    // Every $(VAR) in the args is an env var of the container (Kubernetes leaves others as is).
+    let env: BTreeMap<String, String> = etcd["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| {
+            let from = e["valueFrom"]["fieldRef"]["fieldPath"].as_str().unwrap_or_else(|| panic!("{rel}: env {e}"));
+            (e["name"].as_str().expect("env name").to_string(), from.to_string())
+        })
+        .collect();
+    assert_eq!(env.get("POD_NAME").map(String::as_str), Some("metadata.name"), "{rel}: POD_NAME");
+    assert_eq!(env.get("POD_NAMESPACE").map(String::as_str), Some("metadata.namespace"), "{rel}: POD_NAMESPACE");
+    let args = strs(&etcd["args"]);
+    for a in &args {
+        for var in a.split("$(").skip(1) {
+            let var = var.split_once(')').expect("closed $(").0;
+            assert!(env.contains_key(var), "{rel}: {a} uses $({var}), which is not in env");
+        }
+    }
+    let flags = etcd_flags(&args);
+    let flag = |k: &str| flags.get(k).map(String::as_str).unwrap_or_else(|| panic!("{rel}: no --{k}"));
+
+    // Names and URLs: member N is pod {name}-N, reached by its name in the headless Service.
+    let host = |pod: &str| format!("{pod}.{svc_name}.$(POD_NAMESPACE).svc");
+    assert_eq!(flag("name"), "$(POD_NAME)", "{rel}");
+    let initial: Vec<String> =
+        (0..replicas).map(|i| format!("{name}-{i}=http://{}:{peer_port}", host(&format!("{name}-{i}")))).collect();
+    assert_eq!(flag("initial-cluster"), initial.join(","), "{rel}: --initial-cluster");
+    let me = host("$(POD_NAME)");
+    assert_eq!(flag("initial-advertise-peer-urls"), format!("http://{me}:{peer_port}"), "{rel}");
+    assert_eq!(flag("advertise-client-urls"), format!("http://{me}:{client_port}"), "{rel}");
+    assert_eq!(url_port(flag("listen-client-urls")), client_port, "{rel}: --listen-client-urls");
+    assert_eq!(url_port(flag("listen-peer-urls")), peer_port, "{rel}: --listen-peer-urls");
+    assert_eq!(flag("initial-cluster-state"), "new", "{rel}");
+
+    // History is compacted, so the backend does not grow with every write.
+    let retention = flag("auto-compaction-retention");
+    assert!(!retention.is_empty() && retention != "0", "{rel}: --auto-compaction-retention={retention}");
+
+    // Data on a PersistentVolumeClaim of the StatefulSet, mounted at --data-dir.
+    let data_dir = Path::new(flag("data-dir"));
+    let mount = etcd["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| Path::new(m["mountPath"].as_str().unwrap_or("")) == data_dir)
+        .unwrap_or_else(|| panic!("{rel}: nothing is mounted at --data-dir {}", data_dir.display()));
+    let claim = sts["spec"]["volumeClaimTemplates"]
+        .as_array()
+        .expect("volumeClaimTemplates")
+        .iter()
+        .find(|c| c["metadata"]["name"] == mount["name"])
+        .unwrap_or_else(|| panic!("{rel}: --data-dir is not a volumeClaimTemplate"));
+    assert!(claim["spec"]["resources"]["requests"]["storage"].is_string(), "{rel}: claim storage request");
+
+    // Probes: ready on /health, alive on something that needs no quorum, on served ports.
+    let metrics_port = url_port(flag("listen-metrics-urls"));
+    assert_eq!(port_named(etcd, "metrics"), metrics_port, "{rel}: --listen-metrics-urls vs containerPort");
+    let ready = &etcd["readinessProbe"]["httpGet"];
+    assert_eq!(ready["path"], "/health", "{rel}: readinessProbe");
+    let live = &etcd["livenessProbe"]["httpGet"];
+    assert_ne!(live["path"], "/health", "{rel}: a liveness /health restarts every member on quorum loss");
+    for probe in [ready, live] {
+        assert_eq!(resolve_port(etcd, &probe["port"]), metrics_port, "{rel}: probes ask the metrics port");
+    }
+    for (what, v) in [("requests", "memory"), ("requests", "cpu"), ("limits", "memory")] {
+        assert!(!etcd["resources"][what][v].is_null(), "{rel}: resources.{what}.{v}");
+    }
+
+    // Node drains keep a quorum.
+    let [pdb] = of_kind(&docs, "PodDisruptionBudget")[..] else { panic!("{rel}: one PodDisruptionBudget") };
+    assert!(selects(&pdb["spec"]["selector"]["matchLabels"], pod_labels), "{rel}: PDB selector");
+    assert_eq!(pdb["spec"]["minAvailable"].as_u64(), Some(replicas / 2 + 1), "{rel}: PDB keeps a quorum");
+
+    // Every flag is one the real etcd knows (where it is installed).
+    match find_tool("etcd") {
+        Some(bin) => {
+            let out = Command::new(bin).arg("--help").output().expect("run etcd --help");
+            let help = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            for k in flags.keys() {
+                assert!(help.contains(&format!("--{k} ")), "{rel}: etcd does not know --{k}");
+            }
+        }
+        None => skip_unless_required(
+            crate::common::etcd::REQUIRE_ETCD,
+            "etcd_manifest (flags against etcd --help)",
+            "no `etcd` binary (apt-get install etcd-server)",
+        ),
+    }
+
+    let ms = |k: &str, default: u64| Duration::from_millis(flags.get(k).map_or(default, |v| v.parse().expect("ms")));
+    EtcdDeployed {
+        client_urls: (0..replicas).map(|i| format!("http://{name}-{i}.{svc_name}:{client_port}")).collect(),
+        timing: crate::common::etcd::Timing {
+            heartbeat: ms("heartbeat-interval", 100),
+            election: ms("election-timeout", 1000),
+        },
+    }
+}
+
+#[test]
+fn etcd_manifest_is_a_three_member_cluster_that_keeps_its_quorum() {
+    let deployed = check_etcd_manifest();
+    assert_eq!(deployed.client_urls.len(), 3);
+}
+
+#[test]
+fn edge_runs_three_replicas_in_fleet_mode_on_the_etcd_manifest() {
+    let rel = "deploy/k8s/edge.yaml";
+    let edge = check_manifest(rel);
+    let etcd = check_etcd_manifest();
+    assert_eq!(edge.deployment["spec"]["replicas"], 3, "{rel}: replicas");
+
+    let cluster = edge.config.cluster.as_ref().unwrap_or_else(|| panic!("{rel}: no [cluster]: not in fleet mode"));
+    assert_eq!(cluster.etcd, etcd.client_urls, "{rel}: [cluster].etcd vs the members of {ETCD_MANIFEST}");
+    // One ConfigMap for every pod: the node name must come from the default, the host name,
+    // which is the pod's name as long as the pod spec does not set another.
+    let raw: toml::Table = toml::from_str(&edge.toml).expect("toml");
+    assert!(raw["cluster"].get("node").is_none(), "{rel}: a fixed cluster.node would be shared by every pod");
+    let pod = &edge.deployment["spec"]["template"]["spec"];
+    assert!(pod.get("hostname").is_none() && pod.get("setHostnameAsFQDN").is_none(), "{rel}: host name != pod name");
+    // etcd raises a shorter TTL to its minimum, and veer would count replicas gone later.
+    assert!(
+        cluster.lease_ttl >= etcd.timing.min_lease_ttl(),
+        "{rel}: lease_ttl {:?} is below what {ETCD_MANIFEST}'s etcd grants ({:?})",
+        cluster.lease_ttl,
+        etcd.timing.min_lease_ttl()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
