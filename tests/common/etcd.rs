@@ -176,11 +176,24 @@ impl Etcd {
         for i in 0..n {
             self.spawn(i, "new");
         }
+        // Every member is checked on each round: two that failed to bind leave the third
+        // without a quorum, and it must not be waited on until the deadline.
         let deadline = Instant::now() + READY_WITHIN;
-        for i in 0..n {
-            self.wait_healthy_until(i, deadline).await?;
+        let mut healthy = vec![false; n];
+        loop {
+            for (i, ok) in healthy.iter_mut().enumerate() {
+                self.check_alive(i)?;
+                if !*ok {
+                    *ok = is_healthy(self.client_addr(i)).await;
+                }
+            }
+            if healthy.iter().all(|h| *h) {
+                return Ok(());
+            }
+            let late = healthy.iter().position(|h| !h).expect("a member that is not healthy");
+            self.fail_after(deadline, late, r#"answering GET /health with "health":"true""#);
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(())
     }
 
     /// Kills the members of a failed attempt (their data dirs stay until drop).
@@ -411,7 +424,7 @@ impl Etcd {
     async fn wait_healthy_until(&mut self, i: usize, deadline: Instant) -> Result<(), StartFailure> {
         loop {
             self.check_alive(i)?;
-            if health(self.client_addr(i)).await.as_deref().is_some_and(|b| b.contains(r#""health":"true""#)) {
+            if is_healthy(self.client_addr(i)).await {
                 return Ok(());
             }
             self.fail_after(deadline, i, r#"answering GET /health with "health":"true""#);
@@ -485,7 +498,12 @@ async fn connect(urls: &[String], timeout: Duration) -> Client {
     Client::connect(urls, Some(options)).await.expect("etcd client")
 }
 
-/// The body of `GET /health`, or `None` when the member does not answer within 2 s.
+/// Whether the member answers `GET /health` with `"health":"true"` within 2 s.
+async fn is_healthy(addr: SocketAddr) -> bool {
+    health(addr).await.as_deref().is_some_and(|b| b.contains(r#""health":"true""#))
+}
+
+/// The answer to `GET /health`, or `None` when the member does not answer within 2 s.
 async fn health(addr: SocketAddr) -> Option<String> {
     let ask = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
