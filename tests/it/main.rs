@@ -26,6 +26,7 @@ mod endpoint_health;
 mod error_paths;
 mod etcd_harness;
 mod fault_attribution;
+mod fleet;
 mod harness;
 mod hostile;
 mod journal;

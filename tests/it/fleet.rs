@@ -1,0 +1,549 @@
+//! Fleet mode against real etcd and real `veer run` processes, all on 127.0.0.1: one rollout
+//! shared by several replicas (docs/fleet.md).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use hyper::Response;
+use serde_json::Value;
+
+use crate::common::etcd::Etcd;
+use crate::common::*;
+
+/// Lease of every replica in these tests: a dead leader is replaced within it plus a second.
+const LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// One replica: its config and its process.
+struct Replica {
+    node: String,
+    config: ConfigFile,
+    veer: Option<Veer>,
+}
+
+impl Replica {
+    fn veer(&self) -> &Veer {
+        self.veer.as_ref().expect("replica is running")
+    }
+
+    fn admin(&self) -> SocketAddr {
+        self.veer().admin
+    }
+
+    fn http(&self) -> SocketAddr {
+        self.veer().http
+    }
+}
+
+/// The `[cluster]` table of `node` in a fleet on `etcd`.
+fn cluster(etcd: &Etcd, node: &str) -> String {
+    format!(
+        "[cluster]\netcd = {:?}\nprefix = \"/veer/test\"\nnode = \"{node}\"\nlease_ttl = \"{}s\"\npublish_interval = \"50ms\"\n",
+        etcd.client_urls(),
+        LEASE_TTL.as_secs()
+    )
+}
+
+fn replica(etcd: &Etcd, node: &str, route: &str) -> Replica {
+    let config = ConfigFile::new(&format!("{}\n{route}", cluster(etcd, node)));
+    let veer = Some(Veer::spawn(&config.path));
+    Replica { node: node.to_string(), config, veer }
+}
+
+fn fleet(etcd: &Etcd, n: usize, route: &str) -> Vec<Replica> {
+    (1..=n).map(|i| replica(etcd, &format!("n{i}"), route)).collect()
+}
+
+async fn status(client: &HttpClient, r: &Replica) -> Value {
+    route_status(client, r.admin(), "web").await
+}
+
+fn weight(s: &Value) -> f64 {
+    s["candidate_weight"].as_f64().expect("weight")
+}
+
+fn leader(s: &Value) -> Option<String> {
+    s["fleet"]["leader"].as_str().map(str::to_string)
+}
+
+/// Steady GETs spread round robin over `addrs`, `gap` apart, until stopped (at most 120 s):
+/// counts the answers by who gave them.
+struct Traffic {
+    targets: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    candidate_errors: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    first_candidate_error: Arc<std::sync::Mutex<Option<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(addrs: Vec<SocketAddr>, gap: Duration) -> Traffic {
+        let targets = Arc::new(std::sync::Mutex::new(addrs));
+        let t = targets.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, candidate_errors, failed) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let first = Arc::new(std::sync::Mutex::new(None));
+        let (s, o, c, f, fi) = (stop.clone(), ok.clone(), candidate_errors.clone(), failed.clone(), first.clone());
+        let task = tokio::spawn(async move {
+            let client = client();
+            let until = Instant::now() + Duration::from_secs(120);
+            let mut next = Instant::now();
+            for i in 0usize.. {
+                if s.load(Ordering::Relaxed) || Instant::now() > until {
+                    return;
+                }
+                let addr = {
+                    let addrs = t.lock().unwrap();
+                    addrs[i % addrs.len()]
+                };
+                let req = http::Request::get(format!("http://{addr}/"))
+                    .body(http_body_util::Full::default())
+                    .expect("request");
+                let got = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await;
+                match got {
+                    Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Ok(resp)) if resp.status() == StatusCode::INTERNAL_SERVER_ERROR => {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        fi.lock().unwrap().get_or_insert_with(Instant::now);
+                    }
+                    _ => {
+                        f.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                next += gap;
+                tokio::time::sleep_until(next.into()).await;
+            }
+        });
+        Traffic { targets, stop, ok, candidate_errors, failed, first_candidate_error: first, task }
+    }
+
+    /// Stops sending to `addr` (a replica about to be killed or frozen): its clients would
+    /// go to the others behind a load balancer.
+    fn avoid(&self, addr: SocketAddr) {
+        self.targets.lock().unwrap().retain(|a| *a != addr);
+    }
+
+    async fn stop(self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.candidate_errors.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The healthy candidate of `stable` / `candidate`, stepping every second.
+fn healthy_route(stable: SocketAddr, candidate: SocketAddr, steps: &str, interval: &str) -> String {
+    RouteFixture::new(stable, candidate)
+        .steps(steps)
+        .step_interval(interval)
+        .min_requests(5)
+        .rollback("5s", "100ms")
+        .toml()
+}
+
+#[tokio::test]
+async fn three_replicas_promote_one_candidate_and_never_disagree_for_long() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let (stable, candidate) = (Upstream::text("v1").await, Upstream::text("v2").await);
+    let route = healthy_route(stable.addr, candidate.addr, "[10, 40, 100]", "1s");
+    let replicas = fleet(&etcd, 3, &route);
+    let traffic = Traffic::start(replicas.iter().map(Replica::http).collect(), Duration::from_millis(5));
+    let client = client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut disagree_since: Option<Instant> = None;
+    let mut longest = Duration::ZERO;
+    loop {
+        let mut seen = Vec::new();
+        for r in &replicas {
+            let s = status(&client, r).await;
+            seen.push((s["phase"].as_str().unwrap_or("").to_string(), s["step"].as_u64(), weight(&s)));
+        }
+        if seen.windows(2).all(|w| w[0] == w[1]) {
+            if let Some(t) = disagree_since.take() {
+                longest = longest.max(t.elapsed());
+            }
+            if seen[0].0 == "promoted" {
+                break;
+            }
+        } else {
+            disagree_since.get_or_insert_with(Instant::now);
+        }
+        assert!(Instant::now() < deadline, "not promoted fleet-wide within 60 s: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, _, failed) = traffic.stop().await;
+    assert_eq!(failed, 0, "no client request fails ({ok} ok)");
+    assert!(longest <= Duration::from_millis(200), "replicas disagreed on the step for {longest:?}");
+    // One history for the fleet, the same from every replica: no step twice, none skipped.
+    for r in &replicas {
+        let got = get(&client, r.admin(), "/api/v1/events?route=web").await;
+        let events: Vec<Value> = serde_json::from_slice(&got.body).expect("events");
+        let kinds: Vec<(&str, Option<u64>)> =
+            events.iter().map(|e| (e["kind"].as_str().unwrap_or(""), e["step"].as_u64())).collect();
+        assert_eq!(
+            kinds,
+            [("started", Some(0)), ("step", Some(1)), ("step", Some(2)), ("promoted", None)],
+            "history read from {}",
+            r.node
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failing_candidate_is_snapped_back_on_every_replica_within_a_second() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let (stable, candidate) = (Upstream::text("v1").await, Upstream::status(500, "v2 broken").await);
+    let route = RouteFixture::new(stable.addr, candidate.addr)
+        .steps("[10, 100]")
+        .step_interval("1h")
+        .rollback("5s", "50ms")
+        .toml();
+    let replicas = fleet(&etcd, 3, &route);
+    let client = client();
+    for r in &replicas {
+        eventually(Duration::from_secs(20), "every replica follows the fleet at 10%", || async {
+            weight(&status(&client, r).await) == 10.0
+        })
+        .await;
+    }
+    // 300 requests a second across the fleet: 30 a second to the candidate.
+    let traffic = Traffic::start(replicas.iter().map(Replica::http).collect(), Duration::from_micros(3333));
+    let mut at_zero: Vec<Option<Instant>> = vec![None; replicas.len()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at_zero.iter().any(Option::is_none) {
+        for (i, r) in replicas.iter().enumerate() {
+            if at_zero[i].is_none() && weight(&status(&client, r).await) == 0.0 {
+                at_zero[i] = Some(Instant::now());
+            }
+        }
+        assert!(Instant::now() < deadline, "not every replica snapped back within 30 s: {at_zero:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = traffic.first_candidate_error.lock().unwrap().expect("the candidate failed a request");
+    let (_, candidate_errors, failed) = traffic.stop().await;
+    let last = at_zero.iter().flatten().max().copied().expect("all at zero");
+    assert!(
+        last.duration_since(first) <= Duration::from_secs(1),
+        "the last replica reached 0% {:?} after the first failed candidate request",
+        last.duration_since(first)
+    );
+    assert!(candidate_errors <= 10, "{candidate_errors} candidate errors were served before the fleet snapped back");
+    assert_eq!(failed, 0);
+    for r in &replicas {
+        let s = status(&client, r).await;
+        assert_eq!(s["phase"], "rolled_back", "{}: {s}", r.node);
+        assert_eq!(s["fleet"]["record"]["phase"], "rolled_back");
+    }
+}
+
+/// Waits until every replica in `replicas` applies `percent`, and returns the leader they
+/// agree on.
+async fn all_at(client: &HttpClient, replicas: &[&Replica], percent: f64, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut leaders = Vec::new();
+        let mut weights = Vec::new();
+        for r in replicas {
+            let s = status(client, r).await;
+            weights.push(weight(&s));
+            leaders.push(leader(&s));
+        }
+        if weights.iter().all(|w| *w == percent) && leaders.windows(2).all(|w| w[0] == w[1]) {
+            if let Some(l) = leaders[0].clone() {
+                return l;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all at {percent}% with one leader within {within:?}: {weights:?} {leaders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn when_the_leader_is_killed_mid_step_another_continues_from_the_same_step() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let (stable, candidate) = (Upstream::text("v1").await, Upstream::text("v2").await);
+    let route = healthy_route(stable.addr, candidate.addr, "[10, 30, 60, 100]", "3s");
+    let mut replicas = fleet(&etcd, 3, &route);
+    let traffic = Traffic::start(replicas.iter().map(Replica::http).collect(), Duration::from_millis(5));
+    let client = client();
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let old = all_at(&client, &all, 30.0, Duration::from_secs(30)).await;
+    let i = replicas.iter().position(|r| r.node == old).expect("the leader is a replica");
+    traffic.avoid(replicas[i].http());
+    let killed = Instant::now();
+    replicas[i].veer().signal("KILL");
+    let _ = replicas[i].veer.take();
+    let rest: Vec<&Replica> = replicas.iter().filter(|r| r.veer.is_some()).collect();
+    let deadline = killed + LEASE_TTL + Duration::from_secs(1);
+    let new = loop {
+        let s = status(&client, rest[0]).await;
+        if let Some(l) = leader(&s).filter(|l| *l != old) {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no new leader within lease_ttl + 1 s: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(new, old);
+    for r in &rest {
+        assert_eq!(weight(&status(&client, r).await), 30.0, "the survivors stay at the step the fleet was on");
+    }
+    let _ = all_at(&client, &rest, 100.0, Duration::from_secs(30)).await;
+    let (_, _, failed) = traffic.stop().await;
+    assert_eq!(failed, 0, "the survivors served every request");
+    let got = get(&client, rest[0].admin(), "/api/v1/events?route=web").await;
+    let events: Vec<Value> = serde_json::from_slice(&got.body).expect("events");
+    let steps: Vec<Option<u64>> =
+        events.iter().filter(|e| e["kind"] != "promoted").map(|e| e["step"].as_u64()).collect();
+    assert_eq!(steps, [Some(0), Some(1), Some(2), Some(3)], "no step skipped or taken twice: {events:?}");
+}
+
+#[tokio::test]
+async fn pause_on_one_replica_pauses_the_fleet_and_any_replica_shows_it() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let (stable, candidate) = (Upstream::text("v1").await, Upstream::text("v2").await);
+    let route = healthy_route(stable.addr, candidate.addr, "[10, 100]", "1h");
+    let replicas = fleet(&etcd, 3, &route);
+    let client = client();
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let leader = all_at(&client, &all, 10.0, Duration::from_secs(20)).await;
+    let got = post(&client, replicas[1].admin(), "/api/v1/routes/web/pause", &[]).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    eventually(Duration::from_secs(5), "replica C sees the fleet paused", || async {
+        status(&client, &replicas[2]).await["phase"] == "paused"
+    })
+    .await;
+    let s = status(&client, &replicas[2]).await;
+    assert_eq!(s["fleet"]["leader"], leader.as_str());
+    assert_eq!(s["fleet"]["record"]["writer"], "n2", "written by the replica that got the command");
+    let members: Vec<&str> =
+        s["fleet"]["members"].as_array().expect("members").iter().map(|m| m["node"].as_str().unwrap()).collect();
+    assert_eq!(members, ["n1", "n2", "n3"]);
+    // A command the fleet's state refuses is refused on any replica, as on one.
+    let again = post(&client, replicas[0].admin(), "/api/v1/routes/web/pause", &[]).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.text());
+    // The CLI's view of the fleet.
+    let out = std::process::Command::new(veer_bin())
+        .args(["status", "--admin", &format!("http://{}", replicas[2].admin())])
+        .output()
+        .expect("veer status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("leader {leader}")) && text.contains("member    n1"), "{text}");
+}
+
+#[tokio::test]
+async fn a_replica_with_another_candidate_serves_stable_until_a_majority_runs_it() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let (stable, v2, v3) = (Upstream::text("v1").await, Upstream::text("v2").await, Upstream::text("v3").await);
+    let route = healthy_route(stable.addr, v2.addr, "[20, 100]", "1h");
+    let mut replicas = fleet(&etcd, 3, &route);
+    let client = client();
+    let all: Vec<&Replica> = replicas.iter().collect();
+    all_at(&client, &all, 20.0, Duration::from_secs(20)).await;
+    let route_v3 =
+        healthy_route(stable.addr, v3.addr, "[20, 100]", "1h").replace("version = \"v2\"", "version = \"v3\"");
+    replicas.push(replica(&etcd, "n4", &route_v3));
+    eventually(Duration::from_secs(10), "the fourth replica says it disagrees", || async {
+        status(&client, &replicas[3]).await["fleet"]["standing"] == "mismatch"
+    })
+    .await;
+    let s = status(&client, &replicas[3]).await;
+    assert_eq!(weight(&s), 0.0, "it serves stable only: {s}");
+    assert!(s["fleet"]["reason"].as_str().unwrap_or("").contains("v3"), "{s}");
+    let metrics = get(&client, replicas[3].admin(), "/metrics").await.text();
+    assert!(metrics.contains("veer_cluster_config_mismatch{route=\"web\"} 1"), "{metrics}");
+    for _ in 0..20 {
+        assert_eq!(get(&client, replicas[3].http(), "/").await.text(), "v1");
+    }
+    for r in &replicas[..3] {
+        assert_eq!(weight(&status(&client, r).await), 20.0, "the fleet stays on its rollout");
+    }
+    // Two of the other three move to v3: with the fourth, a majority runs it.
+    for r in &replicas[1..3] {
+        r.config.write(&format!("{}\n{route_v3}", cluster(&etcd, &r.node)));
+        let got = post(&client, r.admin(), "/api/v1/reload", &[]).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    }
+    let movers: Vec<&Replica> = replicas[1..].iter().collect();
+    all_at(&client, &movers, 20.0, Duration::from_secs(20)).await;
+    let s = status(&client, &replicas[3]).await;
+    assert_eq!(s["fleet"]["record"]["candidate_version"], "v3");
+    assert_eq!(s["fleet"]["record"]["epoch"], 2, "one new fleet rollout: {s}");
+    eventually(Duration::from_secs(10), "the replica left on v2 now disagrees and serves stable", || async {
+        let s = status(&client, &replicas[0]).await;
+        s["fleet"]["standing"] == "mismatch" && weight(&s) == 0.0
+    })
+    .await;
+    let got = get(&client, replicas[3].admin(), "/api/v1/events?route=web").await;
+    let events: Vec<Value> = serde_json::from_slice(&got.body).expect("events");
+    let starts = events.iter().filter(|e| e["kind"] == "started").count();
+    assert_eq!(starts, 2, "one rollout of v2, one of v3: {events:?}");
+}
+
+#[tokio::test]
+async fn a_restarted_replica_rejoins_at_the_fleet_s_weight_and_never_above_it() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let (stable, candidate) = (Upstream::text("v1").await, Upstream::text("v2").await);
+    let route = healthy_route(stable.addr, candidate.addr, "[10, 30, 100]", "1s");
+    let mut replicas = fleet(&etcd, 3, &route);
+    let traffic = Traffic::start(replicas.iter().take(2).map(Replica::http).collect(), Duration::from_millis(5));
+    let client = client();
+    let all: Vec<&Replica> = replicas.iter().collect();
+    all_at(&client, &all, 30.0, Duration::from_secs(30)).await;
+    // Hold the fleet here so the weight the restarted replica must reach is known.
+    let got = post(&client, replicas[0].admin(), "/api/v1/routes/web/pause", &[]).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    replicas[2].veer().signal("KILL");
+    let _ = replicas[2].veer.take();
+    replicas[2].veer = Some(Veer::spawn(&replicas[2].config.path));
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let w = weight(&status(&client, &replicas[2]).await);
+        seen.push(w);
+        if w == 30.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted replica did not rejoin at 30%: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen.iter().all(|w| *w == 0.0 || *w == 30.0), "it never applied another weight: {seen:?}");
+    let (_, _, failed) = traffic.stop().await;
+    assert_eq!(failed, 0);
+}
+
+#[tokio::test]
+async fn a_deposed_leader_cannot_write_when_it_wakes_up() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let (stable, candidate) = (Upstream::text("v1").await, Upstream::text("v2").await);
+    let route = healthy_route(stable.addr, candidate.addr, "[10, 30, 60, 100]", "2s");
+    let replicas = fleet(&etcd, 3, &route);
+    let traffic = Traffic::start(replicas.iter().map(Replica::http).collect(), Duration::from_millis(5));
+    let client = client();
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let old = all_at(&client, &all, 10.0, Duration::from_secs(20)).await;
+    let stale = replicas.iter().find(|r| r.node == old).expect("leader");
+    traffic.avoid(stale.http());
+    stale.veer().signal("STOP");
+    // Revoke the frozen leader's lease: its leader key and report go, another replica leads.
+    let mut etcd_client = etcd_client::Client::connect(etcd.client_urls(), None).await.expect("etcd client");
+    let key = etcd_client.get("/veer/test/leaders/web", None).await.expect("get leader");
+    let lease = key.kvs().first().expect("a leader key").lease();
+    etcd_client.lease_revoke(lease).await.expect("revoke the leader's lease");
+    let rest: Vec<&Replica> = replicas.iter().filter(|r| r.node != old).collect();
+    let new = loop {
+        if let Some(l) = leader(&status(&client, rest[0]).await).filter(|l| *l != old) {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The new leader takes the next step while the old one is frozen past its step interval.
+    all_at(&client, &rest, 30.0, Duration::from_secs(20)).await;
+    stale.veer().signal("CONT");
+    all_at(&client, &all, 100.0, Duration::from_secs(40)).await;
+    let (_, _, failed) = traffic.stop().await;
+    assert_eq!(failed, 0);
+    let got = get(&client, rest[0].admin(), "/api/v1/events?route=web").await;
+    let events: Vec<Value> = serde_json::from_slice(&got.body).expect("events");
+    let steps: Vec<Option<u64>> =
+        events.iter().filter(|e| e["kind"] != "promoted").map(|e| e["step"].as_u64()).collect();
+    assert_eq!(steps, [Some(0), Some(1), Some(2), Some(3)], "no step skipped or taken twice: {events:?}");
+    let record = etcd_client.get("/veer/test/rollouts/web", None).await.expect("record");
+    let record: Value = serde_json::from_slice(record.kvs()[0].value()).expect("record JSON");
+    assert_ne!(record["writer"], old.as_str(), "the deposed leader wrote nothing after waking (new leader {new})");
+}
+
+/// Kills two of the three etcd members and checks, for longer than a step interval, that
+/// every replica keeps the weight it had, serves every request and stays ready.
+async fn outage_holds(client: &HttpClient, etcd: &mut Etcd, replicas: &[Replica], percent: f64) {
+    etcd.kill(1);
+    etcd.kill(2);
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(5) {
+        for r in replicas {
+            assert_eq!(weight(&status(client, r).await), percent, "no step is taken without etcd");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = status(client, &replicas[0]).await;
+    assert_eq!(s["fleet"]["connected"], false, "{s}");
+    let ready = get(client, replicas[0].admin(), "/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "readiness does not depend on etcd");
+}
+
+#[tokio::test]
+async fn with_etcd_down_to_one_member_the_fleet_serves_holds_and_still_brakes() {
+    let Some(mut etcd) = Etcd::start(3).await else { return };
+    let bad = Arc::new(AtomicBool::new(false));
+    let b = bad.clone();
+    let candidate = Upstream::start(move |_| {
+        let failing = b.load(Ordering::Relaxed);
+        async move {
+            let mut r = Response::new(full(if failing { "v2 broken" } else { "v2" }));
+            if failing {
+                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
+        }
+    })
+    .await;
+    let stable = Upstream::text("v1").await;
+    let route = healthy_route(stable.addr, candidate.addr, "[20, 40, 60, 80, 100]", "2s");
+    let replicas = fleet(&etcd, 3, &route);
+    let client = client();
+    let all: Vec<&Replica> = replicas.iter().collect();
+    all_at(&client, &all, 20.0, Duration::from_secs(20)).await;
+    let traffic = Traffic::start(replicas.iter().map(Replica::http).collect(), Duration::from_millis(5));
+    outage_holds(&client, &mut etcd, &replicas, 20.0).await;
+    etcd.restart(1).await;
+    etcd.restart(2).await;
+    // Back to quorum, the rollout continues from where it held.
+    all_at(&client, &all, 40.0, Duration::from_secs(20)).await;
+    let (ok, _, failed) = traffic.stop().await;
+    assert_eq!(failed, 0, "no request failed because of etcd ({ok} ok)");
+    // A second outage, and the candidate goes bad during it: every replica brakes on its own
+    // traffic, without etcd.
+    let held = weight(&status(&client, &replicas[0]).await);
+    let traffic = Traffic::start(replicas.iter().map(Replica::http).collect(), Duration::from_millis(5));
+    etcd.kill(1);
+    etcd.kill(2);
+    eventually(Duration::from_secs(10), "every replica sees etcd gone", || async {
+        let mut gone = true;
+        for r in &replicas {
+            gone &= status(&client, r).await["fleet"]["connected"] == false;
+        }
+        gone
+    })
+    .await;
+    bad.store(true, Ordering::Relaxed);
+    for r in &replicas {
+        eventually(Duration::from_secs(10), "the replica snaps back without etcd", || async {
+            weight(&status(&client, r).await) == 0.0
+        })
+        .await;
+    }
+    let (_, candidate_errors, failed) = traffic.stop().await;
+    assert_eq!(failed, 0, "only the candidate's own answers failed ({candidate_errors} of them, at {held}%)");
+    etcd.restart(1).await;
+    etcd.restart(2).await;
+    // Once etcd is back the brake is in the record, and no replica undoes it.
+    for r in &replicas {
+        eventually(Duration::from_secs(20), "the fleet's record says rolled back", || async {
+            status(&client, r).await["fleet"]["record"]["phase"] == "rolled_back"
+        })
+        .await;
+        assert_eq!(weight(&status(&client, r).await), 0.0);
+    }
+}
