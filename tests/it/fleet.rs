@@ -258,10 +258,11 @@ async fn all_at(client: &HttpClient, replicas: &[&Replica], percent: f64, within
             weights.push(weight(&s));
             leaders.push(leader(&s));
         }
-        if weights.iter().all(|w| *w == percent) && leaders.windows(2).all(|w| w[0] == w[1]) {
-            if let Some(l) = leaders[0].clone() {
-                return l;
-            }
+        if weights.iter().all(|w| *w == percent)
+            && leaders.windows(2).all(|w| w[0] == w[1])
+            && let Some(l) = leaders[0].clone()
+        {
+            return l;
         }
         assert!(
             Instant::now() < deadline,
