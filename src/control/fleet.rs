@@ -32,7 +32,7 @@ use super::controller::{MirrorReading, Outputs};
 use super::{CommandFailure, controller::CommandError};
 use crate::config::RouteConfig;
 use crate::fleet::counters::{Counters, FleetSum};
-use crate::fleet::record::{Identity, RolloutRecord};
+use crate::fleet::record::{Identity, RolloutRecord, RouteCheckpoint};
 use crate::fleet::{Fleet, FleetView, Versioned, Write, WriteError, Written};
 use crate::journal::{Event, timestamp};
 use crate::rollout::fleet_status::{
@@ -243,6 +243,17 @@ impl FleetRoute {
         &self.rollout
     }
 
+    /// The leader's evidence of this route, for the fleet's checkpoint.
+    pub fn checkpoint(&self) -> Option<RouteCheckpoint> {
+        let lead = self.lead.as_ref()?;
+        Some(RouteCheckpoint {
+            route: self.config.name.clone(),
+            revision: lead.basis,
+            judge: lead.judge.state().clone(),
+            step_requests: lead.machine.step_requests(),
+        })
+    }
+
     /// Where this replica stands with the route.
     pub fn standing(&self) -> Standing {
         self.standing
@@ -427,8 +438,13 @@ impl FleetRoute {
             let age = v.record.step_age(SystemTime::now());
             let since = now.checked_sub(age).unwrap_or(now);
             let plan = Plan::of(&self.config.rollout);
-            let machine = Machine::resume(plan, v.record.machine.clone(), since, v.record.step_requests);
-            let judge = judge_at(&self.config, merged_confidence, v.record.judge.clone());
+            // The newest evidence of this revision: a dead leader's checkpoint, else the record's.
+            let (state, step_requests) = match view.checkpoint(&route, v.revision) {
+                Some(c) => (c.judge.clone(), c.step_requests),
+                None => (v.record.judge.clone(), v.record.step_requests),
+            };
+            let machine = Machine::resume(plan, v.record.machine.clone(), since, step_requests);
+            let judge = judge_at(&self.config, merged_confidence, state);
             self.lead = Some(Lead { machine, judge, basis: v.revision });
         }
         let Some((stable, candidate, mirror)) = self.merged.last.clone() else { return };

@@ -262,6 +262,7 @@ impl ControlPlane {
     fn share_standings(&self, fleet: &Fleet) {
         let view = fleet.view();
         fleet.set_standings(self.fleet_routes.iter().map(|(n, fr)| (n.clone(), fr.standing())).collect());
+        fleet.set_checkpoint(self.fleet_routes.values().filter_map(FleetRoute::checkpoint).collect());
         fleet.set_eligible(
             self.fleet_routes.iter().filter(|(_, fr)| fr.eligible(&view)).map(|(n, _)| n.clone()).collect(),
         );

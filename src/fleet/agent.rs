@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::counters::Counters;
 use super::keys::{KEEP_EVENTS, Key, Keys};
 use super::record::Identity as RolloutIdentity;
-use super::record::{MemberReport, MemberRoute, MirrorCounters, RolloutRecord, Standing, unix_ms};
+use super::record::{Checkpoint, MemberReport, MemberRoute, MirrorCounters, RolloutRecord, Standing, unix_ms};
 use super::{Fleet, FleetView, HistoryError, Leader, Member, Request, Versioned, Write, WriteError, Written};
 use crate::data_plane::DataPlane;
 use crate::notify::Notifier;
@@ -36,6 +36,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// How often the agent checks whether it should campaign or resign.
 const CAMPAIGN_EVERY: Duration = Duration::from_millis(100);
+/// How often a leader saves its evidence: what a leader's crash loses at most.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -202,7 +204,8 @@ impl Agent {
         let mut keep_alive = tokio::time::interval((config.lease_ttl / 3).max(Duration::from_millis(200)));
         let mut publish = tokio::time::interval(config.publish_interval);
         let mut campaign = tokio::time::interval(CAMPAIGN_EVERY);
-        for t in [&mut keep_alive, &mut publish, &mut campaign] {
+        let mut checkpoint = tokio::time::interval(CHECKPOINT_EVERY);
+        for t in [&mut keep_alive, &mut publish, &mut campaign, &mut checkpoint] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         loop {
@@ -216,6 +219,7 @@ impl Agent {
                 },
                 _ = publish.tick() => self.publish_report(&mut s).await?,
                 _ = campaign.tick() => self.campaign(&mut s).await?,
+                _ = checkpoint.tick() => self.checkpoint(&mut s).await?,
                 msg = watch.message() => {
                     let resp = msg?.ok_or_else(|| SessionError::WatchEnded("closed by etcd".into()))?;
                     if resp.canceled() {
@@ -263,6 +267,19 @@ impl Agent {
         let value = serde_json::to_vec(&report).expect("reports serialize");
         let put = s.client.put(s.keys.member(&s.node), value, Some(PutOptions::new().with_lease(s.lease)));
         call(put).await?;
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self, s: &mut Session) -> Result<(), SessionError> {
+        let Some(fleet) = self.fleet.upgrade() else { return Ok(()) };
+        let routes = std::mem::take(&mut *fleet.checkpoint.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(fleet);
+        if routes.is_empty() {
+            return Ok(());
+        }
+        let c = Checkpoint { node: s.node.clone(), at_ms: unix_ms(SystemTime::now()), routes };
+        let value = serde_json::to_vec(&c).expect("checkpoints serialize");
+        call(s.client.put(s.keys.checkpoint(&s.node), value, None)).await?;
         Ok(())
     }
 
@@ -407,6 +424,12 @@ fn apply_put(view: &mut FleetView, keys: &Keys, kv: &KeyValue) {
             }
             Err(e) => warn!(key, error = %e, "fleet: a member report that does not parse is ignored"),
         },
+        Some(Key::Checkpoint(node)) => match serde_json::from_slice::<Checkpoint>(kv.value()) {
+            Ok(c) => {
+                view.checkpoints.insert(node.to_string(), Arc::new(c));
+            }
+            Err(e) => warn!(key, error = %e, "fleet: a checkpoint that does not parse is ignored"),
+        },
         Some(Key::Event) | None => {}
     }
 }
@@ -422,6 +445,9 @@ fn apply_delete(view: &mut FleetView, keys: &Keys, kv: &KeyValue) {
         }
         Some(Key::Member(node)) => {
             view.members.remove(node);
+        }
+        Some(Key::Checkpoint(node)) => {
+            view.checkpoints.remove(node);
         }
         Some(Key::Event) | None => {}
     }

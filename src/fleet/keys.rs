@@ -3,7 +3,9 @@
 //! - `rollouts/<route>`: the rollout record, written only by compare-and-swap transactions;
 //! - `leaders/<route>`: the node leading the route's rollout, on the leader's lease;
 //! - `members/<node>`: each replica's report, on its own lease;
-//! - `events/<route>/<seq>`: the route's history, the newest [`KEEP_EVENTS`] kept.
+//! - `events/<route>/<seq>`: the route's history, the newest [`KEEP_EVENTS`] kept;
+//! - `checkpoints/<node>`: the judge's evidence of the routes a leader leads, saved every
+//!   second and not on a lease, so that the next leader resumes from it.
 
 /// How many of a route's events the fleet keeps in etcd; older ones are deleted in the same
 /// transaction that adds a new one. Each replica's own journal keeps what it saw for longer.
@@ -26,6 +28,8 @@ pub enum Key<'a> {
     Member(&'a str),
     /// A history entry (ignored by the watcher).
     Event,
+    /// A leader's evidence checkpoint.
+    Checkpoint(&'a str),
 }
 
 impl Keys {
@@ -54,6 +58,11 @@ impl Keys {
         format!("{}members/{node}", self.prefix)
     }
 
+    /// `checkpoints/<node>`.
+    pub fn checkpoint(&self, node: &str) -> String {
+        format!("{}checkpoints/{node}", self.prefix)
+    }
+
     /// `events/<route>/`, or `events/` for every route.
     pub fn events(&self, route: Option<&str>) -> String {
         match route {
@@ -76,6 +85,7 @@ impl Keys {
             "leaders" => Some(Key::Leader(name)),
             "members" => Some(Key::Member(name)),
             "events" => Some(Key::Event),
+            "checkpoints" => Some(Key::Checkpoint(name)),
             _ => None,
         }
     }
@@ -92,6 +102,7 @@ mod tests {
         assert_eq!(k.parse(&k.leader("checkout")), Some(Key::Leader("checkout")));
         assert_eq!(k.parse(&k.member("edge-1")), Some(Key::Member("edge-1")));
         assert_eq!(k.parse(&k.event("checkout", 7)), Some(Key::Event));
+        assert_eq!(k.parse(&k.checkpoint("edge-1")), Some(Key::Checkpoint("edge-1")));
         assert_eq!(k.event("checkout", 7), "/veer/edge/events/checkout/000000000007");
         assert_eq!(k.parse("/veer/edge-2/rollouts/checkout"), None);
     }

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::ClusterConfig;
 use crate::rollout::event::Event;
 pub use keys::KEEP_EVENTS;
-use record::{MemberReport, RolloutRecord, Standing};
+use record::{Checkpoint, MemberReport, RolloutRecord, RouteCheckpoint, Standing};
 
 /// A rollout record and the etcd `mod_revision` it was read at: the revision a write must
 /// compare against.
@@ -73,6 +73,19 @@ pub struct FleetView {
     pub members: HashMap<String, Arc<Member>>,
     /// Route leaders by route.
     pub leaders: HashMap<String, Leader>,
+    /// Leaders' evidence checkpoints by node.
+    pub checkpoints: HashMap<String, Arc<Checkpoint>>,
+}
+
+impl FleetView {
+    /// The newest checkpoint of `route` taken at record revision `revision`.
+    pub fn checkpoint(&self, route: &str, revision: i64) -> Option<&RouteCheckpoint> {
+        self.checkpoints
+            .values()
+            .filter_map(|c| c.routes.iter().find(|r| r.route == route && r.revision == revision).map(|r| (c.at_ms, r)))
+            .max_by_key(|(at, _)| *at)
+            .map(|(_, r)| r)
+    }
 }
 
 /// A write of a rollout record, performed by the agent as one etcd transaction.
@@ -135,6 +148,8 @@ pub struct Fleet {
     standings: Mutex<HashMap<String, Standing>>,
     /// Routes this replica may lead (it runs the fleet's or the majority's rollout of them).
     eligible: Mutex<HashSet<String>>,
+    /// The evidence of the routes it leads, saved every second.
+    checkpoint: Mutex<Vec<RouteCheckpoint>>,
     waker: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
@@ -203,6 +218,11 @@ impl Fleet {
         *self.eligible.lock().unwrap_or_else(|e| e.into_inner()) = routes;
     }
 
+    /// Hands over the evidence of the routes this replica leads, for the next checkpoint.
+    pub fn set_checkpoint(&self, routes: Vec<RouteCheckpoint>) {
+        *self.checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = routes;
+    }
+
     /// The fleet's newest `limit` events (of `route`, or of every route), oldest first.
     pub async fn events(&self, route: Option<&str>, limit: usize) -> Result<Vec<Event>, HistoryError> {
         let (reply, rx) = oneshot::channel();
@@ -227,8 +247,30 @@ pub fn start(
         results: Mutex::new(Vec::new()),
         standings: Mutex::new(HashMap::new()),
         eligible: Mutex::new(HashSet::new()),
+        checkpoint: Mutex::new(Vec::new()),
         waker: OnceLock::new(),
     });
     agent::spawn(fleet.clone(), data, notifier, rx);
     fleet
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::judge::JudgeState;
+
+    #[test]
+    fn a_new_leader_takes_the_newest_checkpoint_of_the_record_s_revision_only() {
+        let cp = |node: &str, at_ms, revision, step_requests| {
+            let route = RouteCheckpoint { route: "web".into(), revision, judge: JudgeState::default(), step_requests };
+            (node.to_string(), Arc::new(Checkpoint { node: node.into(), at_ms, routes: vec![route] }))
+        };
+        let view = FleetView {
+            checkpoints: [cp("a", 10, 7, 1), cp("b", 30, 7, 3), cp("c", 50, 6, 9)].into_iter().collect(),
+            ..FleetView::default()
+        };
+        assert_eq!(view.checkpoint("web", 7).map(|c| c.step_requests), Some(3), "the newest of revision 7");
+        assert_eq!(view.checkpoint("web", 8), None, "a checkpoint of another revision is stale");
+        assert_eq!(view.checkpoint("api", 7), None);
+    }
 }

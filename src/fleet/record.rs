@@ -143,3 +143,29 @@ impl MemberReport {
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// A leader's evidence between transitions: what a crash of the leader would otherwise lose.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteCheckpoint {
+    /// Route.
+    pub route: String,
+    /// The record revision the evidence continues from: a checkpoint of another revision is
+    /// stale (the record moved on) and is not used.
+    pub revision: i64,
+    /// The merged judge's evidence.
+    pub judge: JudgeState,
+    /// Judged candidate requests counted at the current step.
+    pub step_requests: u64,
+}
+
+/// The checkpoints of the routes one leader leads, in one key written once a second, so the
+/// write rate does not grow with the number of routes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The leader.
+    pub node: String,
+    /// When, Unix milliseconds.
+    pub at_ms: u64,
+    /// Per route.
+    pub routes: Vec<RouteCheckpoint>,
+}
