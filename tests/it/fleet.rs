@@ -72,6 +72,8 @@ fn leader(s: &Value) -> Option<String> {
 /// counts the answers by who gave them.
 struct Traffic {
     targets: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    /// Where the request in flight goes.
+    inflight: Arc<std::sync::Mutex<Option<SocketAddr>>>,
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     candidate_errors: Arc<AtomicU64>,
@@ -83,7 +85,8 @@ struct Traffic {
 impl Traffic {
     fn start(addrs: Vec<SocketAddr>, gap: Duration) -> Traffic {
         let targets = Arc::new(std::sync::Mutex::new(addrs));
-        let t = targets.clone();
+        let inflight = Arc::new(std::sync::Mutex::new(None));
+        let (t, inf) = (targets.clone(), inflight.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let (ok, candidate_errors, failed) =
             (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -99,12 +102,15 @@ impl Traffic {
                 }
                 let addr = {
                     let addrs = t.lock().unwrap();
-                    addrs[i % addrs.len()]
+                    let addr = addrs[i % addrs.len()];
+                    *inf.lock().unwrap() = Some(addr);
+                    addr
                 };
                 let req = http::Request::get(format!("http://{addr}/"))
                     .body(http_body_util::Full::default())
                     .expect("request");
                 let got = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await;
+                *inf.lock().unwrap() = None;
                 match got {
                     Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
                         o.fetch_add(1, Ordering::Relaxed);
@@ -121,13 +127,17 @@ impl Traffic {
                 tokio::time::sleep_until(next.into()).await;
             }
         });
-        Traffic { targets, stop, ok, candidate_errors, failed, first_candidate_error: first, task }
+        Traffic { targets, inflight, stop, ok, candidate_errors, failed, first_candidate_error: first, task }
     }
 
-    /// Stops sending to `addr` (a replica about to be killed or frozen): its clients would
-    /// go to the others behind a load balancer.
-    fn avoid(&self, addr: SocketAddr) {
+    /// Stops sending to `addr` (a replica about to be killed or frozen), as a load balancer
+    /// drains it, and returns once no request to it is in flight.
+    async fn avoid(&self, addr: SocketAddr) {
         self.targets.lock().unwrap().retain(|a| *a != addr);
+        eventually(Duration::from_secs(10), "the request in flight to the drained replica ends", || async {
+            *self.inflight.lock().unwrap() != Some(addr)
+        })
+        .await;
     }
 
     async fn stop(self) -> (u64, u64, u64) {
@@ -283,7 +293,7 @@ async fn when_the_leader_is_killed_mid_step_another_continues_from_the_same_step
     let all: Vec<&Replica> = replicas.iter().collect();
     let old = all_at(&client, &all, 30.0, Duration::from_secs(30)).await;
     let i = replicas.iter().position(|r| r.node == old).expect("the leader is a replica");
-    traffic.avoid(replicas[i].http());
+    traffic.avoid(replicas[i].http()).await;
     let killed = Instant::now();
     replicas[i].veer().signal("KILL");
     let _ = replicas[i].veer.take();
@@ -436,7 +446,7 @@ async fn a_deposed_leader_cannot_write_when_it_wakes_up() {
     let all: Vec<&Replica> = replicas.iter().collect();
     let old = all_at(&client, &all, 10.0, Duration::from_secs(20)).await;
     let stale = replicas.iter().find(|r| r.node == old).expect("leader");
-    traffic.avoid(stale.http());
+    traffic.avoid(stale.http()).await;
     stale.veer().signal("STOP");
     // Revoke the frozen leader's lease: its leader key and report go, another replica leads.
     let mut etcd_client = etcd_client::Client::connect(etcd.client_urls(), None).await.expect("etcd client");
