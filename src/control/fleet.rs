@@ -101,7 +101,9 @@ impl Merged {
         let before = self.pair_total;
         let mut live = Vec::new();
         for (node, m) in &view.members {
-            let Some(r) = m.report.route(route).filter(|r| r.identity == *identity) else { continue };
+            // A member seen again after a pause in its counters starts from a new baseline:
+            // it is dropped from the sums below while it publishes none.
+            let Some(r) = m.report.route(route).filter(|r| r.identity == *identity && r.judged) else { continue };
             let who = (node.as_str(), m.lease);
             live.push((node.clone(), m.lease));
             self.stable.feed(who, &r.stable);

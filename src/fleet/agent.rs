@@ -463,6 +463,19 @@ fn report(data: &DataPlane, node: &str, standings: &HashMap<String, Standing>) -
             let identity = RolloutIdentity::of(&route.config)?;
             let (rollout, cand) = route.runtime.candidate.as_ref()?;
             let stable = &route.runtime.stable;
+            let judged = rollout.is_live();
+            if !judged {
+                return Some(MemberRoute {
+                    route: route.config.name.clone(),
+                    identity,
+                    weight_bp: rollout.weight_bp(),
+                    standing: standings.get(&route.config.name).copied().unwrap_or(Standing::Waiting),
+                    judged,
+                    stable: Counters::default(),
+                    candidate: Counters::default(),
+                    mirror: None,
+                });
+            }
             let mirror = route.policy.mirror.as_ref().map(|_| MirrorCounters {
                 candidate: Counters::of(&cand.lane(Lane::Mirror).totals()),
                 stable: Counters::of(&stable.lane(Lane::Mirror).totals()),
@@ -474,6 +487,7 @@ fn report(data: &DataPlane, node: &str, standings: &HashMap<String, Standing>) -
                 identity,
                 weight_bp: rollout.weight_bp(),
                 standing: standings.get(&route.config.name).copied().unwrap_or(Standing::Waiting),
+                judged,
                 stable: Counters::of(&stable.lane(Lane::Judged).totals()),
                 candidate: Counters::of(&cand.lane(Lane::Judged).totals()),
                 mirror,

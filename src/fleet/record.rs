@@ -98,6 +98,10 @@ pub struct MemberRoute {
     pub weight_bp: u32,
     /// Where it stands.
     pub standing: Standing,
+    /// The counters below are published: only while the rollout is judged (the rest of the
+    /// time they are empty and the key stays small).
+    #[serde(default = "yes")]
+    pub judged: bool,
     /// Stable's judged counters since the version appeared on this replica.
     pub stable: Counters,
     /// The candidate's.
@@ -105,6 +109,10 @@ pub struct MemberRoute {
     /// Mirrored traffic, when the route mirrors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorCounters>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A replica's mirrored-traffic counters of one route.
