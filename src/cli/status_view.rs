@@ -132,18 +132,20 @@ fn fleet(s: &mut String, f: &FleetStatus) {
         );
     }
     for m in &f.members {
-        let agrees = if m.agrees { "" } else { "  (other config)" };
+        let agrees = if m.agrees { String::new() } else { format!("  (config names {})", inert(&m.candidate_version)) };
+        let counts = match (m.candidate, m.stable) {
+            (Some(c), Some(st)) => {
+                format!("  candidate {} req {} err  stable {} req {} err", c.requests, c.errors, st.requests, st.errors)
+            }
+            _ => String::new(),
+        };
         let _ = writeln!(
             s,
-            "  member    {:<16} {:>6.2}%  {:<9} heard {:>5}ms ago  candidate {} req {} err  stable {} req {} err{agrees}",
+            "  member    {:<16} {:>6.2}%  {:<9} heard {:>5}ms ago{counts}{agrees}",
             inert(&m.node),
             m.candidate_weight,
             m.standing.label(),
             m.last_heard_ms,
-            m.candidate.requests,
-            m.candidate.errors,
-            m.stable.requests,
-            m.stable.errors
         );
     }
 }

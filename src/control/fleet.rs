@@ -93,6 +93,13 @@ struct Merged {
     pair_tick: (u64, u64),
     windows: Option<[Window; 4]>,
     last: Option<(Reading, Reading, MirrorReading)>,
+    /// Each member's counts as last read.
+    members: Vec<(String, MemberFigures, MemberFigures)>,
+}
+
+/// A member's counts of one version, for status.
+fn figures(c: &Counters) -> MemberFigures {
+    MemberFigures { requests: c.requests(), errors: c.faults }
 }
 
 impl Merged {
@@ -100,12 +107,12 @@ impl Merged {
     fn feed(&mut self, view: &FleetView, route: &str, identity: &Identity, now: Instant, window: Duration) {
         let before = self.pair_total;
         let mut live = Vec::new();
-        for (node, m) in &view.members {
-            // A member seen again after a pause in its counters starts from a new baseline:
-            // it is dropped from the sums below while it publishes none.
-            let Some(r) = m.report.route(route).filter(|r| r.identity == *identity && r.judged) else { continue };
-            let who = (node.as_str(), m.lease);
-            live.push((node.clone(), m.lease));
+        self.members.clear();
+        for (node, c) in &view.counters {
+            let Some(r) = c.report.route(route, identity) else { continue };
+            let who = (node.as_str(), c.lease);
+            live.push((node.clone(), c.lease));
+            self.members.push((node.clone(), figures(&r.stable), figures(&r.candidate)));
             self.stable.feed(who, &r.stable);
             self.candidate.feed(who, &r.candidate);
             let zero = Counters::default();
@@ -115,13 +122,14 @@ impl Merged {
                 .map_or((&zero, &zero, (0, 0)), |m| (&m.stable, &m.candidate, (m.compared, m.mismatched)));
             self.mirror_stable.feed(who, ms);
             self.mirror_candidate.feed(who, mc);
-            let key = (node.clone(), m.lease);
+            let key = (node.clone(), c.lease);
             if let Some(before) = self.pairs.get(&key) {
                 self.pair_total.0 += pairs.0.saturating_sub(before.0);
                 self.pair_total.1 += pairs.1.saturating_sub(before.1);
             }
             self.pairs.insert(key, pairs);
         }
+        self.members.sort_by(|a, b| a.0.cmp(&b.0));
         let alive = |k: &(String, i64)| live.contains(k);
         for sum in [&mut self.stable, &mut self.candidate, &mut self.mirror_stable, &mut self.mirror_candidate] {
             sum.retain(alive);
@@ -253,7 +261,16 @@ impl FleetRoute {
             revision: lead.basis,
             judge: lead.judge.state().clone(),
             step_requests: lead.machine.step_requests(),
+            merged: self.merged_windows(),
+            members: self.merged.members.clone(),
         })
+    }
+
+    fn merged_windows(&self) -> Option<MergedWindows> {
+        self.merged
+            .last
+            .as_ref()
+            .map(|(s, c, _)| MergedWindows { stable: WindowFigures::of(s), candidate: WindowFigures::of(c) })
     }
 
     /// Where this replica stands with the route.
@@ -700,21 +717,32 @@ impl FleetRoute {
         });
         let fleet_identity = view.records.get(route).map(|v| &v.record.identity);
         let now_ms = crate::fleet::record::unix_ms(SystemTime::now());
-        let figures = |c: &Counters| MemberFigures { requests: c.requests(), errors: c.faults };
+        // The leader reads every member's counters; the others show what it last saved.
+        let checkpoint = (!self.leading(view)).then(|| view.leader_checkpoint(route)).flatten();
+        let counts = match checkpoint {
+            Some(c) => &c.members,
+            None => &self.merged.members,
+        };
+        let merged = match checkpoint {
+            Some(c) => c.merged.clone(),
+            None => self.merged_windows(),
+        };
         let mut members: Vec<FleetMember> = view
             .members
             .iter()
             .filter_map(|(node, m)| {
                 let r = m.report.route(route)?;
+                let heard = view.counters.get(node).map_or(m.report.at_ms, |c| c.report.at_ms.max(m.report.at_ms));
+                let count = counts.iter().find(|(n, _, _)| n == node);
                 Some(FleetMember {
                     node: node.clone(),
-                    last_heard_ms: now_ms.saturating_sub(m.report.at_ms),
+                    last_heard_ms: now_ms.saturating_sub(heard),
                     candidate_weight: f64::from(r.weight_bp) / 100.0,
                     standing: r.standing,
                     agrees: fleet_identity == Some(&r.identity),
                     candidate_version: r.identity.candidate.clone(),
-                    stable: figures(&r.stable),
-                    candidate: figures(&r.candidate),
+                    stable: count.map(|c| c.1),
+                    candidate: count.map(|c| c.2),
                 })
             })
             .collect();
@@ -729,11 +757,7 @@ impl FleetRoute {
             reason: self.reason.clone(),
             record,
             members,
-            merged: self
-                .merged
-                .last
-                .as_ref()
-                .map(|(s, c, _)| MergedWindows { stable: WindowFigures::of(s), candidate: WindowFigures::of(c) }),
+            merged,
             alpha: FleetAlpha { merged: 1.0 - split.merged, local: 1.0 - split.local },
         };
         self.rollout.set_view(|rv| rv.fleet = Some(status));

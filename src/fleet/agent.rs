@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
-    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -22,8 +22,11 @@ use tracing::{info, warn};
 use super::counters::Counters;
 use super::keys::{KEEP_EVENTS, Key, Keys};
 use super::record::Identity as RolloutIdentity;
-use super::record::{Checkpoint, MemberReport, MemberRoute, MirrorCounters, RolloutRecord, Standing, unix_ms};
-use super::{Fleet, FleetView, HistoryError, Leader, Member, Request, Versioned, Write, WriteError, Written};
+use super::record::{
+    Checkpoint, CounterReport, CounterRoute, MemberReport, MemberRoute, MirrorCounters, RolloutRecord, Standing,
+    unix_ms,
+};
+use super::{Counted, Fleet, FleetView, HistoryError, Leader, Member, Request, Versioned, Write, WriteError, Written};
 use crate::data_plane::DataPlane;
 use crate::notify::Notifier;
 use crate::rollout::event::Event;
@@ -88,6 +91,14 @@ struct Agent {
     stopped: bool,
 }
 
+/// The folders every replica watches.
+const WATCHED: [&str; 4] = ["rollouts", "leaders", "members", "checkpoints"];
+
+/// How long a route may go without a leader before a replica that leads nothing yet
+/// campaigns for it. One that already leads campaigns at once, so the routes' leaderships
+/// gather on one replica, and only it reads the fleet's counters.
+const DEFER_CAMPAIGN: Duration = Duration::from_millis(500);
+
 /// One etcd session's state.
 struct Session {
     client: Client,
@@ -95,16 +106,23 @@ struct Session {
     keys: Keys,
     node: String,
     view: FleetView,
+    /// The member report last written, to write it again only when it changes.
+    member_written: Option<Vec<u8>>,
+    /// Since when each route has had no leader, as this replica saw it.
+    leaderless: HashMap<String, Instant>,
 }
 
 impl Agent {
     async fn run(&mut self) {
         let mut failures = 0u64;
+        // Replicas start on different members, so the fleet's sessions spread over etcd.
+        let mut attempt = u64::from(fastrand::u32(..));
         while !self.stopped {
             let Some(fleet) = self.fleet.upgrade() else { return };
             let config = fleet.config.clone();
             drop(fleet);
-            match self.session(&config).await {
+            attempt += 1;
+            match self.session(&config, attempt).await {
                 Ok(()) => return,
                 Err(e) => {
                     failures += 1;
@@ -152,10 +170,17 @@ impl Agent {
         }
     }
 
-    async fn connect(config: &crate::config::ClusterConfig) -> Result<Client, SessionError> {
+    /// A client of one etcd member, `config.etcd[attempt % n]`: a session talks to one member
+    /// and the next session to the next one. (A client balanced over every member keeps
+    /// sending part of its calls to a dead one, failing them while the cluster has quorum.)
+    /// Calls need the member to have a leader, so a member cut off from the quorum fails them
+    /// at once instead of after etcd's own timeout, and the session moves on.
+    async fn connect(config: &crate::config::ClusterConfig, attempt: u64) -> Result<Client, SessionError> {
+        let endpoint = &config.etcd[usize::try_from(attempt).unwrap_or(0) % config.etcd.len().max(1)];
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_timeout(CALL_TIMEOUT)
+            .with_require_leader(true)
             .with_keep_alive(Duration::from_secs(2), CALL_TIMEOUT);
         if let (Some(user), Some(file)) = (&config.username, &config.password_file) {
             let password = std::fs::read_to_string(file)
@@ -176,29 +201,49 @@ impl Agent {
             }
             opts = opts.with_tls(tls);
         }
-        call(Client::connect(&config.etcd, Some(opts))).await
+        call(Client::connect([endpoint], Some(opts))).await
     }
 
     /// One session; `Ok` only when the fleet is gone (veer is stopping).
-    async fn session(&mut self, config: &crate::config::ClusterConfig) -> Result<(), SessionError> {
-        let mut client = Self::connect(config).await?;
+    async fn session(&mut self, config: &crate::config::ClusterConfig, attempt: u64) -> Result<(), SessionError> {
+        let mut client = Self::connect(config, attempt).await?;
         let ttl = i64::try_from(config.lease_ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let lease = call(client.lease_grant(ttl, None)).await?.id();
         let (mut keeper, mut alive) = call(client.lease_keep_alive(lease)).await?;
         let keys = Keys::new(&config.prefix);
-        let mut s = Session { client, lease, keys, node: config.node.clone(), view: FleetView::default() };
-        let read = call(s.client.get(s.keys.all(), Some(GetOptions::new().with_prefix()))).await?;
+        let mut s = Session {
+            client,
+            lease,
+            keys,
+            node: config.node.clone(),
+            view: FleetView::default(),
+            member_written: None,
+            leaderless: HashMap::new(),
+        };
+        // One consistent read of everything watched, then watches from just after it. The
+        // counters (large, written all the time) and the history are not watched.
+        let reads: Vec<TxnOp> =
+            WATCHED.iter().map(|k| TxnOp::get(s.keys.folder(k), Some(GetOptions::new().with_prefix()))).collect();
+        let read = call(s.client.txn(Txn::new().and_then(reads))).await?;
         let revision = read.header().map_or(0, |h| h.revision());
         s.view = FleetView { connected: true, synced: true, ..FleetView::default() };
-        for kv in read.kvs() {
-            apply_put(&mut s.view, &s.keys, kv);
+        for op in read.op_responses() {
+            if let TxnOpResponse::Get(got) = op {
+                for kv in got.kvs() {
+                    apply_put(&mut s.view, &s.keys, kv);
+                }
+            }
         }
-        let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-        let (_watcher, mut watch) = call(s.client.watch(s.keys.all(), Some(opts))).await?.split();
+        let from = |rev| Some(WatchOptions::new().with_prefix().with_start_revision(rev));
+        let (mut watcher, mut watch) =
+            call(s.client.watch(s.keys.folder(WATCHED[0]), from(revision + 1))).await?.split();
+        for k in &WATCHED[1..] {
+            call(watcher.watch(s.keys.folder(k), from(revision + 1))).await?;
+        }
         info!(node = %s.node, lease, members = s.view.members.len(), records = s.view.records.len(), "fleet: etcd session up");
         self.connected.set(1.0);
         self.publish_view(&s.view);
-        // A write of the report right away, so a starting replica counts at once.
+        // The report right away, so a starting replica counts at once.
         self.publish_report(&mut s).await?;
 
         let mut keep_alive = tokio::time::interval((config.lease_ttl / 3).max(Duration::from_millis(200)));
@@ -259,14 +304,40 @@ impl Agent {
         }
     }
 
+    /// Writes the member report when it changed, the counters while a rollout is judged, and
+    /// — while this replica leads a route — reads every member's counters.
     async fn publish_report(&mut self, s: &mut Session) -> Result<(), SessionError> {
         let Some(fleet) = self.fleet.upgrade() else { return Ok(()) };
         let standings = fleet.standings.lock().unwrap_or_else(|e| e.into_inner()).clone();
         drop(fleet);
-        let report = report(&self.data, &s.node, &standings);
-        let value = serde_json::to_vec(&report).expect("reports serialize");
-        let put = s.client.put(s.keys.member(&s.node), value, Some(PutOptions::new().with_lease(s.lease)));
-        call(put).await?;
+        let (member, counters) = reports(&self.data, &s.node, &standings);
+        let member_bytes = serde_json::to_vec(&member.routes).expect("reports serialize");
+        if s.member_written.as_ref() != Some(&member_bytes) {
+            let value = serde_json::to_vec(&member).expect("reports serialize");
+            let put = s.client.put(s.keys.member(&s.node), value, Some(PutOptions::new().with_lease(s.lease)));
+            call(put).await?;
+            s.member_written = Some(member_bytes);
+        }
+        if !counters.routes.is_empty() {
+            let value = serde_json::to_vec(&counters).expect("counters serialize");
+            let put = s.client.put(s.keys.counter(&s.node), value, Some(PutOptions::new().with_lease(s.lease)));
+            call(put).await?;
+        }
+        if s.view.leaders.values().any(|l| l.node == s.node) {
+            let got = call(s.client.get(s.keys.folder("counters"), Some(GetOptions::new().with_prefix()))).await?;
+            s.view.counters = got
+                .kvs()
+                .iter()
+                .filter_map(|kv| {
+                    let report: CounterReport = serde_json::from_slice(kv.value()).ok()?;
+                    Some((report.node.clone(), Arc::new(Counted { report, lease: kv.lease() })))
+                })
+                .collect();
+            self.publish_view(&s.view);
+        } else if !s.view.counters.is_empty() {
+            s.view.counters.clear();
+            self.publish_view(&s.view);
+        }
         Ok(())
     }
 
@@ -290,8 +361,14 @@ impl Agent {
         let eligible = fleet.eligible.lock().unwrap_or_else(|e| e.into_inner()).clone();
         drop(fleet);
         let mut changed = false;
+        let leads_some = s.view.leaders.values().any(|l| l.node == s.node);
+        s.leaderless.retain(|route, _| !s.view.leaders.contains_key(route));
         for route in &eligible {
             if s.view.leaders.contains_key(route) {
+                continue;
+            }
+            let since = *s.leaderless.entry(route.clone()).or_insert_with(Instant::now);
+            if !leads_some && since.elapsed() < DEFER_CAMPAIGN {
                 continue;
             }
             let key = s.keys.leader(route);
@@ -430,7 +507,7 @@ fn apply_put(view: &mut FleetView, keys: &Keys, kv: &KeyValue) {
             }
             Err(e) => warn!(key, error = %e, "fleet: a checkpoint that does not parse is ignored"),
         },
-        Some(Key::Event) | None => {}
+        Some(Key::Event | Key::Counter(_)) | None => {}
     }
 }
 
@@ -449,50 +526,48 @@ fn apply_delete(view: &mut FleetView, keys: &Keys, kv: &KeyValue) {
         Some(Key::Checkpoint(node)) => {
             view.checkpoints.remove(node);
         }
-        Some(Key::Event) | None => {}
+        Some(Key::Event | Key::Counter(_)) | None => {}
     }
 }
 
-/// This replica's report: its routes with a candidate, what it applies and what it counted.
-fn report(data: &DataPlane, node: &str, standings: &HashMap<String, Standing>) -> MemberReport {
+/// This replica's report (its routes with a candidate: the rollout each names, the weight it
+/// applies, where it stands) and its counters of the rollouts being judged.
+fn reports(data: &DataPlane, node: &str, standings: &HashMap<String, Standing>) -> (MemberReport, CounterReport) {
     let snap = data.snapshot();
-    let routes = snap
-        .routes
-        .iter()
-        .filter_map(|route| {
-            let identity = RolloutIdentity::of(&route.config)?;
-            let (rollout, cand) = route.runtime.candidate.as_ref()?;
-            let stable = &route.runtime.stable;
-            let judged = rollout.is_live();
-            if !judged {
-                return Some(MemberRoute {
-                    route: route.config.name.clone(),
-                    identity,
-                    weight_bp: rollout.weight_bp(),
-                    standing: standings.get(&route.config.name).copied().unwrap_or(Standing::Waiting),
-                    judged,
-                    stable: Counters::default(),
-                    candidate: Counters::default(),
-                    mirror: None,
-                });
-            }
-            let mirror = route.policy.mirror.as_ref().map(|_| MirrorCounters {
-                candidate: Counters::of(&cand.lane(Lane::Mirror).totals()),
-                stable: Counters::of(&stable.lane(Lane::Mirror).totals()),
-                compared: cand.mirror_pairs.compared.load(std::sync::atomic::Ordering::Relaxed),
-                mismatched: cand.mirror_pairs.mismatched.load(std::sync::atomic::Ordering::Relaxed),
-            });
-            Some(MemberRoute {
-                route: route.config.name.clone(),
-                identity,
-                weight_bp: rollout.weight_bp(),
-                standing: standings.get(&route.config.name).copied().unwrap_or(Standing::Waiting),
-                judged,
-                stable: Counters::of(&stable.lane(Lane::Judged).totals()),
-                candidate: Counters::of(&cand.lane(Lane::Judged).totals()),
-                mirror,
-            })
-        })
-        .collect();
-    MemberReport { node: node.to_string(), at_ms: unix_ms(SystemTime::now()), routes }
+    let mut member = Vec::new();
+    let mut counted = Vec::new();
+    for route in &snap.routes {
+        let Some(identity) = RolloutIdentity::of(&route.config) else { continue };
+        let Some((rollout, cand)) = route.runtime.candidate.as_ref() else { continue };
+        let name = route.config.name.clone();
+        let standing = standings.get(&name).copied().unwrap_or(Standing::Waiting);
+        member.push(MemberRoute {
+            route: name.clone(),
+            identity: identity.clone(),
+            weight_bp: rollout.weight_bp(),
+            standing,
+        });
+        if !rollout.is_live() {
+            continue;
+        }
+        let stable = &route.runtime.stable;
+        let mirror = route.policy.mirror.as_ref().map(|_| MirrorCounters {
+            candidate: Counters::of(&cand.lane(Lane::Mirror).totals()),
+            stable: Counters::of(&stable.lane(Lane::Mirror).totals()),
+            compared: cand.mirror_pairs.compared.load(std::sync::atomic::Ordering::Relaxed),
+            mismatched: cand.mirror_pairs.mismatched.load(std::sync::atomic::Ordering::Relaxed),
+        });
+        counted.push(CounterRoute {
+            route: name,
+            identity,
+            stable: Counters::of(&stable.lane(Lane::Judged).totals()),
+            candidate: Counters::of(&cand.lane(Lane::Judged).totals()),
+            mirror,
+        });
+    }
+    let at_ms = unix_ms(SystemTime::now());
+    (
+        MemberReport { node: node.to_string(), at_ms, routes: member },
+        CounterReport { node: node.to_string(), at_ms, routes: counted },
+    )
 }

@@ -2,7 +2,9 @@
 //!
 //! - `rollouts/<route>`: the rollout record, written only by compare-and-swap transactions;
 //! - `leaders/<route>`: the node leading the route's rollout, on the leader's lease;
-//! - `members/<node>`: each replica's report, on its own lease;
+//! - `members/<node>`: each replica's report (what it runs and applies), on its own lease;
+//! - `counters/<node>`: each replica's cumulative counters, on its own lease, read by leaders
+//!   only (not watched);
 //! - `events/<route>/<seq>`: the route's history, the newest [`KEEP_EVENTS`] kept;
 //! - `checkpoints/<node>`: the judge's evidence of the routes a leader leads, saved every
 //!   second and not on a lease, so that the next leader resumes from it.
@@ -26,6 +28,8 @@ pub enum Key<'a> {
     Leader(&'a str),
     /// A replica's report.
     Member(&'a str),
+    /// A replica's counters.
+    Counter(&'a str),
     /// A history entry (ignored by the watcher).
     Event,
     /// A leader's evidence checkpoint.
@@ -36,11 +40,6 @@ impl Keys {
     /// The keys under `prefix` (no trailing `/`).
     pub fn new(prefix: &str) -> Keys {
         Keys { prefix: format!("{prefix}/") }
-    }
-
-    /// Everything of this fleet.
-    pub fn all(&self) -> &str {
-        &self.prefix
     }
 
     /// `rollouts/<route>`.
@@ -56,6 +55,16 @@ impl Keys {
     /// `members/<node>`.
     pub fn member(&self, node: &str) -> String {
         format!("{}members/{node}", self.prefix)
+    }
+
+    /// `counters/<node>`.
+    pub fn counter(&self, node: &str) -> String {
+        format!("{}counters/{node}", self.prefix)
+    }
+
+    /// The folder of `kind` (`rollouts`, `leaders`, `members`, `counters`, `checkpoints`).
+    pub fn folder(&self, kind: &str) -> String {
+        format!("{}{kind}/", self.prefix)
     }
 
     /// `checkpoints/<node>`.
@@ -84,6 +93,7 @@ impl Keys {
             "rollouts" => Some(Key::Rollout(name)),
             "leaders" => Some(Key::Leader(name)),
             "members" => Some(Key::Member(name)),
+            "counters" => Some(Key::Counter(name)),
             "events" => Some(Key::Event),
             "checkpoints" => Some(Key::Checkpoint(name)),
             _ => None,
@@ -101,6 +111,8 @@ mod tests {
         assert_eq!(k.parse(&k.rollout("checkout")), Some(Key::Rollout("checkout")));
         assert_eq!(k.parse(&k.leader("checkout")), Some(Key::Leader("checkout")));
         assert_eq!(k.parse(&k.member("edge-1")), Some(Key::Member("edge-1")));
+        assert_eq!(k.parse(&k.counter("edge-1")), Some(Key::Counter("edge-1")));
+        assert_eq!(k.folder("members"), "/veer/edge/members/");
         assert_eq!(k.parse(&k.event("checkout", 7)), Some(Key::Event));
         assert_eq!(k.parse(&k.checkpoint("edge-1")), Some(Key::Checkpoint("edge-1")));
         assert_eq!(k.event("checkout", 7), "/veer/edge/events/checkout/000000000007");

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::ClusterConfig;
 use crate::rollout::event::Event;
 pub use keys::KEEP_EVENTS;
-use record::{Checkpoint, MemberReport, RolloutRecord, RouteCheckpoint, Standing};
+use record::{Checkpoint, CounterReport, MemberReport, RolloutRecord, RouteCheckpoint, Standing};
 
 /// A rollout record and the etcd `mod_revision` it was read at: the revision a write must
 /// compare against.
@@ -47,6 +47,15 @@ pub struct Member {
     pub lease: i64,
     /// When this replica received the report.
     pub seen: Instant,
+}
+
+/// A replica's counters as a leader last read them.
+#[derive(Debug, Clone)]
+pub struct Counted {
+    /// The counters.
+    pub report: CounterReport,
+    /// The lease of the key: a restarted replica counts from zero under another one.
+    pub lease: i64,
 }
 
 /// The holder of a route's leadership.
@@ -75,9 +84,18 @@ pub struct FleetView {
     pub leaders: HashMap<String, Leader>,
     /// Leaders' evidence checkpoints by node.
     pub checkpoints: HashMap<String, Arc<Checkpoint>>,
+    /// Every member's counters by node, read every `publish_interval` while this replica
+    /// leads a route (empty otherwise).
+    pub counters: HashMap<String, Arc<Counted>>,
 }
 
 impl FleetView {
+    /// The latest checkpoint of `route` by its current leader.
+    pub fn leader_checkpoint(&self, route: &str) -> Option<&RouteCheckpoint> {
+        let leader = self.leaders.get(route)?;
+        self.checkpoints.get(&leader.node)?.routes.iter().find(|r| r.route == route)
+    }
+
     /// The newest checkpoint of `route` taken at record revision `revision`.
     pub fn checkpoint(&self, route: &str, revision: i64) -> Option<&RouteCheckpoint> {
         self.checkpoints
@@ -262,7 +280,14 @@ mod tests {
     #[test]
     fn a_new_leader_takes_the_newest_checkpoint_of_the_record_s_revision_only() {
         let cp = |node: &str, at_ms, revision, step_requests| {
-            let route = RouteCheckpoint { route: "web".into(), revision, judge: JudgeState::default(), step_requests };
+            let route = RouteCheckpoint {
+                route: "web".into(),
+                revision,
+                judge: JudgeState::default(),
+                step_requests,
+                merged: None,
+                members: vec![],
+            };
             (node.to_string(), Arc::new(Checkpoint { node: node.into(), at_ms, routes: vec![route] }))
         };
         let view = FleetView {

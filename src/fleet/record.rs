@@ -18,6 +18,7 @@ use crate::rollout::machine::MachineState;
 
 use super::counters::Counters;
 pub use crate::rollout::fleet_status::Standing;
+use crate::rollout::fleet_status::{MemberFigures, MergedWindows};
 
 /// Which rollout a record (or a replica's config) is about: two replicas agree on a route only
 /// when all of it is equal.
@@ -87,7 +88,7 @@ impl RolloutRecord {
     }
 }
 
-/// One route as a replica reports it.
+/// One route as a replica reports it: which rollout its config names and what it does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberRoute {
     /// Route name.
@@ -98,10 +99,34 @@ pub struct MemberRoute {
     pub weight_bp: u32,
     /// Where it stands.
     pub standing: Standing,
-    /// The counters below are published: only while the rollout is judged (the rest of the
-    /// time they are empty and the key stays small).
-    #[serde(default = "yes")]
-    pub judged: bool,
+}
+
+/// What a replica says about itself, under its own lease: small, and written only when it
+/// changes, because every replica watches every member's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberReport {
+    /// Node name.
+    pub node: String,
+    /// When it was written, Unix milliseconds.
+    pub at_ms: u64,
+    /// Its routes with a candidate.
+    pub routes: Vec<MemberRoute>,
+}
+
+impl MemberReport {
+    /// The entry of `route`, when the member has one.
+    pub fn route(&self, route: &str) -> Option<&MemberRoute> {
+        self.routes.iter().find(|r| r.route == route)
+    }
+}
+
+/// A replica's cumulative counters of one rollout being judged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CounterRoute {
+    /// Route name.
+    pub route: String,
+    /// The rollout they were counted for.
+    pub identity: Identity,
     /// Stable's judged counters since the version appeared on this replica.
     pub stable: Counters,
     /// The candidate's.
@@ -109,10 +134,6 @@ pub struct MemberRoute {
     /// Mirrored traffic, when the route mirrors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorCounters>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// A replica's mirrored-traffic counters of one route.
@@ -128,22 +149,24 @@ pub struct MirrorCounters {
     pub mismatched: u64,
 }
 
-/// What a replica publishes, under its own lease, every `publish_interval`: one key per
-/// replica whatever the number of routes, so etcd's write rate does not grow with them.
+/// What a replica counted, under its own lease, every `publish_interval` while any of its
+/// rollouts is judged: one key per replica whatever the number of routes, so etcd's write
+/// rate does not grow with them. Only the replicas that lead a route read these keys; nobody
+/// watches them, so their size does not multiply by the number of replicas.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MemberReport {
+pub struct CounterReport {
     /// Node name.
     pub node: String,
     /// When it was written, Unix milliseconds.
     pub at_ms: u64,
-    /// Its routes with a candidate.
-    pub routes: Vec<MemberRoute>,
+    /// Its rollouts being judged.
+    pub routes: Vec<CounterRoute>,
 }
 
-impl MemberReport {
-    /// The entry of `route`, when the member has one.
-    pub fn route(&self, route: &str) -> Option<&MemberRoute> {
-        self.routes.iter().find(|r| r.route == route)
+impl CounterReport {
+    /// The counters of `route`'s rollout `identity`, when the member has them.
+    pub fn route(&self, route: &str, identity: &Identity) -> Option<&CounterRoute> {
+        self.routes.iter().find(|r| r.route == route && r.identity == *identity)
     }
 }
 
@@ -164,6 +187,12 @@ pub struct RouteCheckpoint {
     pub judge: JudgeState,
     /// Judged candidate requests counted at the current step.
     pub step_requests: u64,
+    /// The fleet's merged windows as the leader judged them, so every replica can show them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged: Option<MergedWindows>,
+    /// Each member's counts, as the leader read them.
+    #[serde(default)]
+    pub members: Vec<(String, MemberFigures, MemberFigures)>,
 }
 
 /// The checkpoints of the routes one leader leads, in one key written once a second, so the

@@ -90,7 +90,8 @@ pub struct FleetRecord {
 pub struct FleetMember {
     /// Node name.
     pub node: String,
-    /// Milliseconds since its report was written.
+    /// Milliseconds since it last wrote its report or (while a rollout is judged, as the
+    /// leader sees it) its counters.
     pub last_heard_ms: u64,
     /// Candidate weight it applies, percent.
     pub candidate_weight: f64,
@@ -100,10 +101,11 @@ pub struct FleetMember {
     pub agrees: bool,
     /// Candidate version its config names.
     pub candidate_version: String,
-    /// Stable requests and errors it answered since its start.
-    pub stable: MemberFigures,
+    /// Stable requests and errors it answered since its start, as the leader last read them
+    /// (while the rollout is judged).
+    pub stable: Option<MemberFigures>,
     /// Candidate requests and errors.
-    pub candidate: MemberFigures,
+    pub candidate: Option<MemberFigures>,
 }
 
 /// A member's counts of one version.

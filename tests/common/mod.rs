@@ -410,6 +410,8 @@ pub struct Veer {
     pub tls: Option<SocketAddr>,
     /// The JSON log lines up to and including "veer is serving".
     pub startup_logs: Vec<serde_json::Value>,
+    /// Every log line after those, as it arrives (for failure messages).
+    pub later_logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Veer {
@@ -424,12 +426,23 @@ impl Veer {
             .expect("spawn veer");
         // Owned by a `Veer` from here on, so a failed start still kills and reaps the child.
         let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut veer = Veer { child, http: unknown, admin: unknown, tls: None, startup_logs: Vec::new() };
+        let later = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut veer = Veer {
+            child,
+            http: unknown,
+            admin: unknown,
+            tls: None,
+            startup_logs: Vec::new(),
+            later_logs: later.clone(),
+        };
         let stderr = veer.child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
+                // Once startup is over nobody receives: keep the line for `logs` instead.
+                if let Err(std::sync::mpsc::SendError(line)) = tx.send(line) {
+                    later.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -452,6 +465,12 @@ impl Veer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The last `n` log lines written after startup.
+    pub fn logs(&self, n: usize) -> String {
+        let lines = self.later_logs.lock().unwrap_or_else(|e| e.into_inner());
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     pub fn signal(&self, sig: &str) {

@@ -558,3 +558,37 @@ async fn with_etcd_down_to_one_member_the_fleet_serves_holds_and_still_brakes() 
         assert_eq!(weight(&status(&client, r).await), 0.0);
     }
 }
+
+#[tokio::test]
+async fn one_etcd_member_down_of_three_leaves_every_replica_connected() {
+    let Some(mut etcd) = Etcd::start(3).await else { return };
+    let (stable, candidate) = (Upstream::text("v1").await, Upstream::text("v2").await);
+    let route = healthy_route(stable.addr, candidate.addr, "[10, 100]", "1h");
+    let replicas = fleet(&etcd, 3, &route);
+    let client = client();
+    let all: Vec<&Replica> = replicas.iter().collect();
+    all_at(&client, &all, 10.0, Duration::from_secs(20)).await;
+    etcd.kill(1);
+    // A replica whose session was on the dead member moves to another one...
+    for r in &replicas {
+        eventually(Duration::from_secs(10), "the replica is connected with a member down", || async {
+            status(&client, r).await["fleet"]["connected"] == true
+        })
+        .await;
+    }
+    // ... and stays there: the cluster has quorum, so no session is lost to the dead member.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(4) {
+        for r in &replicas {
+            let s = status(&client, r).await;
+            assert_eq!(
+                s["fleet"]["connected"],
+                true,
+                "{} lost its session with quorum intact: {s}\n{}",
+                r.node,
+                r.veer().logs(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
