@@ -112,6 +112,8 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     token: String,
     members: Vec<Member>,
+    /// Which start attempt produced the running cluster (1 unless ports were taken).
+    attempts: usize,
 }
 
 /// Why a start attempt did not produce a healthy cluster.
@@ -130,6 +132,18 @@ impl Etcd {
 
     /// [`Etcd::start`] with chosen Raft timing.
     pub async fn start_with(members: usize, timing: Timing) -> Option<Etcd> {
+        Etcd::launch(members, timing, None).await
+    }
+
+    /// [`Etcd::start`], but the first attempt uses `ports` (the client then the peer port of
+    /// each member) instead of ports the kernel chose: a test hands it a taken port and sees
+    /// the start move to fresh ones.
+    pub async fn start_first_on(members: usize, ports: Vec<u16>) -> Option<Etcd> {
+        assert_eq!(ports.len(), 2 * members, "a client and a peer port per member");
+        Etcd::launch(members, Timing::default(), Some(ports)).await
+    }
+
+    async fn launch(members: usize, timing: Timing, mut first: Option<Vec<u16>>) -> Option<Etcd> {
         assert!(members == 1 || members == 3, "an etcd cluster of 1 or 3 members, not {members}");
         let Some(bin) = find_tool("etcd") else {
             let test = std::thread::current().name().unwrap_or("an etcd test").to_string();
@@ -137,9 +151,10 @@ impl Etcd {
             return None;
         };
         let dir = tempfile::Builder::new().prefix("veer-etcd-").tempdir().expect("tempdir for etcd");
-        let mut etcd = Etcd { bin, timing, dir, token: String::new(), members: Vec::new() };
+        let mut etcd = Etcd { bin, timing, dir, token: String::new(), members: Vec::new(), attempts: 0 };
         for attempt in 1..=START_ATTEMPTS {
-            match etcd.try_start(members, attempt).await {
+            etcd.attempts = attempt;
+            match etcd.try_start(members, attempt, first.take()).await {
                 Ok(()) => return Some(etcd),
                 Err(StartFailure::PortTaken) => etcd.discard_members(),
             }
@@ -149,11 +164,14 @@ impl Etcd {
 
     /// One attempt: fresh ports, fresh data dirs, a cluster token of its own (members of an
     /// earlier attempt or another test's cluster that reach these ports are refused).
-    async fn try_start(&mut self, n: usize, attempt: usize) -> Result<(), StartFailure> {
+    async fn try_start(&mut self, n: usize, attempt: usize, given: Option<Vec<u16>>) -> Result<(), StartFailure> {
         // Held together so the 2n ports are distinct, released just before etcd binds them.
-        let held: Vec<TcpListener> =
-            (0..2 * n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")).collect();
-        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().expect("local addr").port()).collect();
+        let held: Vec<TcpListener> = match given {
+            Some(_) => Vec::new(),
+            None => (0..2 * n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")).collect(),
+        };
+        let ports: Vec<u16> =
+            given.unwrap_or_else(|| held.iter().map(|l| l.local_addr().expect("local addr").port()).collect());
         self.token = format!("veer-test-{}-{}-{attempt}", std::process::id(), ports[0]);
         let root = self.dir.path().join(format!("attempt-{attempt}"));
         self.members = (0..n)
@@ -242,6 +260,11 @@ impl Etcd {
         m.child = Some(child);
         m.log_start = log_start;
         m.paused = false;
+    }
+
+    /// How many attempts the start took: 1, plus one per time a chosen port was taken.
+    pub fn attempts(&self) -> usize {
+        self.attempts
     }
 
     /// Number of members.

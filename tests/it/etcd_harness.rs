@@ -1,7 +1,8 @@
 //! The real-etcd harness (`tests/common/etcd.rs`) checked with the client veer uses: a member
 //! stores and serves data, a cluster refuses writes without a quorum and takes them again once
 //! members come back, leases expire and take their keys, a hung leader is replaced, clusters
-//! started at once stay apart, and a restart waits out a port taken meanwhile.
+//! started at once stay apart, a start moves off a port taken before etcd bound it, and a
+//! restart waits out a port taken meanwhile.
 //!
 //! Each test skips (loudly) where etcd is not installed, unless `VEER_REQUIRE_ETCD=1`.
 
@@ -152,4 +153,18 @@ async fn a_restart_waits_out_a_port_taken_meanwhile() {
 
     let mut c = etcd.client().await;
     assert_eq!(value(&mut c, "/veer/test/kept").await.as_deref(), Some("yes"), "the data dir was not reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_taken_port_moves_to_fresh_ports() {
+    // The client port handed to the first attempt is in use; the peer port is free.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = squatter.local_addr().expect("addr").port();
+    let free = crate::common::refused_addr().port();
+    let Some(etcd) = Etcd::start_first_on(1, vec![taken, free]).await else { return };
+    assert_eq!(etcd.attempts(), 2, "the start did not retry after its port was taken");
+    assert_ne!(etcd.client_addr(0).port(), taken);
+    let mut c = etcd.client().await;
+    c.put("/veer/test/moved", "yes", None).await.expect("put after moving ports");
+    drop(squatter);
 }
