@@ -105,6 +105,13 @@ struct SimulateArgs {
     /// Run this many seeded rollouts and print their statistics instead of one timeline.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     runs: Option<u64>,
+    /// Simulate a fleet of this many replicas sharing the traffic and one rollout: each judges
+    /// its own share, the leader judges the sum of their published counters.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    replicas: u64,
+    /// With --replicas above 1: how often each replica publishes its counters for the leader.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    publish_interval: std::time::Duration,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -173,18 +180,34 @@ fn simulate(a: &SimulateArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let out = match a.runs {
-        Some(n) => {
+    // One replica is the single-proxy simulation, whose judge alone spends the budget.
+    let fleet = (a.replicas > 1).then(|| simulate::fleet::FleetOptions {
+        replicas: usize::try_from(a.replicas).unwrap_or(usize::MAX),
+        publish_interval: a.publish_interval,
+    });
+    let out = match (a.runs, fleet) {
+        (Some(n), None) => {
             let summary = simulate::aggregate(&simulate::run_many(route, a.scenario, a.rps, a.seed, n));
             if a.json { json(&summary) } else { summary.render() }
         }
-        None => {
+        (Some(n), Some(f)) => {
+            let summary = simulate::aggregate(&simulate::fleet::run_many(route, a.scenario, a.rps, a.seed, n, f));
+            if a.json { json(&summary) } else { summary.render() }
+        }
+        (None, None) => {
             let run = simulate::run_once(route, a.scenario, a.rps, a.seed);
+            if a.json { json(&run) } else { run.render() }
+        }
+        (None, Some(f)) => {
+            let run = simulate::fleet::run_once(route, a.scenario, a.rps, a.seed, f);
             if a.json { json(&run) } else { run.render() }
         }
     };
     if !a.json {
         print!("{}", simulate::describe(route, a.scenario, a.rps));
+        if let Some(f) = fleet {
+            print!("{}", simulate::fleet::describe(route, f));
+        }
     }
     print!("{out}");
     ExitCode::SUCCESS

@@ -122,6 +122,7 @@ pub fn run_once(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64) ->
         detect_requests: fault_start.map(|(_, n)| candidate.requests() - n),
         timeline,
         held_by: None,
+        fleet: None,
     }
 }
 

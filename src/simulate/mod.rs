@@ -31,25 +31,30 @@
 //!
 //! Simulated plans always auto-promote: with `auto_promote = false` the promotion stands for
 //! the operator's `veer promote` at the earliest moment the plan allows.
+//!
+//! One proxy serves everything and its judge drives the machine; [`fleet`] simulates `N`
+//! replicas sharing the traffic and one rollout (`veer simulate --replicas N`).
 
 use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rand_distr::{Binomial, Distribution, LogNormal, Poisson};
 use serde::Serialize;
 
 use crate::config::{RollbackConfig, RouteConfig, Strategy};
 use crate::rollout::Phase;
-use crate::rollout::judge::{Baseline, Judge, Observation, RuleKind, RuleState, Verdict};
+use crate::rollout::judge::{Judge, RuleKind, RuleState, Verdict};
 use crate::rollout::machine::{Change, EventKind, Machine, Plan};
-use crate::split::{FULL_BP, Splitter};
-use crate::stats::window::{Reading, Window};
+use crate::split::FULL_BP;
 use crate::stats::{Class, Totals, buckets};
+use replica::Replica;
 
 pub mod flagger;
+pub mod fleet;
+mod replica;
 
 /// Stable's fault rate, and every candidate's unless its scenario says otherwise: a real
 /// service is never error-free, and the judge must not mistake shared noise for a regression.
@@ -296,6 +301,9 @@ pub struct RunResult {
     /// For a timed-out run, the rule the judge was holding on at the end and why, from its
     /// figures: what an operator would have seen in `veer status`.
     pub held_by: Option<String>,
+    /// A fleet's replicas and which judge rolled it back; absent for one proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<fleet::FleetRun>,
 }
 
 /// The maximum virtual time one run may take: ten times the plan's minimum duration (its
@@ -325,7 +333,7 @@ pub fn latency_armed(rb: &RollbackConfig) -> bool {
 /// When `rps` is not a positive finite number.
 pub fn run_once(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64) -> RunResult {
     assert!(rps.is_finite() && rps > 0.0, "rps must be positive, not {rps}");
-    let mut run = Run::new(route, scenario, rps, seed);
+    let mut run = Run::new(route, scenario, rps, rps, seed, |traffic, t0| Single::new(route, traffic, t0));
     let ending = run.drive(time_cap(route));
     run.finish(route, ending)
 }
@@ -338,7 +346,7 @@ pub fn run_many(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64, ru
 
 /// [`run_many`] with another way of running one rollout (e.g. [`flagger::run_once`]).
 pub fn run_many_with(
-    run: fn(&RouteConfig, Scenario, f64, u64) -> RunResult,
+    run: impl Fn(&RouteConfig, Scenario, f64, u64) -> RunResult + Sync,
     route: &RouteConfig,
     scenario: Scenario,
     rps: f64,
@@ -347,6 +355,7 @@ pub fn run_many_with(
 ) -> Vec<RunResult> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = usize::try_from(runs).unwrap_or(usize::MAX).clamp(1, cores);
+    let run = &run;
     let mut all: Vec<(u64, RunResult)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
@@ -442,94 +451,146 @@ impl Traffic {
     }
 }
 
-/// One version's cumulative counters and the rolling window the controller would keep.
-struct Side {
-    totals: Totals,
-    window: Window,
+/// One tick as the proxies see it: the plan's state and the candidate's.
+struct Moment {
+    /// The end of the tick, when the windows are read.
+    now: Instant,
+    /// Seconds since the rollout started.
+    t_s: f64,
+    /// The candidate's weight during the tick.
+    weight_bp: u32,
+    /// The plan's phase during the tick (what a blue-green route mirrors).
+    phase: Phase,
+    /// The candidate's fault is under way.
+    faulty: bool,
 }
 
-impl Side {
-    fn new(window: Duration, t0: Instant) -> Side {
-        Side { totals: Totals::default(), window: Window::new(window, t0, Totals::default()) }
-    }
+/// What a tick's judging tells the machine.
+struct Decision {
+    /// The verdict the machine acts on.
+    verdict: Verdict,
+    /// Judged candidate requests since the previous tick, towards `min_requests`.
+    judged_requests: u64,
+    /// Candidate requests served to users in the tick, over every proxy.
+    served_candidate: u64,
+    /// In a fleet, which judge a failing verdict came from.
+    tripped_by: Option<fleet::Tripped>,
+}
 
-    fn read(&mut self, now: Instant) -> Reading {
-        self.window.tick(now, self.totals.clone())
+/// The proxies of one simulated rollout and the judges that decide it: one proxy whose own
+/// judge drives the machine ([`Single`]), or a fleet ([`fleet::Fleet`]). [`Run`] keeps the
+/// plan, the clock and the bookkeeping both share.
+trait Proxies {
+    /// Serves one tick of traffic, reads the windows and judges.
+    fn tick(&mut self, traffic: &mut Traffic, at: &Moment) -> Decision;
+    /// A blue-green route switched to the candidate: every judge freezes stable's figures (the
+    /// fallback while no stable answers to copies arrive, as the controller keeps).
+    fn baking(&mut self);
+    /// What the versions answered, over every proxy: `(stable, candidate)`.
+    fn served(&self) -> (Totals, Totals);
+    /// The judge that drives the machine, for [`held_by`].
+    fn driver(&self) -> &Judge;
+    /// The fleet's facts for the result, `None` for one proxy.
+    fn fleet(&self, tripped_by: Option<fleet::Tripped>) -> Option<fleet::FleetRun>;
+}
+
+/// One proxy, whose judge drives the machine: `veer simulate` without `--replicas`.
+struct Single {
+    replica: Replica,
+    judge: Judge,
+}
+
+impl Single {
+    fn new(route: &RouteConfig, traffic: &mut Traffic, t0: Instant) -> Single {
+        Single { replica: Replica::new(route, traffic, t0), judge: judge_for(route, route.rollback.confidence) }
     }
 }
 
-/// A blue-green route's mirroring: copies of stable's requests to the candidate in preview,
-/// of the candidate's to stable while baking.
-struct Mirrors {
-    share_bp: u32,
-    picker: Splitter,
-    /// The candidate's answers to copies of stable's requests.
-    to_candidate: Side,
-    /// Stable's answers to copies of the candidate's requests.
-    to_stable: Side,
+impl Proxies for Single {
+    fn tick(&mut self, traffic: &mut Traffic, at: &Moment) -> Decision {
+        let n = traffic.arrivals();
+        let served_candidate = self.replica.serve(traffic, n, at);
+        let judged = self.replica.sides.judge(&mut self.judge, at);
+        Decision { verdict: judged.verdict, judged_requests: judged.requests, served_candidate, tripped_by: None }
+    }
+
+    fn baking(&mut self) {
+        self.judge.set_baseline(self.replica.sides.baseline());
+    }
+
+    fn served(&self) -> (Totals, Totals) {
+        (self.replica.sides.stable.totals.clone(), self.replica.sides.candidate.totals.clone())
+    }
+
+    fn driver(&self) -> &Judge {
+        &self.judge
+    }
+
+    fn fleet(&self, _: Option<fleet::Tripped>) -> Option<fleet::FleetRun> {
+        None
+    }
+}
+
+/// The route's judge at `confidence` (a fleet's judges each take a share of the budget).
+fn judge_for(route: &RouteConfig, confidence: f64) -> Judge {
+    let mut rollback = route.rollback.clone();
+    rollback.confidence = confidence;
+    // Answers are not compared (the mismatch rule gets no pairs), but the rule still takes
+    // its share of the budget.
+    Judge::new(&rollback).with_mirror_limit(route.mirror.as_ref().and_then(|m| m.max_mismatch_rate))
 }
 
 /// One rollout in progress.
-struct Run {
+struct Run<P> {
     machine: Machine,
-    judge: Judge,
-    splitter: Splitter,
+    proxies: P,
     traffic: Traffic,
-    stable: Side,
-    candidate: Side,
-    /// `None` for canary plans and routes that do not mirror.
-    mirrors: Option<Mirrors>,
     t0: Instant,
     tick: Duration,
     rule: Option<RuleKind>,
+    tripped_by: Option<fleet::Tripped>,
     full_weight_at: Option<Instant>,
     timeline: Vec<TimelineEntry>,
     scenario: Scenario,
     seed: u64,
     rps: f64,
+    /// Candidate requests served so far, over every proxy.
+    candidate_requests: u64,
     /// When the candidate's fault began, and its request count then.
     fault_start: Option<(Instant, u64)>,
     /// Candidate errors the shared background alone would have caused.
     background_errors: f64,
 }
 
-impl Run {
-    fn new(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64) -> Run {
+impl<P: Proxies> Run<P> {
+    /// A rollout of `route` whose traffic each proxy receives at `rps_each`, with the proxies
+    /// `proxies` builds from the seeded traffic.
+    fn new(
+        route: &RouteConfig,
+        scenario: Scenario,
+        rps: f64,
+        rps_each: f64,
+        seed: u64,
+        proxies: impl FnOnce(&mut Traffic, Instant) -> P,
+    ) -> Run<P> {
         let t0 = Instant::now();
         let plan = Plan { auto_promote: true, ..Plan::of(&route.rollout) };
-        let mut traffic = Traffic::new(route, scenario, rps, seed, latency_armed(&route.rollback));
-        let phase = traffic.rng.random_range(0..FULL_BP);
-        let window = route.rollback.window;
-        let mirrors = route
-            .mirror
-            .as_ref()
-            .map(|m| (m.percent * 100.0).round() as u32)
-            .filter(|bp| *bp > 0 && route.rollout.strategy == Strategy::BlueGreen)
-            .map(|share_bp| Mirrors {
-                share_bp,
-                picker: Splitter::with_phase(traffic.rng.random_range(0..FULL_BP)),
-                to_candidate: Side::new(window, t0),
-                to_stable: Side::new(window, t0),
-            });
+        let mut traffic = Traffic::new(route, scenario, rps_each, seed, latency_armed(&route.rollback));
+        let proxies = proxies(&mut traffic, t0);
         let mut run = Run {
             machine: Machine::new(plan, t0),
-            // Answers are not compared (the mismatch rule gets no pairs), but the rule still
-            // takes its share of the budget.
-            judge: Judge::new(&route.rollback)
-                .with_mirror_limit(route.mirror.as_ref().and_then(|m| m.max_mismatch_rate)),
-            splitter: Splitter::with_phase(phase),
+            proxies,
             traffic,
-            stable: Side::new(window, t0),
-            candidate: Side::new(window, t0),
-            mirrors,
             t0,
             tick: route.rollback.tick,
             rule: None,
+            tripped_by: None,
             full_weight_at: None,
             timeline: Vec::new(),
             scenario,
             seed,
             rps,
+            candidate_requests: 0,
             fault_start: None,
             background_errors: 0.0,
         };
@@ -559,56 +620,27 @@ impl Run {
     }
 
     /// One control-plane tick: a tick's traffic at the current weight (and its mirrored
-    /// copies), then windows, judge and machine, in the controller's order.
+    /// copies), then windows, judges and machine, in the controller's order.
     fn step(&mut self, now: Instant) -> Option<Change> {
-        let weight_bp = self.machine.weight_bp();
-        let phase = self.machine.phase();
-        let t_s = self.seconds(now);
+        let (weight_bp, phase, t_s) = (self.machine.weight_bp(), self.machine.phase(), self.seconds(now));
         self.traffic.shifted |= self.scenario.shifts_at_full_weight() && weight_bp >= FULL_BP;
         if self.fault_start.is_none() && self.scenario.fault_begins(weight_bp) {
-            self.fault_start = Some((now, self.candidate.totals.requests()));
+            self.fault_start = Some((now, self.candidate_requests));
         }
-        let faulty = self.fault_start.is_some();
-        let n = self.traffic.arrivals();
-        let n_c = (0..n).filter(|_| self.splitter.pick_candidate(weight_bp)).count() as u64;
-        self.traffic.serve(&mut self.stable.totals, n - n_c, Arm::Stable, t_s, false);
-        self.traffic.serve(&mut self.candidate.totals, n_c, Arm::Candidate, t_s, faulty);
-        self.background_errors += n_c as f64 * self.traffic.background(t_s);
-        let (s, c) = (self.stable.read(now), self.candidate.read(now));
-        // Blue-green: the judge reads the candidate's answers to copies in preview, and
-        // stable's answers to copies while baking, as the controller does.
-        let copies = self.mirrors.as_mut().map(|m| {
-            let (to_candidate, to_stable) = match phase {
-                Phase::Preview => ((0..n - n_c).filter(|_| m.picker.pick_candidate(m.share_bp)).count() as u64, 0),
-                Phase::Baking => (0, (0..n_c).filter(|_| m.picker.pick_candidate(m.share_bp)).count() as u64),
-                _ => (0, 0),
-            };
-            self.traffic.serve(&mut m.to_candidate.totals, to_candidate, Arm::Candidate, t_s, faulty);
-            self.traffic.serve(&mut m.to_stable.totals, to_stable, Arm::Stable, t_s, false);
-            (m.to_candidate.read(now), m.to_stable.read(now))
-        });
-        let (judged, stable, stable_mirrored) = match (&copies, phase) {
-            (Some((mc, _)), Phase::Preview) => (mc, &s, false),
-            (Some((_, ms)), Phase::Baking) if ms.window.requests() > 0 => (&c, ms, true),
-            _ => (&c, &s, false),
-        };
-        let verdict = self.judge.evaluate(&Observation {
-            stable_tick: &stable.tick,
-            candidate_tick: &judged.tick,
-            stable_window: &stable.window,
-            candidate_window: &judged.window,
-            weight_bp,
-            mirror_compared: 0,
-            mirror_mismatched: 0,
-            stable_mirrored,
-        });
-        if let Verdict::Failing(f) = &verdict {
+        let at = Moment { now, t_s, weight_bp, phase, faulty: self.fault_start.is_some() };
+        let d = self.proxies.tick(&mut self.traffic, &at);
+        self.candidate_requests += d.served_candidate;
+        self.background_errors += d.served_candidate as f64 * self.traffic.background(t_s);
+        if let Verdict::Failing(f) = &d.verdict {
             self.rule = Some(f.rule);
+            self.tripped_by = d.tripped_by;
         }
-        let change = self.machine.observe(now, judged.tick.requests(), &verdict)?;
+        let mut change = self.machine.observe(now, d.judged_requests, &d.verdict)?;
         if change.to == Phase::Baking {
-            // The fallback while no stable answers to copies arrive, as the controller keeps.
-            self.judge.set_baseline(Baseline::of(&s.window));
+            self.proxies.baking();
+        }
+        if let (EventKind::RolledBack, Some(by)) = (change.kind, d.tripped_by) {
+            let _ = write!(change.reason, " in the {by}");
         }
         Some(change)
     }
@@ -622,7 +654,7 @@ impl Run {
             kind: change.kind,
             step: change.step,
             weight_bp: change.weight_bp,
-            candidate_requests: self.candidate.totals.requests(),
+            candidate_requests: self.candidate_requests,
             reason: change.reason,
         });
     }
@@ -632,16 +664,17 @@ impl Run {
     }
 
     fn finish(self, route: &RouteConfig, ending: Ending) -> RunResult {
-        let (c, s) = (&self.candidate.totals, &self.stable.totals);
+        let (s, c) = self.proxies.served();
         let end = self.timeline.last().map_or(0.0, |t| t.at_s);
         let seconds = if ending == Ending::TimedOut { time_cap(route).as_secs_f64() } else { end };
+        let rolled_back = ending == Ending::RolledBack;
         RunResult {
             route: route.name.clone(),
             scenario: self.scenario,
             seed: self.seed,
             rps: self.rps,
             ending,
-            rule: if ending == Ending::RolledBack { self.rule } else { None },
+            rule: if rolled_back { self.rule } else { None },
             seconds,
             full_weight_seconds: self.full_weight_at.map(|t| self.seconds(t)),
             candidate_requests: c.requests(),
@@ -651,7 +684,8 @@ impl Run {
             excess_errors: c.faults as f64 - self.background_errors,
             fault_start_s: self.fault_start.map(|(t, _)| self.seconds(t)),
             detect_requests: self.fault_start.map(|(_, n)| c.requests() - n),
-            held_by: (ending == Ending::TimedOut).then(|| held_by(&self.judge)).flatten(),
+            held_by: (ending == Ending::TimedOut).then(|| held_by(self.proxies.driver())).flatten(),
+            fleet: self.proxies.fleet(if rolled_back { self.tripped_by } else { None }),
             timeline: self.timeline,
         }
     }
@@ -706,6 +740,9 @@ pub struct Summary {
     pub max_candidate_errors: Option<u64>,
     /// Median seconds from start to promotion.
     pub promote_seconds_p50: Option<f64>,
+    /// For fleet runs, which judges rolled back; absent for one proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<fleet::FleetSummary>,
 }
 
 /// Sums up runs of one scenario (as [`run_many`] returns them).
@@ -738,6 +775,7 @@ pub fn aggregate(runs: &[RunResult]) -> Summary {
         max_candidate_requests: rolled.iter().map(|r| r.candidate_requests).max(),
         max_candidate_errors: rolled.iter().map(|r| r.candidate_errors).max(),
         promote_seconds_p50: quantile(&promote_seconds, 0.5),
+        fleet: fleet::summarise(runs),
     }
 }
 
@@ -841,7 +879,10 @@ impl RunResult {
 
     fn detail(&self) -> String {
         match (self.ending, self.rule) {
-            (Ending::RolledBack, Some(rule)) => format!(" (rule {rule})"),
+            (Ending::RolledBack, Some(rule)) => match self.fleet.as_ref().and_then(|f| f.tripped_by) {
+                Some(by) => format!(" (rule {rule}, {by})"),
+                None => format!(" (rule {rule})"),
+            },
             (Ending::TimedOut, _) => match &self.held_by {
                 Some(why) => format!(" (time cap; held by {why})"),
                 None => " (time cap: traffic too thin for min_requests)".to_string(),
@@ -886,6 +927,15 @@ impl Summary {
             worst(self.max_candidate_errors),
         );
         let _ = writeln!(s, "  to promotion  seconds p50 {}", f(self.promote_seconds_p50, 1));
+        if let Some(fleet) = &self.fleet {
+            let _ = writeln!(
+                s,
+                "  tripped by    merged judge {}, local judges {} (of {} replicas)",
+                pct(fleet.merged_rollback_rate),
+                pct(fleet.local_rollback_rate),
+                fleet.replicas,
+            );
+        }
         s
     }
 }
