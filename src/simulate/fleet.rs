@@ -281,3 +281,181 @@ pub fn describe(route: &RouteConfig, options: FleetOptions) -> String {
         c.local,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::rollout::Phase;
+    use crate::rollout::machine::EventKind;
+
+    /// Five steps of 10 s, a 100 ms tick, the error rule only: a short plan, cheap to run.
+    fn route() -> RouteConfig {
+        let src = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[[routes]]
+name = "web"
+
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9001"]
+
+[routes.candidate]
+version = "v2"
+endpoints = ["127.0.0.1:9002"]
+
+[routes.rollout]
+steps = [1, 5, 25, 50, 100]
+step_interval = "10s"
+min_requests = 10
+
+[routes.rollback]
+window = "30s"
+tick = "100ms"
+confidence = 0.99
+"#;
+        let mut r = Config::parse(Path::new("fleet.toml"), src).expect("valid config").routes.remove(0);
+        r.rollback.max_p99_ratio = None;
+        r
+    }
+
+    fn requests(sides: &Sides) -> u64 {
+        sides.stable.totals.requests() + sides.candidate.totals.requests()
+    }
+
+    #[test]
+    fn publishes_keep_to_their_schedule_however_late_the_tick() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(next_after(t0, t0, ms(250)), t0 + ms(250));
+        assert_eq!(next_after(t0, t0 + ms(100), ms(250)), t0 + ms(250));
+        assert_eq!(next_after(t0, t0 + ms(250), ms(250)), t0 + ms(500));
+        assert_eq!(next_after(t0, t0 + ms(1010), ms(250)), t0 + ms(1250), "missed dues are skipped, not bunched");
+    }
+
+    #[test]
+    fn the_leader_sees_each_replica_as_of_its_last_publish() {
+        let route = route();
+        let tick = route.rollback.tick;
+        let options = FleetOptions { replicas: 3, publish_interval: Duration::from_secs(1) };
+        let t0 = Instant::now();
+        // Each replica's share of 300 rps.
+        let mut traffic = Traffic::new(&route, Scenario::Healthy, 100.0, 11, false);
+        let mut fleet = Fleet::new(&route, options, &mut traffic, t0);
+        // served[i][k]: replica i's requests after tick k; last[i]: the tick of its last publish.
+        let mut served = vec![vec![0u64]; 3];
+        let mut last = [0usize; 3];
+        let mut publishes = [0u32; 3];
+        for k in 1..=50usize {
+            let now = t0 + tick * k as u32;
+            let due: Vec<bool> = fleet.members.iter().map(|m| m.next_publish <= now).collect();
+            let at = Moment {
+                now,
+                t_s: (tick * k as u32).as_secs_f64(),
+                weight_bp: 5000,
+                phase: Phase::Progressing,
+                faulty: false,
+            };
+            let d = fleet.tick(&mut traffic, &at);
+            assert_eq!(d.tripped_by, None);
+            for (i, m) in fleet.members.iter().enumerate() {
+                served[i].push(requests(&m.replica.sides));
+                if due[i] {
+                    (last[i], publishes[i]) = (k, publishes[i] + 1);
+                }
+                assert!(
+                    k - last[i] < 10 || last[i] == 0 && k < 10,
+                    "replica {i} published at tick {} and not since",
+                    last[i]
+                );
+                let seen = m.published[0].requests() + m.published[1].requests();
+                assert_eq!(seen, served[i][last[i]], "replica {i} at tick {k}: the leader sees its last publish");
+            }
+            let seen: u64 = fleet.members.iter().map(|m| m.published[0].requests() + m.published[1].requests()).sum();
+            assert_eq!(requests(&fleet.merged), seen, "the leader's sums are the published counters");
+        }
+        assert_eq!(publishes, [5, 5, 5], "one publish a second each over 5 s");
+        // Each replica got about a third of the 300 rps × 5 s.
+        for s in &served {
+            let n = *s.last().expect("ticks") as f64;
+            assert!((n - 500.0).abs() < 100.0, "{n}");
+        }
+    }
+
+    #[test]
+    fn with_nothing_published_a_dead_candidate_is_braked_by_a_local_judge() {
+        // The first publish lies far beyond the rollout: the leader never sees a request.
+        let options = FleetOptions { replicas: 3, publish_interval: Duration::from_secs(1_000_000) };
+        let run = run_once(&route(), Scenario::Fail, 1000.0, 5, options);
+        let Some(Tripped::Local { replica }) = run.fleet.as_ref().and_then(|f| f.tripped_by) else {
+            panic!("{run:?}");
+        };
+        assert!((1..=3).contains(&replica));
+        assert_eq!(run.ending, Ending::RolledBack);
+        let last = run.timeline.last().expect("a timeline");
+        assert_eq!(last.reason, format!("rule error_rate tripped in the local judge of replica {replica}"));
+        assert!(
+            run.render().contains(&format!("(rule error_rate, local judge of replica {replica})")),
+            "{}",
+            run.render()
+        );
+        // Three replicas each need their own few failures: more than one proxy would serve.
+        assert!(run.candidate_requests >= 3, "{run:?}");
+    }
+
+    #[test]
+    fn local_judges_never_advance_the_plan() {
+        let route = route();
+        let options = FleetOptions { replicas: 3, publish_interval: Duration::from_secs(1_000_000) };
+        let mut run = Run::new(&route, Scenario::Healthy, 600.0, 200.0, 9, |traffic, t0| {
+            Fleet::new(&route, options, traffic, t0)
+        });
+        // Four step intervals: every local judge is satisfied long before, the leader has no
+        // candidate requests towards `min_requests`.
+        assert_eq!(run.drive(Duration::from_secs(40)), Ending::TimedOut);
+        let kinds: Vec<EventKind> = run.timeline.iter().map(|t| t.kind).collect();
+        assert_eq!(kinds, [EventKind::Started]);
+        assert!(run.candidate_requests > 100, "the candidate was served: {}", run.candidate_requests);
+    }
+
+    #[test]
+    fn the_merged_judge_is_named_when_it_trips_first() {
+        // Published every tick, the leader sees three times what any replica sees.
+        let options = FleetOptions { replicas: 3, publish_interval: Duration::ZERO };
+        let run = run_once(&route(), Scenario::Fail, 1000.0, 5, options);
+        assert_eq!(run.fleet.as_ref().and_then(|f| f.tripped_by), Some(Tripped::Merged), "{run:?}");
+        let last = run.timeline.last().expect("a timeline");
+        assert_eq!(last.reason, "rule error_rate tripped in the merged judge");
+        let f = run.fleet.as_ref().expect("a fleet run");
+        let split = FleetConfidence::split(0.99, 3);
+        assert_eq!((f.replicas, f.merged_confidence, f.local_confidence), (3, split.merged, split.local));
+    }
+
+    #[test]
+    fn fleet_runs_are_reproducible_and_say_so_in_json() {
+        let route = route();
+        let options = FleetOptions::new(3);
+        let many = run_many(&route, Scenario::Errors5Pct, 1000.0, 40, 3, options);
+        for (i, run) in many.iter().enumerate() {
+            assert_eq!(*run, run_once(&route, Scenario::Errors5Pct, 1000.0, 40 + i as u64, options));
+        }
+        let v = serde_json::to_value(&many[0]).expect("serialises");
+        assert_eq!(v["fleet"]["replicas"], 3);
+        assert_eq!(v["fleet"]["publish_interval_s"], 0.25);
+        let by = &v["fleet"]["tripped_by"];
+        assert!(by["judge"] == "merged" || by["judge"] == "local" && by["replica"].is_u64(), "{by}");
+        let summary = serde_json::to_value(super::super::aggregate(&many)).expect("serialises");
+        let f = &summary["fleet"];
+        let total =
+            f["merged_rollback_rate"].as_f64().expect("rate") + f["local_rollback_rate"].as_f64().expect("rate");
+        assert_eq!(total, summary["rollback_rate"].as_f64().expect("rate"), "{summary}");
+        // One proxy's results keep their shape.
+        let single =
+            serde_json::to_value(super::super::run_once(&route, Scenario::Fail, 1000.0, 1)).expect("serialises");
+        assert!(single.get("fleet").is_none(), "{single}");
+    }
+}
