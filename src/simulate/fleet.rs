@@ -453,6 +453,9 @@ confidence = 0.99
         let total =
             f["merged_rollback_rate"].as_f64().expect("rate") + f["local_rollback_rate"].as_f64().expect("rate");
         assert_eq!(total, summary["rollback_rate"].as_f64().expect("rate"), "{summary}");
+        let q = |k: &str| summary[k].as_f64().expect("a quantile");
+        assert!(q("detect_requests_p50") <= q("detect_requests_p90"), "{summary}");
+        assert!(q("detect_requests_p90") <= q("detect_requests_p95"), "{summary}");
         // One proxy's results keep their shape.
         let single =
             serde_json::to_value(super::super::run_once(&route, Scenario::Fail, 1000.0, 1)).expect("serialises");

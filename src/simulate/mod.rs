@@ -726,6 +726,8 @@ pub struct Summary {
     pub timeout_rate: f64,
     /// Median candidate requests served from the fault's start up to the rollback.
     pub detect_requests_p50: Option<f64>,
+    /// 90th percentile of the same.
+    pub detect_requests_p90: Option<f64>,
     /// 95th percentile of the same.
     pub detect_requests_p95: Option<f64>,
     /// Median seconds from the fault's start to rollback.
@@ -768,6 +770,7 @@ pub fn aggregate(runs: &[RunResult]) -> Summary {
         promote_rate: rate(Ending::Promoted),
         timeout_rate: rate(Ending::TimedOut),
         detect_requests_p50: quantile(&detect_requests, 0.5),
+        detect_requests_p90: quantile(&detect_requests, 0.9),
         detect_requests_p95: quantile(&detect_requests, 0.95),
         detect_seconds_p50: quantile(&detect_seconds, 0.5),
         detect_seconds_p95: quantile(&detect_seconds, 0.95),
@@ -912,8 +915,9 @@ impl Summary {
         let _ = writeln!(s, "  timed out     {}", pct(self.timeout_rate));
         let _ = writeln!(
             s,
-            "  to detection  candidate requests p50 {} p95 {}; seconds p50 {} p95 {}",
+            "  to detection  candidate requests p50 {} p90 {} p95 {}; seconds p50 {} p95 {}",
             f(self.detect_requests_p50, 0),
+            f(self.detect_requests_p90, 0),
             f(self.detect_requests_p95, 0),
             f(self.detect_seconds_p50, 1),
             f(self.detect_seconds_p95, 1),
