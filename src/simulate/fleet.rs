@@ -323,6 +323,39 @@ confidence = 0.99
         r
     }
 
+    /// A blue-green route: 5 s preview, 20 s bake, 10% mirrored.
+    fn blue_green() -> RouteConfig {
+        let src = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[[routes]]
+name = "web"
+
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9001"]
+
+[routes.candidate]
+version = "v2"
+endpoints = ["127.0.0.1:9002"]
+
+[routes.rollout]
+strategy = "blue-green"
+preview = "5s"
+bake = "20s"
+min_requests = 10
+
+[routes.rollback]
+window = "30s"
+tick = "100ms"
+
+[routes.mirror]
+percent = 10
+"#;
+        Config::parse(Path::new("fleet.toml"), src).expect("valid config").routes.remove(0)
+    }
+
     fn requests(sides: &Sides) -> u64 {
         sides.stable.totals.requests() + sides.candidate.totals.requests()
     }
@@ -420,6 +453,22 @@ confidence = 0.99
         let kinds: Vec<EventKind> = run.timeline.iter().map(|t| t.kind).collect();
         assert_eq!(kinds, [EventKind::Started]);
         assert!(run.candidate_requests > 100, "the candidate was served: {}", run.candidate_requests);
+    }
+
+    #[test]
+    fn a_blue_green_fleet_previews_on_mirrored_copies_switches_and_bakes() {
+        let r = blue_green();
+        let run = run_once(&r, Scenario::Healthy, 600.0, 7, FleetOptions::new(3));
+        let path: Vec<(EventKind, u32)> = run.timeline.iter().map(|t| (t.kind, t.weight_bp)).collect();
+        assert_eq!(
+            path,
+            [(EventKind::Started, 0), (EventKind::Step, 10_000), (EventKind::Promoted, 10_000)],
+            "{run:?}"
+        );
+        assert!(run.timeline[1].at_s >= 5.0 && run.seconds >= run.timeline[1].at_s + 20.0, "{run:?}");
+        // A dead candidate is caught in preview, on every replica's copies: no user saw it.
+        let dead = run_once(&r, Scenario::Fail, 600.0, 7, FleetOptions::new(3));
+        assert_eq!((dead.ending, dead.candidate_requests), (Ending::RolledBack, 0), "{dead:?}");
     }
 
     #[test]
