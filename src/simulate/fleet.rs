@@ -1,11 +1,12 @@
 //! `veer simulate --replicas N`: one rollout shared by a fleet of replicas, in virtual time.
 //!
 //! A fleet's promise is that splitting the traffic over `N` replicas neither raises the false
-//! rollback rate nor slows detection down: the leader judges the sum of every replica's
-//! counters, so it needs about as many candidate requests as one proxy seeing everything,
-//! and each replica's local judge is a brake on a blatant regression. Those are statistical
-//! claims; this module checks them with the same [`Judge`], [`Window`](crate::stats::window)
-//! and [`Machine`](crate::rollout::machine::Machine) the controller uses.
+//! rollback rate above the budget nor slows detection down much: the leader judges the sum of
+//! every replica's counters, so it needs about as many candidate requests in all as one proxy
+//! seeing everything, and each replica's local judge is a brake on a blatant regression.
+//! Those are statistical claims; this module checks them with the same [`Judge`],
+//! [`Window`](crate::stats::window) and [`Machine`](crate::rollout::machine::Machine) the
+//! controller uses.
 //!
 //! # Model
 //!
@@ -38,10 +39,9 @@ use rand::Rng;
 use serde::Serialize;
 
 use super::replica::{Replica, Sides};
-use super::{Decision, Ending, Moment, Proxies, Run, RunResult, Traffic, judge_for, run_many_with, time_cap};
+use super::{Decision, Moment, Proxies, Run, RunResult, Scenario, Traffic, judge_for, run_many_with, time_cap};
 use crate::config::RouteConfig;
 use crate::rollout::judge::{FleetConfidence, Judge, Verdict};
-use crate::simulate::Scenario;
 use crate::stats::Totals;
 
 /// How often a replica publishes its counters when the caller does not say.
@@ -253,7 +253,7 @@ pub fn run_once(route: &RouteConfig, scenario: Scenario, rps: f64, seed: u64, op
     let options = FleetOptions { replicas: options.replicas.max(1), ..options };
     let each = rps / options.replicas as f64;
     let mut run = Run::new(route, scenario, rps, each, seed, |traffic, t0| Fleet::new(route, options, traffic, t0));
-    let ending: Ending = run.drive(time_cap(route));
+    let ending = run.drive(time_cap(route));
     run.finish(route, ending)
 }
 
@@ -290,6 +290,7 @@ mod tests {
     use crate::config::Config;
     use crate::rollout::Phase;
     use crate::rollout::machine::EventKind;
+    use crate::simulate::Ending;
 
     /// Five steps of 10 s, a 100 ms tick, the error rule only: a short plan, cheap to run.
     fn route() -> RouteConfig {
