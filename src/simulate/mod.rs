@@ -34,6 +34,9 @@
 //!
 //! One proxy serves everything and its judge drives the machine; [`fleet`] simulates `N`
 //! replicas sharing the traffic and one rollout (`veer simulate --replicas N`).
+//!
+//! [`Window`]: crate::stats::window::Window
+//! [`Splitter`]: crate::split::Splitter
 
 use std::fmt::Write as _;
 use std::str::FromStr;
