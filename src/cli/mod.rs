@@ -109,9 +109,10 @@ struct SimulateArgs {
     /// its own share, the leader judges the sum of their published counters.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     replicas: u64,
-    /// With --replicas above 1: how often each replica publishes its counters for the leader.
-    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
-    publish_interval: std::time::Duration,
+    /// With --replicas above 1: how often each replica publishes its counters for the leader
+    /// (default: the config's [cluster] publish_interval, else 250ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    publish_interval: Option<std::time::Duration>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -183,7 +184,10 @@ fn simulate(a: &SimulateArgs) -> ExitCode {
     // One replica is the single-proxy simulation, whose judge alone spends the budget.
     let fleet = (a.replicas > 1).then(|| simulate::fleet::FleetOptions {
         replicas: usize::try_from(a.replicas).unwrap_or(usize::MAX),
-        publish_interval: a.publish_interval,
+        publish_interval: a
+            .publish_interval
+            .or(config.cluster.as_ref().map(|c| c.publish_interval))
+            .unwrap_or(simulate::fleet::DEFAULT_PUBLISH_INTERVAL),
     });
     let out = match (a.runs, fleet) {
         (Some(n), None) => {

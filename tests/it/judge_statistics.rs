@@ -334,3 +334,28 @@ fn the_simulate_cli_runs_a_fleet() {
     let v: serde_json::Value = serde_json::from_slice(&single.stdout).expect("JSON");
     assert!(v.get("fleet").is_none(), "one proxy without --replicas: {v}");
 }
+
+#[test]
+fn a_simulated_fleet_publishes_as_often_as_its_cluster_config_says() {
+    use std::io::Write as _;
+    let plan = RouteFixture::new("127.0.0.1:9001", "127.0.0.1:9002").steps("[1, 100]").toml();
+    let cluster = "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nprefix = \"/veer/sim\"\nnode = \"a-1\"\n\
+                   publish_interval = \"1s\"\n\n";
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    file.write_all(format!("{SERVER}{cluster}{plan}").as_bytes()).expect("write the config");
+    let header = |extra: &[&str]| {
+        let o = std::process::Command::new(crate::common::veer_bin())
+            .arg("simulate")
+            .arg(file.path())
+            .args(["--scenario", "fail", "--replicas", "2"])
+            .args(extra)
+            .output()
+            .expect("run the veer binary");
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).lines().find(|l| l.starts_with("fleet:")).map(str::to_string)
+    };
+    let from_config = header(&[]).expect("a fleet header");
+    assert!(from_config.contains("counters published every 1s;"), "{from_config}");
+    let flag = header(&["--publish-interval", "100ms"]).expect("a fleet header");
+    assert!(flag.contains("counters published every 100ms;"), "{flag}");
+}
