@@ -4,7 +4,8 @@
 //! and judge (no shortcuts): the candidate walks its plan, goes bad partway through (errors or
 //! latency, `--scenario`), is snapped back, and the report is printed. `--scenario healthy`
 //! shows a full promotion. On a terminal the view redraws; otherwise it prints a line per
-//! transition.
+//! transition. `veer demo --fleet` (in `demo_fleet`) tells the same story across three
+//! replicas sharing one rollout through etcd, with the upstreams and traffic defined here.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -37,17 +38,20 @@ pub enum DemoScenario {
     Healthy,
 }
 
-const RPS: u64 = 300;
-const WORKERS: u64 = 6;
+/// Requests per second of built-in traffic, over all workers.
+pub(super) const RPS: u64 = 300;
+/// Traffic workers (each sends `RPS / WORKERS` per second).
+pub(super) const WORKERS: u64 = 6;
 const LIMIT: Duration = Duration::from_secs(90);
-const GOES_BAD_AFTER: Duration = Duration::from_secs(10);
+/// When the candidate goes bad, counted from the start of the traffic.
+pub(super) const GOES_BAD_AFTER: Duration = Duration::from_secs(10);
 
 /// Runs the demo; returns an error message when something could not start.
 pub async fn run(scenario: DemoScenario) -> Result<(), String> {
     let bad = Arc::new(AtomicBool::new(false));
     let stable = upstream("stable v1.4.2", None, scenario).await?;
     let candidate = upstream("candidate v1.5.0", Some(bad.clone()), scenario).await?;
-    let dir = tempfile_dir()?;
+    let dir = tempfile_dir("veer-demo")?;
     let config = dir.join("veer.toml");
     std::fs::write(&config, config_text(stable, candidate))
         .map_err(|e| format!("cannot write the demo config: {e}"))?;
@@ -133,7 +137,8 @@ async fn watch(proxy: &Proxy, scenario: DemoScenario, bad: &AtomicBool) -> Strin
     }
 }
 
-fn config_text(stable: SocketAddr, candidate: SocketAddr) -> String {
+/// The demo's config: one route `shop`, the plan and the rules the demos are judged by.
+pub(super) fn config_text(stable: SocketAddr, candidate: SocketAddr) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
@@ -159,15 +164,16 @@ max_p99 = "500ms"
     )
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("veer-demo-{}", std::process::id()));
+/// A fresh directory `<tmp>/<name>-<pid>` for the demo's configs and state.
+pub(super) fn tempfile_dir(name: &str) -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(dir)
 }
 
 /// A small upstream: a few milliseconds of work per request; the candidate misbehaves once
 /// `bad` is set.
-async fn upstream(
+pub(super) async fn upstream(
     name: &'static str,
     bad: Option<Arc<AtomicBool>>,
     scenario: DemoScenario,
@@ -203,7 +209,7 @@ async fn upstream(
 }
 
 /// One traffic worker: `RPS / WORKERS` requests per second, bounded by the demo's limit.
-async fn load(proxy: SocketAddr, sent: Arc<AtomicU64>) {
+pub(super) async fn load(proxy: SocketAddr, sent: Arc<AtomicU64>) {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut every = tokio::time::interval(Duration::from_micros(1_000_000 * WORKERS / RPS));
     let uri: http::Uri = format!("http://{proxy}/checkout").parse().expect("valid URI");

@@ -4,6 +4,8 @@
 
 mod admin_client;
 mod demo;
+mod demo_etcd;
+mod demo_fleet;
 mod status_view;
 
 use std::fmt::Write as _;
@@ -82,6 +84,14 @@ enum Verb {
         /// How the candidate misbehaves.
         #[arg(long, value_enum, default_value = "errors")]
         scenario: demo::DemoScenario,
+        /// Three replicas in one fleet sharing the rollout through etcd (started on loopback
+        /// from the `etcd` binary, unless `--etcd` names one); the candidate goes bad on one.
+        #[arg(long)]
+        fleet: bool,
+        /// With `--fleet`: an etcd you already run (client URL); the demo's keys go under a
+        /// fresh `/veer-demo/` prefix and are deleted at the end.
+        #[arg(long, requires = "fleet", value_name = "URL")]
+        etcd: Option<String>,
     },
 }
 
@@ -143,11 +153,11 @@ pub fn main() -> ExitCode {
         Verb::Retry(v) => rollout_verb("retry", &v),
         Verb::Report { route, admin } => report(&route, &admin),
         Verb::Simulate(args) => simulate(&args),
-        Verb::Demo { scenario } => run_demo(scenario),
+        Verb::Demo { scenario, fleet, etcd } => run_demo(scenario, fleet, etcd),
     }
 }
 
-fn run_demo(scenario: demo::DemoScenario) -> ExitCode {
+fn run_demo(scenario: demo::DemoScenario, fleet: bool, etcd: Option<String>) -> ExitCode {
     init_logging(LogFormat::Text);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -156,7 +166,8 @@ fn run_demo(scenario: demo::DemoScenario) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(demo::run(scenario)) {
+    let told = if fleet { rt.block_on(demo_fleet::run(scenario, etcd)) } else { rt.block_on(demo::run(scenario)) };
+    match told {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("veer: demo: {e}");
