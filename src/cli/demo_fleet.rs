@@ -245,7 +245,8 @@ impl Look {
         let mut s = String::new();
         match self.record() {
             Some(r) => {
-                let step = r.step.map(|i| format!(" step {}", i + 1)).unwrap_or_default();
+                let steps = self.statuses.iter().flatten().next().map_or(0, |s| s.steps.len());
+                let step = r.step.map(|i| format!(" step {}/{steps}", i + 1)).unwrap_or_default();
                 let _ = writeln!(
                     s,
                     "  fleet     {}{step}  candidate {:.2}%  (record rev {}, written by {})",

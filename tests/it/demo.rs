@@ -36,3 +36,107 @@ async fn the_demo_shows_a_bad_candidate_snapped_back_and_prints_the_report() {
     }
     assert!(!out.contains("\x1b[2J"), "no screen redraws when stdout is not a terminal");
 }
+
+/// `veer demo --fleet` with `args`, PATH and the fallback directories as given: (success,
+/// stdout, stderr).
+fn fleet_demo(args: &[&str], path: Option<&std::path::Path>) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(veer_bin());
+    cmd.args(["demo", "--fleet"]).args(args).env("RUST_LOG", "error");
+    if let Some(p) = path {
+        cmd.env("PATH", p).env("VEER_DEMO_ETCD_DIRS", "");
+    }
+    let out = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the fleet demo")
+        .wait_with_output()
+        .expect("fleet demo output");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The story every fleet demo that goes bad tells: three replicas following one rollout, one
+/// replica's candidate going bad, every replica back at 0%, the report and the judge that
+/// tripped. Returns the etcd URL the demo printed.
+fn assert_fleet_story(ok: bool, out: &str, err: &str) -> String {
+    assert!(ok, "{out}\n{err}");
+    for needle in [
+        "replica edge-1  proxy http://127.0.0.1:",
+        "replica edge-2  proxy http://127.0.0.1:",
+        "replica edge-3  proxy http://127.0.0.1:",
+        "fleet     progressing step 1/4  candidate 5.00%",
+        "replica   edge-3     5.00%  following",
+        "edge-3's candidate goes bad (the other replicas' candidates stay healthy)",
+        "fleet     rolled_back  candidate 0.00%",
+        "# Rollout report: shop",
+        "**rolled back** to 100% stable",
+        "## Timeline",
+        "tripped: ",
+        "candidate weight at the end: edge-1 0.00%, edge-2 0.00%, edge-3 0.00%",
+        "rolled back after",
+    ] {
+        assert!(out.contains(needle), "fleet demo output lacks {needle:?}:\n{out}\n{err}");
+    }
+    assert!(out.contains("  leader"), "a replica leads:\n{out}");
+    assert!(!out.contains("\x1b[2J"), "no screen redraws when stdout is not a terminal");
+    // Every replica of the last block is at 0%.
+    let last = &out[out.rfind("fleet     rolled_back").expect("the rollback block")..];
+    for node in ["edge-1", "edge-2", "edge-3"] {
+        assert!(last.contains(&format!("replica   {node}     0.00%")), "{node} not at 0%:\n{last}");
+    }
+    let url = out.split("through etcd at ").nth(1).and_then(|r| r.lines().next()).expect("the etcd URL");
+    url.trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_demo_snaps_three_replicas_back_when_one_replica_s_candidate_goes_bad() {
+    if find_tool("etcd").is_none() {
+        skip_unless_required(
+            crate::common::etcd::REQUIRE_ETCD,
+            "the fleet demo",
+            "no `etcd` binary (apt-get install etcd-server)",
+        );
+        return;
+    }
+    let run = tokio::task::spawn_blocking(|| fleet_demo(&["--scenario", "errors"], None));
+    let (ok, out, err) = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the fleet demo ends by itself")
+        .expect("join");
+    let url = assert_fleet_story(ok, &out, &err);
+    // Its own etcd is gone with it.
+    let addr = url.trim_start_matches("http://").to_string();
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "the demo's etcd at {addr} still answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_demo_runs_against_an_existing_etcd_and_deletes_its_keys() {
+    let Some(etcd) = crate::common::etcd::Etcd::start(1).await else { return };
+    let url = etcd.client_url(0);
+    let args = ["--scenario".to_string(), "latency".to_string(), "--etcd".to_string(), url.clone()];
+    let run =
+        tokio::task::spawn_blocking(move || fleet_demo(&args.iter().map(String::as_str).collect::<Vec<_>>(), None));
+    let (ok, out, err) = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the fleet demo ends by itself")
+        .expect("join");
+    assert_eq!(assert_fleet_story(ok, &out, &err), url);
+    let mut client = etcd.client().await;
+    let left = client
+        .get("/veer-demo/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .expect("count the demo's keys");
+    assert_eq!(left.count(), 0, "the demo's keys are deleted at the end");
+}
+
+#[test]
+fn the_fleet_demo_without_etcd_says_how_to_get_one_and_fails() {
+    let empty = tempfile::tempdir().expect("empty PATH dir");
+    let (ok, out, err) = fleet_demo(&[], Some(empty.path()));
+    assert!(!ok, "exits non-zero without etcd:\n{out}\n{err}");
+    for needle in ["no `etcd` binary is on PATH", "apt-get install etcd-server", "--fleet --etcd http://"] {
+        assert!(err.contains(needle), "the message lacks {needle:?}:\n{err}");
+    }
+    assert!(!out.contains("replica edge-1"), "no replica starts without etcd:\n{out}");
+}
