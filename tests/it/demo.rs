@@ -140,3 +140,63 @@ fn the_fleet_demo_without_etcd_says_how_to_get_one_and_fails() {
     }
     assert!(!out.contains("replica edge-1"), "no replica starts without etcd:\n{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_fleet_demo_stops_its_etcd_and_removes_its_files() {
+    use std::io::BufRead;
+    if find_tool("etcd").is_none() {
+        skip_unless_required(
+            crate::common::etcd::REQUIRE_ETCD,
+            "the fleet demo",
+            "no `etcd` binary (apt-get install etcd-server)",
+        );
+        return;
+    }
+    let mut child = std::process::Command::new(veer_bin())
+        .args(["demo", "--fleet", "--scenario", "healthy"])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the fleet demo");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    // Until the fleet shows its first block: etcd, three replicas and the traffic are running.
+    // The reader keeps draining stdout afterwards, so the demo never writes to a closed pipe.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let reader = std::thread::spawn(move || {
+        let (mut url, mut tx) = (None, Some(tx));
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(u) = line.split("through etcd at ").nth(1) {
+                url = Some(u.trim().to_string());
+            }
+            if line.starts_with("  replica   edge-1")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(url.clone());
+            }
+        }
+    });
+    let url = tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .expect("the fleet demo shows the fleet")
+        .expect("the reader saw the fleet")
+        .expect("the etcd URL, then the fleet");
+    let dir = std::env::temp_dir().join(format!("veer-demo-fleet-{pid}"));
+    assert!(dir.is_dir(), "the demo's files are in {}", dir.display());
+    let sent = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().expect("run kill");
+    assert!(sent.success());
+    let waited =
+        tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(move || child.wait_with_output()))
+            .await
+            .expect("the demo stops on Ctrl-C")
+            .expect("join")
+            .expect("demo exit");
+    reader.join().expect("stdout reader");
+    let err = String::from_utf8_lossy(&waited.stderr);
+    assert!(!waited.status.success(), "an interrupted demo exits non-zero");
+    assert!(err.contains("interrupted"), "{err}");
+    let addr = url.trim_start_matches("http://");
+    assert!(std::net::TcpStream::connect(addr).is_err(), "the demo's etcd at {addr} still answers");
+    assert!(!dir.exists(), "{} is removed", dir.display());
+}
