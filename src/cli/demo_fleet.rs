@@ -315,7 +315,7 @@ async fn watch(replicas: &[Replica], scenario: DemoScenario, bad: &AtomicBool, b
         let now = look(replicas);
         let gone_bad = bad.load(Ordering::Relaxed).then_some(bad_node);
         if tty {
-            print!("\x1b[2J\x1b[H{}", now.render(gone_bad));
+            print!("\x1b[2J\x1b[Hveer demo --fleet: {ROUTE} on three replicas, one rollout\n{}", now.render(gone_bad));
             println!("  elapsed {elapsed:.0}s");
         } else {
             let key = now.key();
