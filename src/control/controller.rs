@@ -407,19 +407,15 @@ impl RouteController {
         evidence: serde_json::Value,
         out: &Outputs<'_>,
     ) -> Result<Applied, JournalError> {
-        let event = Event {
-            at: timestamp(SystemTime::now()),
-            route: self.config.name.clone(),
-            kind: change.kind,
-            from: change.from,
-            to: change.to,
-            candidate_weight: f64::from(change.weight_bp) / 100.0,
-            reason: change.reason.clone(),
+        let candidate = self.rollout.candidate_version().to_string();
+        let event = Event::of(
+            timestamp(SystemTime::now()),
+            &self.config.name,
+            &change,
             evidence,
-            step: change.step,
-            candidate_version: self.rollout.candidate_version().to_string(),
-            stable_version: self.stable_version.clone(),
-        };
+            &candidate,
+            &self.stable_version,
+        );
         let rollback = change.kind == EventKind::RolledBack;
         let recorded = match self.retry_unrecorded(out) {
             // Nothing is recorded after an unrecorded rollback: on restart it would win.

@@ -423,7 +423,7 @@ impl FleetRoute {
             }
             let phase = v.record.machine.phase;
             let (stable, judged, stable_mirrored) = judged_readings(phase, local.0, local.1, local.2);
-            let obs = observation(stable, judged, local.2, pairs, v.record.weight_bp, stable_mirrored);
+            let obs = observation(stable, judged, pairs, v.record.weight_bp, stable_mirrored);
             if let Verdict::Failing(f) = self.local.0.evaluate(&obs) {
                 let evidence = self.evidence(f.rule.label(), "local", &self.local.0, stable, judged);
                 let reason = format!("rule {} tripped on {}'s own traffic", f.rule, self.node);
@@ -471,7 +471,7 @@ impl FleetRoute {
         let (stable_r, judged, stable_mirrored) = judged_readings(phase, &stable, &candidate, &mirror);
         let lead = self.lead.as_mut().expect("set above");
         let pairs = self.merged.pair_tick;
-        let obs = observation(stable_r, judged, &mirror, pairs, v.record.weight_bp, stable_mirrored);
+        let obs = observation(stable_r, judged, pairs, v.record.weight_bp, stable_mirrored);
         let verdict = lead.judge.evaluate(&obs);
         let figures = lead.judge.figures().clone();
         self.rollout.set_view(|rv| rv.judge = figures);
@@ -638,19 +638,8 @@ impl FleetRoute {
     }
 
     fn event(&self, change: &Change, evidence: serde_json::Value) -> Event {
-        Event {
-            at: timestamp(SystemTime::now()),
-            route: self.config.name.clone(),
-            kind: change.kind,
-            from: change.from,
-            to: change.to,
-            candidate_weight: f64::from(change.weight_bp) / 100.0,
-            reason: change.reason.clone(),
-            evidence,
-            step: change.step,
-            candidate_version: self.identity.candidate.clone(),
-            stable_version: self.identity.stable.clone(),
-        }
+        let (route, id) = (&self.config.name, &self.identity);
+        Event::of(timestamp(SystemTime::now()), route, change, evidence, &id.candidate, &id.stable)
     }
 
     fn evidence(
@@ -780,7 +769,6 @@ fn judged_readings<'a>(
 fn observation<'a>(
     stable: &'a Reading,
     judged: &'a Reading,
-    _mirror: &'a MirrorReading,
     pairs: (u64, u64),
     weight_bp: u32,
     stable_mirrored: bool,

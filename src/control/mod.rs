@@ -223,16 +223,6 @@ impl ControlPlane {
     /// without waiting for a tick) and answers the commands whose writes completed.
     fn fleet_changed(&mut self) {
         let Some(fleet) = self.fleet.clone() else { return };
-        // Wake-ups queue up while a tick runs; one pass serves them all.
-        while let Ok(msg) = self.rx.try_recv() {
-            match msg {
-                Msg::Wake => {}
-                other => {
-                    let _ = self.tx.send(other);
-                    break;
-                }
-            }
-        }
         let view = fleet.view();
         let (journal, notifier, telemetry) = self.outputs();
         let out = Outputs { journal: &journal, notifier: &notifier, telemetry: &telemetry };

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Phase;
-use super::machine::EventKind;
+use super::machine::{Change, EventKind};
 
 /// A journal event; also the body POSTed to webhooks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +39,33 @@ pub struct Event {
     /// Stable version at the time.
     #[serde(default)]
     pub stable_version: String,
+}
+
+impl Event {
+    /// The event of `change` of `route`'s rollout of `candidate` over `stable`, at `at`
+    /// (RFC 3339): one construction for the single-replica and the fleet controllers.
+    pub fn of(
+        at: String,
+        route: &str,
+        change: &Change,
+        evidence: serde_json::Value,
+        candidate: &str,
+        stable: &str,
+    ) -> Event {
+        Event {
+            at,
+            route: route.to_string(),
+            kind: change.kind,
+            from: change.from,
+            to: change.to,
+            candidate_weight: f64::from(change.weight_bp) / 100.0,
+            reason: change.reason.clone(),
+            evidence,
+            step: change.step,
+            candidate_version: candidate.to_string(),
+            stable_version: stable.to_string(),
+        }
+    }
 }
 
 /// A transition applied to traffic but not yet in the journal.

@@ -292,69 +292,29 @@ mod tests {
     use crate::rollout::machine::EventKind;
     use crate::simulate::Ending;
 
+    /// The route `web` (stable v1, candidate v2) with these `rollout`, `rollback` (and more)
+    /// tables.
+    fn route_with(tables: &str) -> RouteConfig {
+        let src = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n\n[[routes]]\nname = \"web\"\n\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:9001\"]\n\n[routes.candidate]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9002\"]\n\n{tables}"
+        );
+        Config::parse(Path::new("fleet.toml"), &src).expect("valid config").routes.remove(0)
+    }
+
     /// Five steps of 10 s, a 100 ms tick, the error rule only: a short plan, cheap to run.
     fn route() -> RouteConfig {
-        let src = r#"
-[server]
-listen = "127.0.0.1:8080"
-
-[[routes]]
-name = "web"
-
-[routes.stable]
-version = "v1"
-endpoints = ["127.0.0.1:9001"]
-
-[routes.candidate]
-version = "v2"
-endpoints = ["127.0.0.1:9002"]
-
-[routes.rollout]
-steps = [1, 5, 25, 50, 100]
-step_interval = "10s"
-min_requests = 10
-
-[routes.rollback]
-window = "30s"
-tick = "100ms"
-confidence = 0.99
-"#;
-        let mut r = Config::parse(Path::new("fleet.toml"), src).expect("valid config").routes.remove(0);
+        let mut r = route_with(
+            "[routes.rollout]\nsteps = [1, 5, 25, 50, 100]\nstep_interval = \"10s\"\nmin_requests = 10\n\n[routes.rollback]\nwindow = \"30s\"\ntick = \"100ms\"\nconfidence = 0.99\n",
+        );
         r.rollback.max_p99_ratio = None;
         r
     }
 
     /// A blue-green route: 5 s preview, 20 s bake, 10% mirrored.
     fn blue_green() -> RouteConfig {
-        let src = r#"
-[server]
-listen = "127.0.0.1:8080"
-
-[[routes]]
-name = "web"
-
-[routes.stable]
-version = "v1"
-endpoints = ["127.0.0.1:9001"]
-
-[routes.candidate]
-version = "v2"
-endpoints = ["127.0.0.1:9002"]
-
-[routes.rollout]
-strategy = "blue-green"
-preview = "5s"
-bake = "20s"
-min_requests = 10
-
-[routes.rollback]
-window = "30s"
-tick = "100ms"
-
-[routes.mirror]
-percent = 10
-"#;
-        Config::parse(Path::new("fleet.toml"), src).expect("valid config").routes.remove(0)
+        route_with(
+            "[routes.rollout]\nstrategy = \"blue-green\"\npreview = \"5s\"\nbake = \"20s\"\nmin_requests = 10\n\n[routes.rollback]\nwindow = \"30s\"\ntick = \"100ms\"\n\n[routes.mirror]\npercent = 10\n",
+        )
     }
 
     fn requests(sides: &Sides) -> u64 {
