@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use metrics::Gauge;
@@ -150,6 +150,9 @@ impl Merged {
     }
 }
 
+/// The next write's token, shared by every route's controller.
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+
 /// One route's rollout in fleet mode.
 pub struct FleetRoute {
     fleet: Arc<Fleet>,
@@ -163,7 +166,6 @@ pub struct FleetRoute {
     lead: Option<Lead>,
     brake: Option<Brake>,
     inflight: Option<Inflight>,
-    next_token: u64,
     standing: Standing,
     reason: Option<String>,
     /// The newest event of the record already in the local journal.
@@ -235,7 +237,6 @@ impl FleetRoute {
             lead: None,
             brake: None,
             inflight: None,
-            next_token: 1,
             standing: Standing::Waiting,
             reason: Some("the fleet's record has not been read yet".into()),
             journaled,
@@ -661,8 +662,9 @@ impl FleetRoute {
     }
 
     fn send(&mut self, base: Option<i64>, record: RolloutRecord, as_leader: bool, reply: Option<Reply>) {
-        let token = self.next_token;
-        self.next_token += 1;
+        // Unique in the process: a route's controller replaced by a reload must never take
+        // the answer to its predecessor's write for its own.
+        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
         let event = Some(record.last_event.clone());
         self.inflight = Some(Inflight { token, as_leader, reply });
         self.fleet.write(Write { route: self.config.name.clone(), base, record, as_leader, event, token });

@@ -485,9 +485,12 @@ fn apply_put(view: &mut FleetView, keys: &Keys, kv: &KeyValue) {
     let Ok(key) = kv.key_str() else { return };
     match keys.parse(key) {
         Some(Key::Rollout(route)) => match serde_json::from_slice::<RolloutRecord>(kv.value()) {
-            Ok(record) => {
+            // The agent's own write is in the view before its watch event; an event of an
+            // older revision arriving after it must not bring an older record back.
+            Ok(record) if view.records.get(route).is_none_or(|v| v.revision <= kv.mod_revision()) => {
                 view.records.insert(route.to_string(), Arc::new(Versioned { record, revision: kv.mod_revision() }));
             }
+            Ok(_) => {}
             Err(e) => warn!(key, error = %e, "fleet: a rollout record that does not parse is ignored"),
         },
         Some(Key::Leader(route)) => {

@@ -390,6 +390,11 @@ async fn a_replica_with_another_candidate_serves_stable_until_a_majority_runs_it
     let movers: Vec<&Replica> = replicas[1..].iter().collect();
     all_at(&client, &movers, 20.0, Duration::from_secs(20)).await;
     let s = status(&client, &replicas[3]).await;
+    if s["fleet"]["record"]["candidate_version"] != "v3" {
+        for r in &replicas {
+            eprintln!("---- {}: {}\n{}", r.node, status(&client, r).await, r.veer().logs(60));
+        }
+    }
     assert_eq!(s["fleet"]["record"]["candidate_version"], "v3");
     assert_eq!(s["fleet"]["record"]["epoch"], 2, "one new fleet rollout: {s}");
     eventually(Duration::from_secs(10), "the replica left on v2 now disagrees and serves stable", || async {
@@ -484,7 +489,8 @@ async fn outage_holds(client: &HttpClient, etcd: &mut Etcd, replicas: &[Replica]
     let outage = Instant::now();
     while outage.elapsed() < Duration::from_secs(5) {
         for r in replicas {
-            assert_eq!(weight(&status(client, r).await), percent, "no step is taken without etcd");
+            let s = status(client, r).await;
+            assert_eq!(weight(&s), percent, "no step is taken without etcd: {}: {s}\n{}", r.node, r.veer().logs(40));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
