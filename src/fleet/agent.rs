@@ -74,7 +74,17 @@ pub(super) fn spawn(fleet: Arc<Fleet>, data: Arc<DataPlane>, notifier: Notifier,
         .name("veer-fleet".into())
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("fleet runtime");
-            let mut agent = Agent { fleet: weak, data, notifier, rx, connected, members, writes, stopped: false };
+            let mut agent = Agent {
+                fleet: weak,
+                data,
+                notifier,
+                rx,
+                connected,
+                members,
+                writes,
+                stopped: false,
+                session_up: false,
+            };
             rt.block_on(agent.run());
         })
         .expect("spawn the fleet thread");
@@ -89,6 +99,8 @@ struct Agent {
     members: metrics::Gauge,
     writes: [metrics::Counter; 3],
     stopped: bool,
+    /// Whether the current session got as far as reading and watching the fleet.
+    session_up: bool,
 }
 
 /// The folders every replica watches.
@@ -122,8 +134,15 @@ impl Agent {
             let config = fleet.config.clone();
             drop(fleet);
             attempt += 1;
+            self.session_up = false;
             match self.session(&config, attempt).await {
                 Ok(()) => return,
+                Err(e) if self.session_up => {
+                    // A session that was up ended: always worth a line, and the count of
+                    // failed attempts starts again.
+                    failures = 0;
+                    warn!(error = %e, "fleet: the etcd session ended; serving with the weights last applied");
+                }
                 Err(e) => {
                     failures += 1;
                     if failures.is_power_of_two() {
@@ -242,6 +261,7 @@ impl Agent {
         }
         info!(node = %s.node, lease, members = s.view.members.len(), records = s.view.records.len(), "fleet: etcd session up");
         self.connected.set(1.0);
+        self.session_up = true;
         self.publish_view(&s.view);
         // The report right away, so a starting replica counts at once.
         self.publish_report(&mut s).await?;
