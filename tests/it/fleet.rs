@@ -263,10 +263,12 @@ async fn all_at(client: &HttpClient, replicas: &[&Replica], percent: f64, within
     loop {
         let mut leaders = Vec::new();
         let mut weights = Vec::new();
+        let mut statuses = Vec::new();
         for r in replicas {
             let s = status(client, r).await;
             weights.push(weight(&s));
             leaders.push(leader(&s));
+            statuses.push(format!("{}: {}", r.node, s["fleet"]));
         }
         if weights.iter().all(|w| *w == percent)
             && leaders.windows(2).all(|w| w[0] == w[1])
@@ -276,7 +278,8 @@ async fn all_at(client: &HttpClient, replicas: &[&Replica], percent: f64, within
         }
         assert!(
             Instant::now() < deadline,
-            "not all at {percent}% with one leader within {within:?}: {weights:?} {leaders:?}"
+            "not all at {percent}% with one leader within {within:?}: {weights:?} {leaders:?}\n{}",
+            statuses.join("\n")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
