@@ -21,10 +21,11 @@ use crate::conn_settings::ConnSettings;
 use crate::connection;
 use crate::control::CommandFailure;
 use crate::control::controller::CommandError;
+use crate::history::HistoryError;
 use crate::operations::Operations;
 use crate::reload::{self, ReloadError};
 use crate::report;
-use crate::rollout::machine::{Command, EventKind};
+use crate::rollout::machine::Command;
 use crate::status::RouteStatus;
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -120,59 +121,26 @@ where
         (&Method::GET, ["api", "v1", "events"]) => {
             let query = Query::parse(req.uri().query());
             let limit = match query.get("limit").map(str::parse::<usize>) {
-                Some(Ok(n)) => Some(n),
+                Some(Ok(n)) => n,
                 Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a non-negative integer".into()),
-                None => Some(1000),
+                None => 1000,
             };
-            let journal = ops.journal.clone();
-            let route = query.get("route").map(str::to_string);
-            if let Some(fleet) = ops.fleet() {
-                // The fleet's history lives in etcd, whichever replica is asked.
-                return match fleet.events(route.as_deref(), limit.unwrap_or(1000)).await {
-                    Ok(events) => json(StatusCode::OK, &events),
-                    Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-                };
-            }
-            // File reads and parsing stay off the proxy's runtime.
-            match tokio::task::spawn_blocking(move || journal.events(route.as_deref(), limit)).await {
+            match ops.history().events(query.get("route"), limit).await {
                 Ok(events) => json(StatusCode::OK, &events),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the journal failed: {e}")),
+                Err(e) => history_error(&e),
             }
         }
         (&Method::GET, ["api", "v1", "routes", name, "report"]) => match ops.snapshot().route(name) {
             Some(r) => {
                 let status = RouteStatus::of(r);
-                let journal = ops.journal.clone();
-                let (route, candidate) = (name.to_string(), status.candidate.as_ref().map(|c| c.version.clone()));
-                let read = move || match candidate {
-                    Some(c) => journal.rollout_events(&route, &c),
-                    None => journal.events(Some(&route), Some(REPORT_EVENTS)),
+                let history = ops.history();
+                let read = match &status.candidate {
+                    Some(c) => history.rollout_events(name, &c.version).await,
+                    None => history.events(Some(name), REPORT_EVENTS).await,
                 };
-                let fleet_events = match ops.fleet() {
-                    Some(fleet) => Some(fleet.events(Some(name), REPORT_EVENTS).await),
-                    None => None,
-                };
-                let events = match fleet_events {
-                    Some(Ok(mut events)) => {
-                        if let Some(c) = &status.candidate {
-                            // The current rollout's history, as the journal's report shows it.
-                            let since = events
-                                .iter()
-                                .rposition(|e| e.kind == EventKind::Started && e.candidate_version == c.version);
-                            events = events.split_off(since.unwrap_or(0));
-                        }
-                        events
-                    }
-                    Some(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-                    None => match tokio::task::spawn_blocking(read).await {
-                        Ok(events) => events,
-                        Err(e) => {
-                            return error(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                format!("reading the journal failed: {e}"),
-                            );
-                        }
-                    },
+                let events = match read {
+                    Ok(events) => events,
+                    Err(e) => return history_error(&e),
                 };
                 let mut resp = Response::new(Full::new(Bytes::from(report::render(&status, &events))));
                 resp.headers_mut()
@@ -306,6 +274,15 @@ where
 
 /// How many of a route's newest events a report of a route without candidate shows.
 const REPORT_EVENTS: usize = 1000;
+
+/// The answer when the history cannot be read: 503 while its store is unreachable.
+fn history_error(e: &HistoryError) -> AdminResponse {
+    let status = match e {
+        HistoryError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        HistoryError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
 
 /// 200 while serving, 503 while draining. Rollbacks the state dir has not recorded yet are
 /// listed in the body but do not fail readiness: traffic is right (the candidate is at 0%),

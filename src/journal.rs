@@ -450,6 +450,13 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::rollout::Phase;
+    use crate::rollout::evidence::{Cause, Evidence};
+    use crate::rollout::judge::RuleKind;
+
+    /// Evidence of `bytes` bytes or so, padded in its detection time.
+    fn padded(cause: Option<Cause>, bytes: usize) -> Option<Evidence> {
+        Some(Evidence { rule: cause, detected_at: Some("x".repeat(bytes)), ..Evidence::default() })
+    }
 
     fn event(route: &str, kind: EventKind, to: Phase, step: Option<usize>) -> Event {
         Event {
@@ -460,7 +467,7 @@ mod tests {
             to,
             candidate_weight: 5.0,
             reason: "test".into(),
-            evidence: serde_json::Value::Null,
+            evidence: None,
             step,
             candidate_version: "v2".into(),
             stable_version: "v1".into(),
@@ -619,10 +626,11 @@ mod tests {
         let j = Journal::new(dir.path());
         j.prepare_marker("web").expect("prepare");
         let mut b = event("web", EventKind::RolledBack, Phase::RolledBack, None);
-        b.evidence = serde_json::json!({ "rule": "errors", "blob": "x".repeat(2 * marker::MARKER_LEN) });
+        let cause = Some(Cause::Rule(RuleKind::ErrorRate));
+        b.evidence = padded(cause.clone(), 2 * marker::MARKER_LEN);
         j.mark_unrecorded(&b).expect("marker");
         let got = marker::read(dir.path(), "web").expect("marker holds it");
-        assert_eq!(got.evidence, serde_json::json!({ "rule": "errors" }));
+        assert_eq!(got.evidence, Some(Evidence { rule: cause, ..Evidence::default() }));
         assert_eq!(got.to, Phase::RolledBack);
     }
 
@@ -635,7 +643,7 @@ mod tests {
         j.append_event(&first).expect("append");
         // Large events of another route push the journal through several rotations.
         let mut big = event("api", EventKind::Step, Phase::Progressing, Some(1));
-        big.evidence = serde_json::json!({ "blob": "y".repeat(64 * 1024) });
+        big.evidence = padded(None, 64 * 1024);
         let per_file = ROTATE_BYTES / (64 * 1024) + 1;
         for _ in 0..per_file * 2 {
             j.append_event(&big).expect("append");
@@ -662,7 +670,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let j = Journal::new(dir.path());
         let mut e = event("web", EventKind::Reloaded, Phase::Progressing, Some(1));
-        e.evidence = serde_json::json!({ "pad": "p".repeat(900) });
+        e.evidence = padded(None, 900);
         let mut line = serde_json::to_vec(&e).expect("json");
         line.push(b'\n');
         let mut f = File::create(dir.path().join("events.jsonl")).expect("create");

@@ -55,6 +55,7 @@ pub mod data_plane;
 pub mod fleet;
 pub mod headers;
 pub mod health;
+pub mod history;
 pub mod journal;
 pub mod notify;
 pub mod operations;

@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use crate::control::CommandSender;
 use crate::data_plane::DataPlane;
 use crate::fleet::Fleet;
+use crate::history::RolloutHistory;
 use crate::journal::Journal;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Telemetry;
@@ -81,6 +82,15 @@ impl Operations {
     /// The fleet this replica belongs to, in fleet mode.
     pub fn fleet(&self) -> Option<&Arc<Fleet>> {
         self.fleet.get()
+    }
+
+    /// Where this replica's rollout history is read: the fleet's in fleet mode, else the
+    /// local journal.
+    pub fn history(&self) -> &dyn RolloutHistory {
+        match self.fleet.get() {
+            Some(fleet) => fleet,
+            None => &self.journal,
+        }
     }
 
     /// Where operator commands go (the control-plane thread), once it runs.

@@ -6,11 +6,11 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
-
 use crate::journal::Event;
 use crate::rollout::Phase;
+use crate::rollout::evidence::{Cause, Evidence};
 use crate::rollout::machine::EventKind;
+use crate::stats::window::WindowFigures;
 use crate::status::RouteStatus;
 
 /// The Markdown report of `status`'s route from its journal `events` (oldest first).
@@ -83,9 +83,10 @@ fn outcome(p: Phase) -> &'static str {
 }
 
 fn incident(s: &mut String, rb: &Event, candidate: &str) {
-    let ev = &rb.evidence;
-    let rule = ev.get("rule").and_then(Value::as_str).unwrap_or("manual");
-    let automatic = rule != "manual";
+    let none = Evidence::default();
+    let ev = rb.evidence.as_ref().unwrap_or(&none);
+    let rule = Evidence::rule_label(Some(ev));
+    let automatic = ev.rule.as_ref().is_some_and(|c| *c != Cause::Manual);
     let _ = writeln!(s, "## Incident\n");
     if automatic {
         let _ = writeln!(
@@ -99,50 +100,48 @@ fn incident(s: &mut String, rb: &Event, candidate: &str) {
     }
 
     let _ = writeln!(s, "## Root-cause signal\n");
-    if let Some(rules) = ev.pointer("/judge/rules").and_then(Value::as_array) {
+    if let Some(judge) = &ev.judge {
         let _ = writeln!(
             s,
             "| rule | state | evidence ln E | threshold | candidate | stable / limit |\n|---|---|---|---|---|---|"
         );
-        for r in rules {
-            let num = |k: &str| r.get(k).and_then(Value::as_f64).map_or("-".into(), |v| format!("{v:.4}"));
+        for r in &judge.rules {
             let _ = writeln!(
                 s,
-                "| `{}` | {} | {} | {} | {} | {} |",
-                r.get("rule").and_then(Value::as_str).unwrap_or("?"),
-                r.get("state").and_then(Value::as_str).unwrap_or("?"),
-                num("ln_evidence"),
-                num("ln_threshold"),
-                num("candidate"),
-                num("stable")
+                "| `{}` | {} | {:.4} | {:.4} | {:.4} | {:.4} |",
+                r.rule.label(),
+                r.state.label(),
+                r.ln_evidence,
+                r.ln_threshold,
+                r.candidate,
+                r.stable
             );
         }
         s.push('\n');
     }
     let _ = writeln!(s, "Both versions over the rolling window at the decision:\n");
     let _ = writeln!(s, "| version | requests | errors | error rate | p50 ms | p99 ms |\n|---|---|---|---|---|---|");
-    for role in ["stable", "candidate"] {
-        let v = ev.get(role);
-        let w = v.and_then(|v| v.get("window"));
-        let int = |k: &str| w.and_then(|w| w.get(k)).and_then(Value::as_u64).map_or("-".into(), |x| x.to_string());
-        let num = |k: &str, scale: f64| {
-            w.and_then(|w| w.get(k)).and_then(Value::as_f64).map_or("-".into(), |x| format!("{:.2}", x * scale))
+    for (role, side) in [("stable", &ev.stable), ("candidate", &ev.candidate)] {
+        let w = side.as_ref().and_then(|v| v.window.as_ref());
+        let int = |f: fn(&WindowFigures) -> u64| w.map_or("-".into(), |w| f(w).to_string());
+        let num = |f: fn(&WindowFigures) -> Option<f64>, scale: f64| {
+            w.and_then(f).map_or("-".into(), |x| format!("{:.2}", x * scale))
         };
-        let version = v.and_then(|v| v.get("version")).and_then(Value::as_str).unwrap_or(role);
+        let version = side.as_ref().map_or(role, |v| v.version.as_str());
         let _ = writeln!(
             s,
             "| {role} `{version}` | {} | {} | {}% | {} | {} |",
-            int("requests"),
-            int("errors"),
-            num("error_rate", 100.0),
-            num("p50_ms", 1.0),
-            num("p99_ms", 1.0)
+            int(|w| w.requests),
+            int(|w| w.errors),
+            num(|w| Some(w.error_rate), 100.0),
+            num(|w| w.p50_ms, 1.0),
+            num(|w| w.p99_ms, 1.0)
         );
     }
     s.push('\n');
 
     let _ = writeln!(s, "## Resolution\n");
-    let detected = ev.get("detected_at").and_then(Value::as_str);
+    let detected = ev.detected_at.as_deref();
     let delay = detected.and_then(|d| {
         Some(humantime::parse_rfc3339(&rb.at).ok()?.duration_since(humantime::parse_rfc3339(d).ok()?).ok()?.as_millis())
     });
@@ -169,17 +168,15 @@ fn incident(s: &mut String, rb: &Event, candidate: &str) {
 
 fn impact(s: &mut String, status: &RouteStatus, rollback: Option<&Event>) {
     let _ = writeln!(s, "## Impact\n");
-    let figures = |role: &str| rollback.and_then(|rb| rb.evidence.pointer(&format!("/{role}/window")).cloned());
-    let cand =
-        figures("candidate").or_else(|| status.candidate.as_ref().and_then(|c| serde_json::to_value(&c.window).ok()));
-    let stable = figures("stable").unwrap_or_else(|| serde_json::to_value(&status.stable.window).unwrap_or_default());
+    let figures = |candidate: bool| rollback.and_then(|rb| rb.evidence.as_ref()?.window(candidate));
+    let cand = figures(true).or_else(|| status.candidate.as_ref().map(|c| &c.window));
+    let stable = figures(false).unwrap_or(&status.stable.window);
     let Some(cand) = cand else {
         let _ = writeln!(s, "No candidate traffic.\n");
         return;
     };
-    let get = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-    let (n, e) = (get(&cand, "total_requests"), get(&cand, "total_errors"));
-    let stable_rate = get(&stable, "error_rate");
+    let (n, e) = (cand.total_requests as f64, cand.total_errors as f64);
+    let stable_rate = stable.error_rate;
     let excess = (e - n * stable_rate).max(0.0);
     let _ = writeln!(s, "- Candidate requests served during the rollout: **{n}**, of which **{e}** failed.");
     let _ = writeln!(s, "- Stable's error rate over the same window: {:.3}%.", stable_rate * 100.0);

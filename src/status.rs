@@ -46,6 +46,7 @@ pub struct RouteStatus {
 }
 
 pub use crate::rollout::event::JournalPending;
+use crate::rollout::evidence::Evidence;
 pub use crate::rollout::fleet_status::FleetStatus;
 
 /// The rollback that put a route in `rolled_back`.
@@ -56,7 +57,7 @@ pub struct Rollback {
     /// The rule that tripped, or `manual`.
     pub rule: String,
     /// The figures behind it.
-    pub evidence: serde_json::Value,
+    pub evidence: Option<Evidence>,
 }
 
 /// One version of a route.
@@ -116,7 +117,7 @@ impl RouteStatus {
             last_transition: view.as_ref().and_then(|v| v.last_transition.as_ref()).map(transition),
             rollback: view.as_ref().and_then(|v| v.rollback.as_ref()).map(|e| Rollback {
                 at: e.at.clone(),
-                rule: e.evidence.get("rule").and_then(|r| r.as_str()).unwrap_or("manual").to_string(),
+                rule: Evidence::rule_label(e.evidence.as_ref()).to_string(),
                 evidence: e.evidence.clone(),
             }),
             journal_pending: view.as_ref().and_then(|v| v.journal_pending.clone()),

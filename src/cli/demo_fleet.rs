@@ -25,6 +25,7 @@ use super::demo_etcd::DemoEtcd;
 use super::status_view::inert;
 use crate::rollout::Phase;
 use crate::rollout::event::Event;
+use crate::rollout::evidence::Cause;
 use crate::rollout::fleet_status::{FleetRecord, MergedWindows};
 use crate::rollout::machine::EventKind;
 use crate::server::Proxy;
@@ -353,10 +354,10 @@ fn tripped(events: &[Event]) -> String {
             "no judge tripped".into()
         };
     };
-    let fleet = &e.evidence["fleet"];
-    let rule = e.evidence["rule"].as_str().unwrap_or("?");
-    let node = fleet["node"].as_str().unwrap_or("?");
-    match fleet["judge"].as_str() {
+    let evidence = e.evidence.clone().unwrap_or_default();
+    let rule = evidence.rule.as_ref().map_or("?", Cause::label);
+    let node = evidence.fleet.as_ref().map_or("?", |f| f.node.as_str());
+    match evidence.fleet.as_ref().map(|f| f.judge.as_str()) {
         Some("local") => format!(
             "tripped: {}'s local judge (rule {}) on its own traffic; the fleet followed its rollback",
             inert(node),

@@ -20,12 +20,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use metrics::{Counter, Gauge};
-use serde_json::json;
 use tracing::{error, info, warn};
 
 use crate::config::RouteConfig;
 use crate::journal::{Event, Journal, JournalError, Recovered, RouteRecord, timestamp};
 use crate::notify::Notifier;
+use crate::rollout::evidence::{Cause, Evidence, Traffic, VersionEvidence};
 use crate::rollout::judge::{Baseline, Judge, JudgeState, Observation, RuleKind, Verdict};
 use crate::rollout::machine::{Change, Command, EventKind, Machine, Plan};
 use crate::rollout::{Phase, RolloutState};
@@ -186,8 +186,7 @@ impl RouteController {
                 if rec.machine.phase == Phase::Baking && judge.baseline().is_none() {
                     // A crash between the journal line and the state file: the switch event
                     // carries the baseline too.
-                    let recorded = rec.last_event.evidence.get("baseline").cloned();
-                    judge.set_baseline(recorded.and_then(|b| serde_json::from_value(b).ok()));
+                    judge.set_baseline(rec.last_event.evidence.as_ref().and_then(|e| e.baseline.clone()));
                 }
                 (Machine::restore(plan, rec.machine, now), judge)
             }
@@ -234,7 +233,7 @@ impl RouteController {
     fn try_start(&mut self, now: Instant, out: &Outputs<'_>) {
         let before = self.machine.clone();
         if let Some(change) = self.machine.start(now)
-            && self.apply(change, json!(null), out).is_err()
+            && self.apply(change, None, out).is_err()
         {
             self.machine = before;
         }
@@ -257,7 +256,7 @@ impl RouteController {
             weight_bp: self.machine.weight_bp(),
             reason: "configuration reloaded".into(),
         };
-        let _ = self.apply(change, json!(null), out);
+        let _ = self.apply(change, None, out);
     }
 
     /// One tick with the versions' readings and the candidate's mirrored traffic.
@@ -305,15 +304,16 @@ impl RouteController {
         let Some(change) = self.machine.observe(now, judged.tick.requests(), &verdict) else { return };
         let mut evidence = match &verdict {
             Verdict::Failing(f) => {
-                self.evidence(f.rule.label(), WindowFigures::of(stable), WindowFigures::of(judged), now)
+                Some(self.evidence(Cause::Rule(f.rule), WindowFigures::of(stable), WindowFigures::of(judged), now))
             }
-            _ => json!(null),
+            _ => None,
         };
-        if preview && evidence.is_object() {
-            evidence["candidate"]["traffic"] = json!("mirrored");
-        }
-        if stable_mirrored && evidence.is_object() {
-            evidence["stable"]["traffic"] = json!("mirrored");
+        if let Some(e) = evidence.as_mut() {
+            for (side, mirrored) in [(&mut e.candidate, preview), (&mut e.stable, stable_mirrored)] {
+                if let Some(v) = side.as_mut().filter(|_| mirrored) {
+                    v.traffic = Some(Traffic::Mirrored);
+                }
+            }
         }
         if change.to == Phase::Baking {
             // Stable as it was right before the switch: what the bake is judged against while
@@ -322,10 +322,15 @@ impl RouteController {
             if baseline.is_none() && self.config.mirror.is_none() {
                 warn!(route = %self.config.name, "no stable traffic in the window at the switch: the bake runs the absolute guards only");
             }
-            evidence = json!({
-                "baseline": baseline,
-                "stable": { "version": self.stable_version, "window": WindowFigures::of(stable) },
-                "candidate": { "version": self.rollout.candidate_version(), "window": WindowFigures::of(judged), "traffic": "mirrored" },
+            let candidate = VersionEvidence {
+                traffic: Some(Traffic::Mirrored),
+                ..VersionEvidence::of(self.rollout.candidate_version(), Some(WindowFigures::of(judged)))
+            };
+            evidence = Some(Evidence {
+                baseline: baseline.clone(),
+                stable: Some(VersionEvidence::of(&self.stable_version, Some(WindowFigures::of(stable)))),
+                candidate: Some(candidate),
+                ..Evidence::default()
             });
             self.judge.set_baseline(baseline);
         }
@@ -351,8 +356,8 @@ impl RouteController {
             self.judge = judge_of(&self.config, JudgeState::default());
         }
         let evidence = match (cmd, windows) {
-            (Command::Abort, Some((s, c))) => self.evidence("manual", s, c, now),
-            _ => json!(null),
+            (Command::Abort, Some((s, c))) => Some(self.evidence(Cause::Manual, s, c, now)),
+            _ => None,
         };
         match self.apply(change, evidence, out) {
             Ok(Applied::Recorded) => Ok(()),
@@ -387,15 +392,16 @@ impl RouteController {
         }
     }
 
-    fn evidence(&self, rule: &str, stable: WindowFigures, candidate: WindowFigures, now: Instant) -> serde_json::Value {
+    fn evidence(&self, cause: Cause, stable: WindowFigures, candidate: WindowFigures, now: Instant) -> Evidence {
         let detected = SystemTime::now() - now.elapsed();
-        json!({
-            "rule": rule,
-            "judge": self.judge.figures(),
-            "stable": { "version": self.stable_version, "window": stable },
-            "candidate": { "version": self.rollout.candidate_version(), "window": candidate },
-            "detected_at": timestamp(detected),
-        })
+        Evidence {
+            rule: Some(cause),
+            judge: Some(self.judge.figures().clone()),
+            stable: Some(VersionEvidence::of(&self.stable_version, Some(stable))),
+            candidate: Some(VersionEvidence::of(self.rollout.candidate_version(), Some(candidate))),
+            detected_at: Some(timestamp(detected)),
+            ..Evidence::default()
+        }
     }
 
     /// Journal, then traffic, then everyone else. A rollback goes to traffic even when the
@@ -404,7 +410,7 @@ impl RouteController {
     fn apply(
         &mut self,
         change: Change,
-        evidence: serde_json::Value,
+        evidence: Option<Evidence>,
         out: &Outputs<'_>,
     ) -> Result<Applied, JournalError> {
         let candidate = self.rollout.candidate_version().to_string();
@@ -450,9 +456,9 @@ impl RouteController {
             self.keep_unrecorded(&event, e, out);
         }
         if change.kind == EventKind::RolledBack {
-            let rule = event.evidence.get("rule").and_then(|r| r.as_str()).unwrap_or("manual").to_string();
+            let rule = Evidence::rule_label(event.evidence.as_ref());
             warn!(route = %self.config.name, candidate = self.rollout.candidate_version(), %rule, "candidate rolled back to 0%");
-            out.telemetry.route_counter(ROLLBACKS_TOTAL, &self.config.name, "rule", rule).increment(1);
+            out.telemetry.route_counter(ROLLBACKS_TOTAL, &self.config.name, "rule", rule.to_string()).increment(1);
         } else {
             info!(route = %self.config.name, kind = change.kind.label(), phase = change.to.label(), weight = event.candidate_weight, "rollout transition");
         }

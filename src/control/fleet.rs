@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use metrics::Gauge;
-use serde_json::json;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -35,10 +34,11 @@ use crate::fleet::counters::{Counters, FleetSum};
 use crate::fleet::record::{Identity, RolloutRecord, RouteCheckpoint};
 use crate::fleet::{Fleet, FleetView, Versioned, Write, WriteError, Written};
 use crate::journal::{Event, timestamp};
+use crate::rollout::evidence::{Cause, Evidence, FleetDecider, VersionEvidence};
 use crate::rollout::fleet_status::{
     FleetAlpha, FleetMember, FleetRecord, FleetStatus, MemberFigures, MergedWindows, Standing,
 };
-use crate::rollout::judge::{FleetConfidence, Judge, JudgeState, Observation, Verdict};
+use crate::rollout::judge::{FleetConfidence, Judge, JudgeState, Observation, RuleKind, Verdict};
 use crate::rollout::machine::{Change, Command, EventKind, Machine, MachineState, Plan};
 use crate::rollout::{Phase, RolloutState};
 use crate::route_state::RouteRuntime;
@@ -426,9 +426,9 @@ impl FleetRoute {
             let (stable, judged, stable_mirrored) = judged_readings(phase, local.0, local.1, local.2);
             let obs = observation(stable, judged, pairs, v.record.weight_bp, stable_mirrored);
             if let Verdict::Failing(f) = self.local.0.evaluate(&obs) {
-                let evidence = self.evidence(f.rule.label(), "local", &self.local.0, stable, judged);
+                let evidence = self.evidence(f.rule, "local", &self.local.0, stable, judged);
                 let reason = format!("rule {} tripped on {}'s own traffic", f.rule, self.node);
-                self.brake(v, reason, f.rule.label(), evidence, out);
+                self.brake(v, reason, evidence, out);
                 return;
             }
         }
@@ -478,9 +478,9 @@ impl FleetRoute {
         self.rollout.set_view(|rv| rv.judge = figures);
         if let Verdict::Failing(f) = &verdict {
             let evidence =
-                self.evidence(f.rule.label(), "merged", &self.lead.as_ref().expect("leading").judge, stable_r, judged);
+                self.evidence(f.rule, "merged", &self.lead.as_ref().expect("leading").judge, stable_r, judged);
             let reason = format!("rule {} tripped on the fleet's merged traffic", f.rule);
-            self.brake(v, reason, f.rule.label(), evidence, out);
+            self.brake(v, reason, evidence, out);
             return;
         }
         let Some(change) = lead.machine.observe(now, judged.tick.requests(), &verdict) else { return };
@@ -495,7 +495,7 @@ impl FleetRoute {
     fn start(&mut self, previous: Option<&Versioned>, now: Instant) {
         let mut machine = Machine::new(Plan::of(&self.config.rollout), now);
         let Some(change) = machine.start(now) else { return };
-        let event = self.event(&change, json!(null));
+        let event = self.event(&change, None);
         let record = RolloutRecord {
             route: self.config.name.clone(),
             identity: self.identity.clone(),
@@ -514,7 +514,8 @@ impl FleetRoute {
     }
 
     /// Pulls the brake: weight 0 now, the rollback in the local journal, then in the record.
-    fn brake(&mut self, v: &Versioned, reason: String, rule: &str, evidence: serde_json::Value, out: &Outputs<'_>) {
+    fn brake(&mut self, v: &Versioned, reason: String, evidence: Evidence, out: &Outputs<'_>) {
+        let rule = Evidence::rule_label(Some(&evidence)).to_string();
         self.rollout.set_weight_bp(0);
         let change = Change {
             kind: EventKind::RolledBack,
@@ -524,9 +525,9 @@ impl FleetRoute {
             weight_bp: 0,
             reason,
         };
-        let event = self.event(&change, evidence);
+        let event = self.event(&change, Some(evidence));
         warn!(route = %self.config.name, candidate = %self.identity.candidate, %rule, reason = %event.reason, "candidate rolled back to 0%");
-        out.telemetry.route_counter(ROLLBACKS_TOTAL, &self.config.name, "rule", rule.to_string()).increment(1);
+        out.telemetry.route_counter(ROLLBACKS_TOTAL, &self.config.name, "rule", rule).increment(1);
         self.journal(&event, out);
         self.brake = Some(Brake { epoch: v.record.epoch, event: event.clone(), sent: Instant::now() });
         self.standing = Standing::Braked;
@@ -599,13 +600,14 @@ impl FleetRoute {
         let mut record = self.next_record(&v.record, &change, machine.state().clone(), judge);
         if change.kind == EventKind::RolledBack {
             let figures = self.merged.last.as_ref().map(|(s, c, _)| (WindowFigures::of(s), WindowFigures::of(c)));
-            let evidence = json!({
-                "rule": "manual",
-                "node": self.node,
-                "stable": { "version": self.identity.stable, "window": figures.as_ref().map(|f| &f.0) },
-                "candidate": { "version": self.identity.candidate, "window": figures.as_ref().map(|f| &f.1) },
+            let (stable, candidate) = figures.unzip();
+            record.last_event.evidence = Some(Evidence {
+                rule: Some(Cause::Manual),
+                node: Some(self.node.clone()),
+                stable: Some(VersionEvidence::of(&self.identity.stable, stable)),
+                candidate: Some(VersionEvidence::of(&self.identity.candidate, candidate)),
+                ..Evidence::default()
             });
-            record.last_event.evidence = evidence;
             record.rollback = Some(record.last_event.clone());
         }
         if cmd == Command::Retry {
@@ -622,7 +624,7 @@ impl FleetRoute {
         machine: MachineState,
         judge: JudgeState,
     ) -> RolloutRecord {
-        let event = self.event(change, json!(null));
+        let event = self.event(change, None);
         RolloutRecord {
             route: record.route.clone(),
             identity: record.identity.clone(),
@@ -638,27 +640,28 @@ impl FleetRoute {
         }
     }
 
-    fn event(&self, change: &Change, evidence: serde_json::Value) -> Event {
+    fn event(&self, change: &Change, evidence: Option<Evidence>) -> Event {
         let (route, id) = (&self.config.name, &self.identity);
         Event::of(timestamp(SystemTime::now()), route, change, evidence, &id.candidate, &id.stable)
     }
 
     fn evidence(
         &self,
-        rule: &str,
+        rule: RuleKind,
         judge_kind: &str,
         judge: &Judge,
         stable: &Reading,
         candidate: &Reading,
-    ) -> serde_json::Value {
-        json!({
-            "rule": rule,
-            "judge": judge.figures(),
-            "fleet": { "judge": judge_kind, "node": self.node },
-            "stable": { "version": self.identity.stable, "window": WindowFigures::of(stable) },
-            "candidate": { "version": self.identity.candidate, "window": WindowFigures::of(candidate) },
-            "detected_at": timestamp(SystemTime::now()),
-        })
+    ) -> Evidence {
+        Evidence {
+            rule: Some(Cause::Rule(rule)),
+            judge: Some(judge.figures().clone()),
+            fleet: Some(FleetDecider { judge: judge_kind.to_string(), node: self.node.clone() }),
+            stable: Some(VersionEvidence::of(&self.identity.stable, Some(WindowFigures::of(stable)))),
+            candidate: Some(VersionEvidence::of(&self.identity.candidate, Some(WindowFigures::of(candidate)))),
+            detected_at: Some(timestamp(SystemTime::now())),
+            ..Evidence::default()
+        }
     }
 
     fn send(&mut self, base: Option<i64>, record: RolloutRecord, as_leader: bool, reply: Option<Reply>) {

@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::Event;
+use crate::rollout::evidence::Evidence;
 
 /// Size of a marker file: a rollback event with its evidence fits with room to spare.
 pub(crate) const MARKER_LEN: usize = 16 * 1024;
@@ -47,8 +48,8 @@ pub(crate) fn prepare(dir: &Path, route: &str) -> io::Result<()> {
 pub(crate) fn write(dir: &Path, event: &Event) -> io::Result<()> {
     let mut body = serde_json::to_vec(event).map_err(io::Error::other)?;
     if body.len() >= MARKER_LEN {
-        let rule = event.evidence.get("rule").cloned().unwrap_or(serde_json::Value::Null);
-        let slim = Event { evidence: serde_json::json!({ "rule": rule }), ..event.clone() };
+        let rule = event.evidence.as_ref().and_then(|e| e.rule.clone());
+        let slim = Event { evidence: Some(Evidence { rule, ..Evidence::default() }), ..event.clone() };
         body = serde_json::to_vec(&slim).map_err(io::Error::other)?;
     }
     if body.len() >= MARKER_LEN {

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Phase;
+use super::evidence::Evidence;
 use super::machine::{Change, EventKind};
 
 /// A journal event; also the body POSTed to webhooks.
@@ -27,9 +28,9 @@ pub struct Event {
     pub candidate_weight: f64,
     /// Why.
     pub reason: String,
-    /// The judge's figures behind the decision (rollbacks), or `null`.
+    /// The figures behind the decision (rollbacks, a blue-green switch), or `null`.
     #[serde(default)]
-    pub evidence: serde_json::Value,
+    pub evidence: Option<Evidence>,
     /// Step after, when on one.
     #[serde(default)]
     pub step: Option<usize>,
@@ -48,7 +49,7 @@ impl Event {
         at: String,
         route: &str,
         change: &Change,
-        evidence: serde_json::Value,
+        evidence: Option<Evidence>,
         candidate: &str,
         stable: &str,
     ) -> Event {

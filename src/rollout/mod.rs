@@ -5,6 +5,7 @@
 //! request, and the state survives a reload as long as the candidate version is unchanged.
 
 pub mod event;
+pub mod evidence;
 pub mod fleet_status;
 pub mod judge;
 pub mod machine;

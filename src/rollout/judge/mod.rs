@@ -129,6 +129,18 @@ pub enum RuleState {
     Fired,
 }
 
+impl RuleState {
+    /// The state's name, as the admin API spells it.
+    pub fn label(self) -> &'static str {
+        match self {
+            RuleState::Quiet => "quiet",
+            RuleState::Watching => "watching",
+            RuleState::Suppressed => "suppressed",
+            RuleState::Fired => "fired",
+        }
+    }
+}
+
 /// One rule's live figures, so an operator can see why the judge decided.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RuleFigures {
