@@ -630,7 +630,7 @@ async fn fails_one_in(every: u64, text: &'static str) -> (Upstream, Arc<AtomicU6
     let served = Arc::new(AtomicU64::new(0));
     let n = served.clone();
     let upstream = Upstream::start(move |_| {
-        let failing = (n.fetch_add(1, Ordering::Relaxed) + 1) % every == 0;
+        let failing = (n.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(every);
         async move {
             let mut r = Response::new(full(text));
             if failing {
