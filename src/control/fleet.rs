@@ -346,13 +346,6 @@ impl FleetRoute {
         self.reason = (!reason.is_empty()).then_some(reason);
         self.mismatch_gauge.set(if standing == Standing::Mismatch { 1.0 } else { 0.0 });
         self.leader_gauge.set(if self.leading(view) { 1.0 } else { 0.0 });
-        if self.rollout.weight_bp() != weight {
-            info!(route = %route, weight = f64::from(weight) / 100.0, standing = standing.label(), "fleet: candidate weight applied");
-        }
-        self.rollout.set_weight_bp(weight);
-        if let Some(v) = record.as_ref().filter(|_| standing != Standing::Mismatch) {
-            self.journal(&v.record.last_event, out);
-        }
         let following = record.as_ref().filter(|_| matches!(standing, Standing::Following | Standing::Braked));
         self.rollout.set_view(|rv| match following {
             Some(v) => {
@@ -368,7 +361,16 @@ impl FleetRoute {
                 rv.step = None;
             }
         });
+        // Status first, then traffic: whoever reads the new weight also reads the record it
+        // came from. The local journal (a file write) comes last.
         self.publish_status(view);
+        if self.rollout.weight_bp() != weight {
+            info!(route = %route, weight = f64::from(weight) / 100.0, standing = standing.label(), "fleet: candidate weight applied");
+        }
+        self.rollout.set_weight_bp(weight);
+        if let Some(v) = record.as_ref().filter(|_| standing != Standing::Mismatch) {
+            self.journal(&v.record.last_event, out);
+        }
         if standing == Standing::Braked
             && self.inflight.is_none()
             && let (Some(v), Some(b)) = (&record, self.brake.as_mut())

@@ -3,18 +3,26 @@
 //! A session connects, grants a lease of `lease_ttl`, reads every key of the fleet, then
 //! watches them from the revision it read at, so no change falls between the read and the
 //! watch. While it lasts it keeps the lease alive, publishes the replica's report, campaigns
-//! and resigns, and performs writes. Any error ends the session: the view is marked
-//! disconnected (traffic keeps the weights last applied), and a new session starts after a
-//! short pause, with a new lease. Every etcd call has a deadline, so a partition never hangs
-//! the agent.
+//! and resigns, and performs writes.
+//!
+//! The member answering "no leader" or "request timed out" (an election under way, a slow
+//! quorum) or not answering in time does not end the session while its lease is still
+//! valid: the failed call is retried at its next tick, a broken keep-alive or watch stream is
+//! opened again (each watch from the revision after the last event it delivered, so nothing
+//! is missed or seen twice), and the session goes on with its lease and its leaderships. A
+//! refused connection, a rejected request, a lease etcd reports gone, or no renewal for a
+//! whole `lease_ttl` end it: the view is marked disconnected (traffic keeps the weights last
+//! applied), and a new session starts after a short pause, on the next member, with a new
+//! lease. Every etcd call has a deadline, so a partition never hangs the agent.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
-    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions, WatchStream,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -52,8 +60,31 @@ enum SessionError {
     Config(String),
     #[error("the lease expired")]
     LeaseLost,
+    #[error("the lease could not be renewed for {0:?}")]
+    Unrenewed(Duration),
+    #[error("the lease keep-alive stream ended")]
+    KeepAliveEnded,
     #[error("the watch ended: {0}")]
     WatchEnded(String),
+    #[error("the watch fell behind etcd's compaction (revision {0})")]
+    Compacted(i64),
+}
+
+impl SessionError {
+    /// Whether the member answered that the cluster cannot serve right now (no leader, an
+    /// election, a slow quorum) or did not answer in time: worth waiting out while the lease
+    /// lasts. etcd's own clients tell these apart by the same messages.
+    fn transient(&self) -> bool {
+        let busy = |m: &str| {
+            ["no leader", "leader changed", "request timed out", "too many requests"].iter().any(|b| m.contains(b))
+        };
+        match self {
+            SessionError::Timeout(_) | SessionError::KeepAliveEnded => true,
+            SessionError::Etcd(etcd_client::Error::GRpcStatus(s)) => busy(s.message()),
+            SessionError::WatchEnded(reason) => reason.is_empty() || busy(reason),
+            _ => false,
+        }
+    }
 }
 
 async fn call<T>(f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, SessionError> {
@@ -228,7 +259,7 @@ impl Agent {
         let mut client = Self::connect(config, attempt).await?;
         let ttl = i64::try_from(config.lease_ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let lease = call(client.lease_grant(ttl, None)).await?.id();
-        let (mut keeper, mut alive) = call(client.lease_keep_alive(lease)).await?;
+        let (keeper, alive) = call(client.lease_keep_alive(lease)).await?;
         let keys = Keys::new(&config.prefix);
         let mut s = Session {
             client,
@@ -253,12 +284,8 @@ impl Agent {
                 }
             }
         }
-        let from = |rev| Some(WatchOptions::new().with_prefix().with_start_revision(rev));
-        let (mut watcher, mut watch) =
-            call(s.client.watch(s.keys.folder(WATCHED[0]), from(revision + 1))).await?.split();
-        for k in &WATCHED[1..] {
-            call(watcher.watch(s.keys.folder(k), from(revision + 1))).await?;
-        }
+        let mut next = [revision + 1; WATCHED.len()];
+        let mut watch = Some(open_watches(&mut s, &next).await?);
         info!(node = %s.node, lease, members = s.view.members.len(), records = s.view.records.len(), "fleet: etcd session up");
         self.connected.set(1.0);
         self.session_up = true;
@@ -266,6 +293,8 @@ impl Agent {
         // The report right away, so a starting replica counts at once.
         self.publish_report(&mut s).await?;
 
+        let mut lease_state = LeaseState { ttl: config.lease_ttl, renewed: Instant::now(), troubled: false };
+        let mut keep: Option<(LeaseKeeper, LeaseKeepAliveStream)> = Some((keeper, alive));
         let mut keep_alive = tokio::time::interval((config.lease_ttl / 3).max(Duration::from_millis(200)));
         let mut publish = tokio::time::interval(config.publish_interval);
         let mut campaign = tokio::time::interval(CAMPAIGN_EVERY);
@@ -276,22 +305,90 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = keep_alive.tick() => {
-                    call(keeper.keep_alive()).await?;
+                    lease_state.check()?;
+                    if keep.is_none() {
+                        match call(s.client.lease_keep_alive(lease)).await {
+                            Ok(k) => keep = Some(k),
+                            Err(e) => lease_state.absorb(e)?,
+                        }
+                    }
+                    if let Some((keeper, _)) = keep.as_mut()
+                        && let Err(e) = call(keeper.keep_alive()).await
+                    {
+                        keep = None;
+                        lease_state.absorb(e)?;
+                    }
+                    if watch.is_none() {
+                        match open_watches(&mut s, &next).await {
+                            Ok(w) => watch = Some(w),
+                            Err(e) => lease_state.absorb(e)?,
+                        }
+                    }
                 }
-                msg = alive.message() => match msg? {
-                    Some(r) if r.ttl() > 0 => {}
-                    _ => return Err(SessionError::LeaseLost),
+                msg = async {
+                    match keep.as_mut() {
+                        Some((_, alive)) => alive.message().await,
+                        None => std::future::pending().await,
+                    }
+                } => match msg {
+                    Ok(Some(r)) if r.ttl() > 0 => lease_state.renewed(),
+                    Ok(Some(_)) => return Err(SessionError::LeaseLost),
+                    Ok(None) => {
+                        keep = None;
+                        lease_state.absorb(SessionError::KeepAliveEnded)?;
+                    }
+                    Err(e) => {
+                        keep = None;
+                        lease_state.absorb(SessionError::from(e))?;
+                    }
                 },
-                _ = publish.tick() => self.publish_report(&mut s).await?,
-                _ = campaign.tick() => self.campaign(&mut s).await?,
-                _ = checkpoint.tick() => self.checkpoint(&mut s).await?,
-                msg = watch.message() => {
-                    let resp = msg?.ok_or_else(|| SessionError::WatchEnded("closed by etcd".into()))?;
+                _ = publish.tick() => {
+                    if let Err(e) = self.publish_report(&mut s).await {
+                        lease_state.absorb(e)?;
+                    }
+                }
+                _ = campaign.tick() => {
+                    if let Err(e) = self.campaign(&mut s).await {
+                        lease_state.absorb(e)?;
+                    }
+                }
+                _ = checkpoint.tick() => {
+                    if let Err(e) = self.checkpoint(&mut s).await {
+                        lease_state.absorb(e)?;
+                    }
+                }
+                msg = async {
+                    match watch.as_mut() {
+                        Some(w) => w.message().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let resp = match msg {
+                        Ok(Some(resp)) => resp,
+                        Ok(None) => {
+                            watch = None;
+                            lease_state.absorb(SessionError::WatchEnded(String::new()))?;
+                            continue;
+                        }
+                        Err(e) => {
+                            watch = None;
+                            lease_state.absorb(SessionError::from(e))?;
+                            continue;
+                        }
+                    };
                     if resp.canceled() {
-                        return Err(SessionError::WatchEnded(resp.cancel_reason().to_string()));
+                        if resp.compact_revision() > 0 {
+                            return Err(SessionError::Compacted(resp.compact_revision()));
+                        }
+                        watch = None;
+                        lease_state.absorb(SessionError::WatchEnded(resp.cancel_reason().to_string()))?;
+                        continue;
                     }
                     for e in resp.events() {
                         let Some(kv) = e.kv() else { continue };
+                        if let Some(i) = kv.key_str().ok().and_then(|k| folder_of(&s.keys, k)) {
+                            next[i] = next[i].max(kv.mod_revision() + 1);
+                        }
                         match e.event_type() {
                             EventType::Put => apply_put(&mut s.view, &s.keys, kv),
                             EventType::Delete => apply_delete(&mut s.view, &s.keys, kv),
@@ -307,7 +404,11 @@ impl Agent {
                         let _ = call(s.client.lease_revoke(s.lease)).await;
                         return Ok(());
                     }
-                    Some(Request::Write(w)) => self.write(&mut s, *w).await?,
+                    Some(Request::Write(w)) => {
+                        if let Err(e) = self.write(&mut s, *w).await {
+                            lease_state.absorb(e)?;
+                        }
+                    }
                     Some(Request::Events { route, limit, reply }) => {
                         let _ = reply.send(history(&mut s, route.as_deref(), limit).await);
                     }
@@ -488,6 +589,63 @@ impl Agent {
     }
 }
 
+/// How a session's lease is doing: when it was last renewed, and whether calls are failing.
+struct LeaseState {
+    ttl: Duration,
+    renewed: Instant,
+    troubled: bool,
+}
+
+impl LeaseState {
+    /// Ends the session once the lease has gone a whole `lease_ttl` without renewal: it has
+    /// expired on etcd's side, and with it this session's keys and leaderships.
+    fn check(&self) -> Result<(), SessionError> {
+        let since = self.renewed.elapsed();
+        if since >= self.ttl { Err(SessionError::Unrenewed(since)) } else { Ok(()) }
+    }
+
+    /// Keeps the session through `e` when it is transient and the lease still holds.
+    fn absorb(&mut self, e: SessionError) -> Result<(), SessionError> {
+        if !e.transient() {
+            return Err(e);
+        }
+        self.check()?;
+        if !std::mem::replace(&mut self.troubled, true) {
+            warn!(error = %e, "fleet: etcd cannot serve right now; keeping the session while its lease lasts");
+        }
+        Ok(())
+    }
+
+    fn renewed(&mut self) {
+        self.renewed = Instant::now();
+        if std::mem::replace(&mut self.troubled, false) {
+            info!("fleet: etcd serves again; the session and its lease held");
+        }
+    }
+}
+
+/// The watches of every [`WATCHED`] folder, each from its revision in `next`.
+async fn open_watches(s: &mut Session, next: &[i64; WATCHED.len()]) -> Result<WatchStream, SessionError> {
+    let from = |rev| Some(WatchOptions::new().with_prefix().with_start_revision(rev));
+    let mut stream = call(s.client.watch(s.keys.folder(WATCHED[0]), from(next[0]))).await?;
+    for (k, rev) in WATCHED.iter().zip(next).skip(1) {
+        call(stream.watch(s.keys.folder(k), from(*rev))).await?;
+    }
+    Ok(stream)
+}
+
+/// Which of the [`WATCHED`] folders `key` is in.
+fn folder_of(keys: &Keys, key: &str) -> Option<usize> {
+    let kind = match keys.parse(key)? {
+        Key::Rollout(_) => "rollouts",
+        Key::Leader(_) => "leaders",
+        Key::Member(_) => "members",
+        Key::Checkpoint(_) => "checkpoints",
+        Key::Counter(_) | Key::Event => return None,
+    };
+    WATCHED.iter().position(|w| *w == kind)
+}
+
 /// The fleet's newest `limit` events, oldest first.
 async fn history(s: &mut Session, route: Option<&str>, limit: usize) -> Result<Vec<Event>, HistoryError> {
     let mut opts = GetOptions::new().with_prefix();
@@ -593,4 +751,52 @@ fn reports(data: &DataPlane, node: &str, standings: &HashMap<String, Standing>) 
         MemberReport { node: node.to_string(), at_ms, routes: member },
         CounterReport { node: node.to_string(), at_ms, routes: counted },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> SessionError {
+        SessionError::Etcd(etcd_client::Error::GRpcStatus(tonic::Status::new(code, message)))
+    }
+
+    #[test]
+    fn an_election_or_a_slow_quorum_is_waited_out_and_a_dead_member_is_not() {
+        for busy in ["etcdserver: no leader", "etcdserver: leader changed", "etcdserver: request timed out"] {
+            assert!(status(tonic::Code::Unavailable, busy).transient(), "{busy}");
+        }
+        assert!(SessionError::Timeout(CALL_TIMEOUT).transient());
+        assert!(SessionError::WatchEnded("etcdserver: no leader".into()).transient());
+        assert!(!status(tonic::Code::Unavailable, "tcp connect error: Connection refused").transient());
+        assert!(!status(tonic::Code::NotFound, "etcdserver: requested lease not found").transient());
+        assert!(!status(tonic::Code::PermissionDenied, "etcdserver: permission denied").transient());
+        assert!(!SessionError::LeaseLost.transient());
+        assert!(!SessionError::Compacted(7).transient());
+    }
+
+    #[test]
+    fn a_lease_unrenewed_for_its_ttl_ends_the_session_even_through_transient_errors() {
+        let mut fresh = LeaseState { ttl: Duration::from_secs(5), renewed: Instant::now(), troubled: false };
+        assert!(fresh.absorb(SessionError::Timeout(CALL_TIMEOUT)).is_ok());
+        assert!(fresh.troubled);
+        assert!(fresh.absorb(SessionError::LeaseLost).is_err(), "not transient");
+        fresh.renewed();
+        assert!(!fresh.troubled);
+        let past = Instant::now().checked_sub(Duration::from_secs(6)).expect("an instant 6 s ago");
+        let mut stale = LeaseState { ttl: Duration::from_secs(5), renewed: past, troubled: false };
+        assert!(matches!(stale.absorb(SessionError::Timeout(CALL_TIMEOUT)), Err(SessionError::Unrenewed(_))));
+        assert!(stale.check().is_err());
+    }
+
+    #[test]
+    fn each_watched_folder_resumes_from_its_own_events() {
+        let keys = Keys::new("/veer/edge");
+        assert_eq!(folder_of(&keys, &keys.rollout("web")), Some(0));
+        assert_eq!(folder_of(&keys, &keys.leader("web")), Some(1));
+        assert_eq!(folder_of(&keys, &keys.member("n1")), Some(2));
+        assert_eq!(folder_of(&keys, &keys.checkpoint("n1")), Some(3));
+        assert_eq!(folder_of(&keys, &keys.counter("n1")), None, "counters are not watched");
+        assert_eq!(folder_of(&keys, "/other/rollouts/web"), None);
+    }
 }

@@ -589,7 +589,6 @@ async fn with_etcd_down_to_one_member_the_fleet_serves_holds_and_still_brakes() 
 }
 
 #[tokio::test]
-#[ignore = "known bug: a replica can still lose its etcd session with one member of three down under load; run with --ignored"]
 async fn one_etcd_member_down_of_three_leaves_every_replica_connected() {
     let Some(mut etcd) = Etcd::start(3).await else { return };
     let (stable, candidate) = (Upstream::text("v1").await, Upstream::text("v2").await);
@@ -644,10 +643,12 @@ async fn fails_one_in(every: u64, text: &'static str) -> (Upstream, Arc<AtomicU6
 }
 
 /// Candidate requests served before `replicas` (all of a fleet, or one veer) roll a
-/// candidate failing 5% of its requests back, stable failing 1%, at 300 requests a second
-/// spread round robin over them.
+/// candidate failing 5% of its requests back, stable failing 1%, at 100 requests a second
+/// spread round robin over them: 10 a second to the candidate, so that the fleet's extra
+/// path from a replica's counters to every replica's weight (a few hundred milliseconds on a
+/// busy machine) costs a few requests, not the comparison.
 async fn five_vs_one_detection(client: &HttpClient, replicas: &[&Veer], candidate_served: &AtomicU64) -> u64 {
-    let traffic = Traffic::start(replicas.iter().map(|v| v.http).collect(), Duration::from_micros(3333));
+    let traffic = Traffic::start(replicas.iter().map(|v| v.http).collect(), Duration::from_millis(10));
     let deadline = Instant::now() + Duration::from_secs(90);
     for v in replicas {
         loop {
