@@ -220,13 +220,12 @@ impl Agent {
         }
     }
 
-    /// A client of one etcd member, `config.etcd[attempt % n]`: a session talks to one member
+    /// A client of one etcd member, `endpoint` (`config.etcd[attempt % n]`): a session talks to one member
     /// and the next session to the next one. (A client balanced over every member keeps
     /// sending part of its calls to a dead one, failing them while the cluster has quorum.)
     /// Calls need the member to have a leader, so a member cut off from the quorum fails them
     /// at once instead of after etcd's own timeout, and the session moves on.
-    async fn connect(config: &crate::config::ClusterConfig, attempt: u64) -> Result<Client, SessionError> {
-        let endpoint = &config.etcd[usize::try_from(attempt).unwrap_or(0) % config.etcd.len().max(1)];
+    async fn connect(config: &crate::config::ClusterConfig, endpoint: &str) -> Result<Client, SessionError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_timeout(CALL_TIMEOUT)
@@ -256,7 +255,8 @@ impl Agent {
 
     /// One session; `Ok` only when the fleet is gone (veer is stopping).
     async fn session(&mut self, config: &crate::config::ClusterConfig, attempt: u64) -> Result<(), SessionError> {
-        let mut client = Self::connect(config, attempt).await?;
+        let endpoint = &config.etcd[usize::try_from(attempt).unwrap_or(0) % config.etcd.len().max(1)];
+        let mut client = Self::connect(config, endpoint).await?;
         let ttl = i64::try_from(config.lease_ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let lease = call(client.lease_grant(ttl, None)).await?.id();
         let (keeper, alive) = call(client.lease_keep_alive(lease)).await?;
@@ -286,7 +286,7 @@ impl Agent {
         }
         let mut next = [revision + 1; WATCHED.len()];
         let mut watch = Some(open_watches(&mut s, &next).await?);
-        info!(node = %s.node, lease, members = s.view.members.len(), records = s.view.records.len(), "fleet: etcd session up");
+        info!(node = %s.node, etcd = %endpoint, lease, members = s.view.members.len(), records = s.view.records.len(), "fleet: etcd session up");
         self.connected.set(1.0);
         self.session_up = true;
         self.publish_view(&s.view);

@@ -467,6 +467,13 @@ impl Veer {
         self.child.id()
     }
 
+    /// Every JSON log line so far whose message is `message`, oldest first.
+    pub fn logged(&self, message: &str) -> Vec<serde_json::Value> {
+        let later = self.later_logs.lock().unwrap_or_else(|e| e.into_inner());
+        let parsed = later.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        self.startup_logs.iter().cloned().chain(parsed).filter(|v| v["fields"]["message"] == message).collect()
+    }
+
     /// The last `n` log lines written after startup.
     pub fn logs(&self, n: usize) -> String {
         let lines = self.later_logs.lock().unwrap_or_else(|e| e.into_inner());

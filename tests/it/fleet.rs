@@ -598,14 +598,19 @@ async fn one_etcd_member_down_of_three_leaves_every_replica_connected() {
     let all: Vec<&Replica> = replicas.iter().collect();
     all_at(&client, &all, 10.0, Duration::from_secs(20)).await;
     etcd.kill(1);
+    let dead = etcd.client_url(1);
+    let sessions = |r: &Replica| r.veer().logged("fleet: etcd session up");
     // A replica whose session was on the dead member moves to another one...
     for r in &replicas {
-        eventually(Duration::from_secs(10), "the replica is connected with a member down", || async {
-            status(&client, r).await["fleet"]["connected"] == true
+        eventually(Duration::from_secs(10), "the replica is connected to a live member", || async {
+            let on = sessions(r).last().and_then(|v| v["fields"]["etcd"].as_str().map(str::to_string));
+            on.is_some_and(|e| e != dead) && status(&client, r).await["fleet"]["connected"] == true
         })
         .await;
     }
-    // ... and stays there: the cluster has quorum, so no session is lost to the dead member.
+    let before: Vec<usize> = replicas.iter().map(|r| sessions(r).len()).collect();
+    // ... and stays there: the cluster has quorum (and may elect a new etcd leader meanwhile),
+    // so no session is lost any more.
     let watch = Instant::now();
     while watch.elapsed() < Duration::from_secs(4) {
         for r in &replicas {
@@ -620,6 +625,8 @@ async fn one_etcd_member_down_of_three_leaves_every_replica_connected() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let after: Vec<usize> = replicas.iter().map(|r| sessions(r).len()).collect();
+    assert_eq!(before, after, "sessions were started again with quorum intact");
 }
 
 /// An upstream answering `text`, except every `every`th request, which gets a 500: errors at
