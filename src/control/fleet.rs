@@ -72,6 +72,25 @@ struct Brake {
 /// How often a brake the record does not have yet is written again.
 const BRAKE_RETRY: Duration = Duration::from_millis(200);
 
+/// How many of a route's newest journal events a starting replica looks through for a brake
+/// of its own the fleet's record may not have.
+const REMEMBERED_EVENTS: usize = 50;
+
+/// The newest rollback this replica (`node`) decided for `identity`'s candidate, from its
+/// journal: a brake pulled while etcd was unreachable must survive a crash. It is sent at
+/// once; [`FleetRoute::follow`] drops it when the record already has it or has moved on to
+/// another epoch.
+fn remembered_brake(recent: &[Event], identity: &Identity, node: &str) -> Option<Brake> {
+    let event = recent.iter().rev().find(|e| {
+        e.kind == EventKind::RolledBack
+            && e.candidate_version == identity.candidate
+            && e.evidence.as_ref().and_then(|x| x.fleet.as_ref()).is_some_and(|f| f.node == node)
+    })?;
+    let epoch = event.evidence.as_ref()?.fleet.as_ref()?.epoch?;
+    let sent = Instant::now().checked_sub(BRAKE_RETRY).unwrap_or_else(Instant::now);
+    Some(Brake { epoch, event: event.clone(), sent })
+}
+
 /// What the leader keeps between ticks.
 struct Lead {
     machine: Machine,
@@ -222,7 +241,9 @@ impl FleetRoute {
     ) -> FleetRoute {
         let identity = Identity::of(config).expect("a route with a rollout has a candidate");
         rollout.set_weight_bp(0);
-        let journaled = out.journal.events(Some(&config.name), Some(1)).pop().map(|e| (e.at, e.kind));
+        let recent = out.journal.events(Some(&config.name), Some(REMEMBERED_EVENTS));
+        let journaled = recent.last().map(|e| (e.at.clone(), e.kind));
+        let brake = remembered_brake(&recent, &identity, fleet.node());
         let last_pairs = runtime.candidate.as_ref().map_or((0, 0), |(_, v)| {
             (v.mirror_pairs.compared.load(Ordering::Relaxed), v.mirror_pairs.mismatched.load(Ordering::Relaxed))
         });
@@ -235,7 +256,7 @@ impl FleetRoute {
             local: (judge_at(config, confidence, JudgeState::default()), 1, 0),
             merged: Merged::default(),
             lead: None,
-            brake: None,
+            brake,
             inflight: None,
             standing: Standing::Waiting,
             reason: Some("the fleet's record has not been read yet".into()),
@@ -428,7 +449,7 @@ impl FleetRoute {
             let (stable, judged, stable_mirrored) = judged_readings(phase, local.0, local.1, local.2);
             let obs = observation(stable, judged, pairs, v.record.weight_bp, stable_mirrored);
             if let Verdict::Failing(f) = self.local.0.evaluate(&obs) {
-                let evidence = self.evidence(f.rule, "local", &self.local.0, stable, judged);
+                let evidence = self.evidence(f.rule, ("local", v.record.epoch), &self.local.0, stable, judged);
                 let reason = format!("rule {} tripped on {}'s own traffic", f.rule, self.node);
                 self.brake(v, reason, evidence, out);
                 return;
@@ -479,8 +500,13 @@ impl FleetRoute {
         let figures = lead.judge.figures().clone();
         self.rollout.set_view(|rv| rv.judge = figures);
         if let Verdict::Failing(f) = &verdict {
-            let evidence =
-                self.evidence(f.rule, "merged", &self.lead.as_ref().expect("leading").judge, stable_r, judged);
+            let evidence = self.evidence(
+                f.rule,
+                ("merged", v.record.epoch),
+                &self.lead.as_ref().expect("leading").judge,
+                stable_r,
+                judged,
+            );
             let reason = format!("rule {} tripped on the fleet's merged traffic", f.rule);
             self.brake(v, reason, evidence, out);
             return;
@@ -650,7 +676,7 @@ impl FleetRoute {
     fn evidence(
         &self,
         rule: RuleKind,
-        judge_kind: &str,
+        (judge_kind, epoch): (&str, u64),
         judge: &Judge,
         stable: &Reading,
         candidate: &Reading,
@@ -658,7 +684,7 @@ impl FleetRoute {
         Evidence {
             rule: Some(Cause::Rule(rule)),
             judge: Some(judge.figures().clone()),
-            fleet: Some(FleetDecider { judge: judge_kind.to_string(), node: self.node.clone() }),
+            fleet: Some(FleetDecider { judge: judge_kind.to_string(), node: self.node.clone(), epoch: Some(epoch) }),
             stable: Some(VersionEvidence::of(&self.identity.stable, Some(WindowFigures::of(stable)))),
             candidate: Some(VersionEvidence::of(&self.identity.candidate, Some(WindowFigures::of(candidate)))),
             detected_at: Some(timestamp(SystemTime::now())),

@@ -90,6 +90,11 @@ pub struct FleetDecider {
     pub judge: String,
     /// The replica that decided.
     pub node: String,
+    /// The fleet rollout (the record's epoch) it decided about: a replica that braked while
+    /// etcd was unreachable and then crashed finds its brake in its journal and still writes
+    /// it, unless the fleet has moved on to another epoch meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// The figures behind a transition: a rollback's (rule, judge, both windows) or a blue-green

@@ -717,3 +717,60 @@ async fn a_slight_regression_is_caught_by_three_replicas_after_as_many_requests_
     let rollback = status(&client, &replicas[0]).await;
     assert_eq!(rollback["rollback"]["rule"], "error_rate", "{rollback}");
 }
+
+#[tokio::test]
+async fn a_brake_pulled_while_etcd_is_down_survives_a_crash_of_the_replica() {
+    let Some(mut etcd) = Etcd::start(1).await else { return };
+    let bad = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let (b, n) = (bad.clone(), served.clone());
+    let candidate = Upstream::start(move |_| {
+        n.fetch_add(1, Ordering::Relaxed);
+        let failing = b.load(Ordering::Relaxed);
+        async move {
+            let mut r = Response::new(full("v2"));
+            if failing {
+                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
+        }
+    })
+    .await;
+    let stable = Upstream::text("v1").await;
+    let route = healthy_route(stable.addr, candidate.addr, "[20, 100]", "1h");
+    let mut replicas = fleet(&etcd, 1, &route);
+    let client = client();
+    all_at(&client, &[&replicas[0]], 20.0, Duration::from_secs(20)).await;
+    etcd.kill(0);
+    eventually(Duration::from_secs(10), "the replica sees etcd gone", || async {
+        status(&client, &replicas[0]).await["fleet"]["connected"] == false
+    })
+    .await;
+    // The candidate goes bad: the replica brakes on its own traffic, with nowhere to write it
+    // but its journal.
+    bad.store(true, Ordering::Relaxed);
+    let traffic = Traffic::start(vec![replicas[0].http()], Duration::from_millis(5));
+    eventually(Duration::from_secs(10), "the replica brakes without etcd", || async {
+        weight(&status(&client, &replicas[0]).await) == 0.0
+    })
+    .await;
+    traffic.stop().await;
+    // It crashes before etcd is back, and the candidate looks healthy from now on: only the
+    // brake it remembers can still roll the candidate back.
+    replicas[0].veer().signal("KILL");
+    let _ = replicas[0].veer.take();
+    bad.store(false, Ordering::Relaxed);
+    let before = served.load(Ordering::Relaxed);
+    replicas[0].veer = Some(Veer::spawn(&replicas[0].config.path));
+    let traffic = Traffic::start(vec![replicas[0].http()], Duration::from_millis(5));
+    etcd.restart(0).await;
+    eventually(Duration::from_secs(20), "the remembered brake is in the fleet's record", || async {
+        status(&client, &replicas[0]).await["fleet"]["record"]["phase"] == "rolled_back"
+    })
+    .await;
+    let (ok, _, failed) = traffic.stop().await;
+    assert_eq!(failed, 0, "{ok} answered");
+    assert_eq!(served.load(Ordering::Relaxed), before, "the restarted replica never sent a request to the candidate");
+    let s = status(&client, &replicas[0]).await;
+    assert_eq!((weight(&s), s["phase"].as_str()), (0.0, Some("rolled_back")), "{s}");
+}
