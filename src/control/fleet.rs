@@ -179,7 +179,8 @@ pub struct FleetRoute {
     config: RouteConfig,
     identity: Identity,
     node: String,
-    /// This replica's judge of its own traffic, and the member count its share was cut for.
+    /// This replica's judge of its own traffic, the most live members seen in this rollout
+    /// (the judge's share of the false-rollback budget is cut for them), and the rollout's epoch.
     local: (Judge, usize, u64),
     merged: Merged,
     lead: Option<Lead>,
@@ -308,7 +309,9 @@ impl FleetRoute {
         self.config = config.clone();
         self.identity = Identity::of(config).expect("a route with a rollout has a candidate");
         self.lead = None;
-        self.local.1 = 0;
+        // The new settings, the same evidence and the same share of the budget.
+        let state = self.local.0.state().clone();
+        self.local.0 = judge_at(&self.config, self.local_share(self.local.1), state);
         self.follow(&self.fleet.view(), out);
     }
 
@@ -348,8 +351,10 @@ impl FleetRoute {
                 }
                 if self.local.2 != rec.epoch {
                     // A new rollout or a retry: the local evidence starts afresh.
+                    let (live, _) = census(view, &self.config.name);
+                    let members = live.max(1);
                     self.local =
-                        (judge_at(&self.config, self.local_confidence(view), JudgeState::default()), 0, rec.epoch);
+                        (judge_at(&self.config, self.local_share(members), JudgeState::default()), members, rec.epoch);
                 }
                 match &self.brake {
                     Some(b) => (Standing::Braked, b.event.reason.clone(), 0),
@@ -416,9 +421,9 @@ impl FleetRoute {
         self.journaled = Some(key);
     }
 
-    fn local_confidence(&self, view: &FleetView) -> f64 {
-        let (live, _) = census(view, &self.config.name);
-        FleetConfidence::split(self.config.rollback.confidence, live).local
+    /// The local judge's confidence when its share is cut for `members` replicas.
+    fn local_share(&self, members: usize) -> f64 {
+        FleetConfidence::split(self.config.rollback.confidence, members).local
     }
 
     /// One tick with this replica's readings.
@@ -440,10 +445,14 @@ impl FleetRoute {
             && self.standing == Standing::Following
             && judging(v.record.machine.phase)
         {
+            // The share is cut for the most members seen live in this rollout: a count that
+            // drops for a moment (etcd unreachable, a replica restarting) must not loosen a
+            // judge that has been weighing evidence all along.
             let (live, _) = census(view, &route);
-            if self.local.1 != live.max(1) {
+            let members = live.max(self.local.1).max(1);
+            if self.local.1 != members {
                 let state = self.local.0.state().clone();
-                self.local = (judge_at(&self.config, self.local_confidence(view), state), live.max(1), self.local.2);
+                self.local = (judge_at(&self.config, self.local_share(members), state), members, self.local.2);
             }
             let phase = v.record.machine.phase;
             let (stable, judged, stable_mirrored) = judged_readings(phase, local.0, local.1, local.2);
@@ -770,7 +779,9 @@ impl FleetRoute {
             .collect();
         members.sort_by(|a, b| a.node.cmp(&b.node));
         let (live, _) = census(view, route);
-        let split = FleetConfidence::split(self.config.rollback.confidence, live);
+        // The local judge's own share once it judges a rollout, else what it would get now.
+        let cut_for = if self.local.2 == 0 { live } else { self.local.1 };
+        let split = FleetConfidence::split(self.config.rollback.confidence, cut_for);
         let status = FleetStatus {
             node: self.node.clone(),
             connected: view.connected,

@@ -325,6 +325,14 @@ async fn when_the_leader_is_killed_mid_step_another_continues_from_the_same_step
     assert_ne!(new, old);
     for r in &rest {
         assert_eq!(weight(&status(&client, r).await), 30.0, "the survivors stay at the step the fleet was on");
+        // Two members are left, but each local judge keeps the share of the budget it was
+        // cut for three: a member count that drops never loosens a judge mid-rollout.
+        eventually(Duration::from_secs(10), "the dead replica's report expires", || async {
+            status(&client, r).await["fleet"]["members"].as_array().is_some_and(|m| m.len() == 2)
+        })
+        .await;
+        let local = status(&client, r).await["fleet"]["alpha"]["local"].as_f64().expect("local alpha");
+        assert!((local - 0.01 / 6.0).abs() < 1e-9, "{}'s local judge loosened to α = {local}", r.node);
     }
     let _ = all_at(&client, &rest, 100.0, Duration::from_secs(30)).await;
     let (_, _, failed) = traffic.stop().await;
