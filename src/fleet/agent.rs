@@ -220,11 +220,12 @@ impl Agent {
         }
     }
 
-    /// A client of one etcd member, `endpoint` (`config.etcd[attempt % n]`): a session talks to one member
-    /// and the next session to the next one. (A client balanced over every member keeps
-    /// sending part of its calls to a dead one, failing them while the cluster has quorum.)
-    /// Calls need the member to have a leader, so a member cut off from the quorum fails them
-    /// at once instead of after etcd's own timeout, and the session moves on.
+    /// A client of one etcd member, `endpoint` (`config.etcd[attempt % n]`): a session talks
+    /// to one member and the next session to the next one. (A client balanced over every
+    /// member keeps sending part of its calls to a dead one, failing them while the cluster
+    /// has quorum.) Calls need the member to have a leader, so a member cut off from the
+    /// quorum answers "no leader" at once instead of after etcd's own timeout; the session
+    /// waits that out while its lease holds, then moves on.
     async fn connect(config: &crate::config::ClusterConfig, endpoint: &str) -> Result<Client, SessionError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
