@@ -10,8 +10,8 @@
 //! valid: the failed call is retried at its next tick, a broken keep-alive or watch stream is
 //! opened again (each watch from the revision after the last event it delivered, so nothing
 //! is missed or seen twice), and the session goes on with its lease and its leaderships. A
-//! refused connection, a rejected request, a lease etcd reports gone, or no renewal for a
-//! whole `lease_ttl` end it: the view is marked disconnected (traffic keeps the weights last
+//! refused connection, a rejected request, a lease etcd reports gone, or no renewal for
+//! `lease_ttl` plus one call's deadline end it: the view is marked disconnected (traffic keeps the weights last
 //! applied), and a new session starts after a short pause, on the next member, with a new
 //! lease. Every etcd call has a deadline, so a partition never hangs the agent.
 
@@ -75,8 +75,11 @@ impl SessionError {
     /// election, a slow quorum) or did not answer in time: worth waiting out while the lease
     /// lasts. etcd's own clients tell these apart by the same messages.
     fn transient(&self) -> bool {
+        // The last one is the client's own deadline on a call (tonic's words for it).
         let busy = |m: &str| {
-            ["no leader", "leader changed", "request timed out", "too many requests"].iter().any(|b| m.contains(b))
+            ["no leader", "leader changed", "request timed out", "too many requests", "Timeout expired"]
+                .iter()
+                .any(|b| m.contains(b))
         };
         match self {
             SessionError::Timeout(_) | SessionError::KeepAliveEnded => true,
@@ -598,11 +601,14 @@ struct LeaseState {
 }
 
 impl LeaseState {
-    /// Ends the session once the lease has gone a whole `lease_ttl` without renewal: it has
-    /// expired on etcd's side, and with it this session's keys and leaderships.
+    /// Ends the session once the lease has gone `lease_ttl` plus one call's deadline without
+    /// renewal. Until then it may still be valid: etcd refreshes every lease when it elects a
+    /// new leader, and a keep-alive sent before the lease ran out may still be answered. A
+    /// session kept too long costs nothing but time — a leader's writes are checked against
+    /// its leadership by etcd — while one ended too early loses its leaderships.
     fn check(&self) -> Result<(), SessionError> {
         let since = self.renewed.elapsed();
-        if since >= self.ttl { Err(SessionError::Unrenewed(since)) } else { Ok(()) }
+        if since >= self.ttl + CALL_TIMEOUT { Err(SessionError::Unrenewed(since)) } else { Ok(()) }
     }
 
     /// Keeps the session through `e` when it is transient and the lease still holds.
@@ -768,6 +774,7 @@ mod tests {
             assert!(status(tonic::Code::Unavailable, busy).transient(), "{busy}");
         }
         assert!(SessionError::Timeout(CALL_TIMEOUT).transient());
+        assert!(status(tonic::Code::Cancelled, "Timeout expired").transient(), "the client's own call deadline");
         assert!(SessionError::WatchEnded("etcdserver: no leader".into()).transient());
         assert!(!status(tonic::Code::Unavailable, "tcp connect error: Connection refused").transient());
         assert!(!status(tonic::Code::NotFound, "etcdserver: requested lease not found").transient());
@@ -784,7 +791,7 @@ mod tests {
         assert!(fresh.absorb(SessionError::LeaseLost).is_err(), "not transient");
         fresh.renewed();
         assert!(!fresh.troubled);
-        let past = Instant::now().checked_sub(Duration::from_secs(6)).expect("an instant 6 s ago");
+        let past = Instant::now().checked_sub(Duration::from_secs(5) + CALL_TIMEOUT).expect("an instant in the past");
         let mut stale = LeaseState { ttl: Duration::from_secs(5), renewed: past, troubled: false };
         assert!(matches!(stale.absorb(SessionError::Timeout(CALL_TIMEOUT)), Err(SessionError::Unrenewed(_))));
         assert!(stale.check().is_err());
