@@ -223,6 +223,10 @@ async fn forward(
             ex.watch_upload(upload.clone());
             Either::Left(ClientBody::new(body, upload))
         };
+        // The version's latency runs from here, where the request leaves for its upstream (or
+        // from the end of the client's upload, if later): veer's own routing and header work
+        // before it is not the version's, and a mirrored copy is timed from its send too.
+        ex.measure_from(Instant::now());
         let clients = &conn.data.clients;
         return match attempt::send(clients, &mut ex, parts, body, limits).await {
             Ok(resp) => tagged(attempt::respond(ex, resp, client_version, client_upgrade, tap, limits.body_idle), role),
