@@ -34,7 +34,9 @@ use super::record::{
     Checkpoint, CounterReport, CounterRoute, MemberReport, MemberRoute, MirrorCounters, RolloutRecord, Standing,
     unix_ms,
 };
-use super::{Counted, Fleet, FleetView, HistoryError, Leader, Member, Request, Versioned, Write, WriteError, Written};
+use super::{
+    Counted, EtcdHistoryError, Fleet, FleetView, Leader, Member, Request, Versioned, Write, WriteError, Written,
+};
 use crate::data_plane::DataPlane;
 use crate::notify::Notifier;
 use crate::rollout::event::Event;
@@ -218,7 +220,7 @@ impl Agent {
                 }
             }
             Request::Events { reply, .. } => {
-                let _ = reply.send(Err(HistoryError(why.into())));
+                let _ = reply.send(Err(EtcdHistoryError(why.into())));
             }
         }
     }
@@ -654,12 +656,13 @@ fn folder_of(keys: &Keys, key: &str) -> Option<usize> {
 }
 
 /// The fleet's newest `limit` events, oldest first.
-async fn history(s: &mut Session, route: Option<&str>, limit: usize) -> Result<Vec<Event>, HistoryError> {
+async fn history(s: &mut Session, route: Option<&str>, limit: usize) -> Result<Vec<Event>, EtcdHistoryError> {
     let mut opts = GetOptions::new().with_prefix();
     if route.is_some() {
         opts = opts.with_sort(SortTarget::Key, SortOrder::Descend).with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
     }
-    let resp = call(s.client.get(s.keys.events(route), Some(opts))).await.map_err(|e| HistoryError(e.to_string()))?;
+    let resp =
+        call(s.client.get(s.keys.events(route), Some(opts))).await.map_err(|e| EtcdHistoryError(e.to_string()))?;
     let mut events: Vec<Event> = resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
     events.sort_by(|a, b| a.at.cmp(&b.at));
     let skip = events.len().saturating_sub(limit);

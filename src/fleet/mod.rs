@@ -146,14 +146,15 @@ pub struct Written {
     pub outcome: Result<i64, WriteError>,
 }
 
-/// Why the fleet's history could not be read.
+/// Why the fleet's history could not be read from etcd (the admin API sees it as
+/// [`crate::history::HistoryError::Unavailable`]).
 #[derive(Debug, thiserror::Error)]
 #[error("reading the fleet's history from etcd failed: {0}")]
-pub struct HistoryError(String);
+pub struct EtcdHistoryError(String);
 
 enum Request {
     Write(Box<Write>),
-    Events { route: Option<String>, limit: usize, reply: oneshot::Sender<Result<Vec<Event>, HistoryError>> },
+    Events { route: Option<String>, limit: usize, reply: oneshot::Sender<Result<Vec<Event>, EtcdHistoryError>> },
 }
 
 /// This replica's link to the fleet: shared by the control plane, the admin API and the agent.
@@ -242,11 +243,11 @@ impl Fleet {
     }
 
     /// The fleet's newest `limit` events (of `route`, or of every route), oldest first.
-    pub async fn events(&self, route: Option<&str>, limit: usize) -> Result<Vec<Event>, HistoryError> {
+    pub async fn events(&self, route: Option<&str>, limit: usize) -> Result<Vec<Event>, EtcdHistoryError> {
         let (reply, rx) = oneshot::channel();
         let req = Request::Events { route: route.map(str::to_string), limit, reply };
-        self.requests.send(req).map_err(|_| HistoryError("the fleet agent has stopped".into()))?;
-        rx.await.map_err(|_| HistoryError("the fleet agent has stopped".into()))?
+        self.requests.send(req).map_err(|_| EtcdHistoryError("the fleet agent has stopped".into()))?;
+        rx.await.map_err(|_| EtcdHistoryError("the fleet agent has stopped".into()))?
     }
 }
 
