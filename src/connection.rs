@@ -216,11 +216,19 @@ async fn run<I, H, F, B>(
     });
     let grace = settings.header_read_timeout.min(FIRST_REQUEST_GRACE);
     let watch = Watch { activity: &activity, idle: settings.idle_timeout, head: settings.header_read_timeout, grace };
+    // The connection is pinned here and lent to `drive`: a future passed by value to an async
+    // fn is stored twice in its state (the argument and the pinned local), and hyper's
+    // connection is the largest thing a connection's task holds.
     if protocol == Protocol::Http2 {
         let io = TokioIo::new(FrameWatch { io, scan: FrameScan::default(), activity: activity.clone() });
-        Box::pin(drive(settings.h2.serve_connection(io, svc), watch, shutdown)).await
+        Box::pin(async move {
+            let conn = std::pin::pin!(settings.h2.serve_connection(io, svc));
+            drive(conn, watch, shutdown).await
+        })
+        .await
     } else {
-        drive(settings.h1.serve_connection(TokioIo::new(io), svc).with_upgrades(), watch, shutdown).await
+        let conn = std::pin::pin!(settings.h1.serve_connection(TokioIo::new(io), svc).with_upgrades());
+        drive(conn, watch, shutdown).await
     }
 }
 
@@ -554,8 +562,7 @@ async fn close_idle<C: Graceful>(mut conn: Pin<&mut C>, watch: &Watch<'_>) {
 
 /// Runs `conn` to its end, under the watchdog; when the proxy drains, lets in-flight requests
 /// finish first.
-async fn drive<C: Graceful>(conn: C, watch: Watch<'_>, mut shutdown: watch::Receiver<bool>) {
-    tokio::pin!(conn);
+async fn drive<C: Graceful>(mut conn: Pin<&mut C>, watch: Watch<'_>, mut shutdown: watch::Receiver<bool>) {
     let first = Instant::now();
     let timer = tokio::time::sleep_until(first + watch.head.min(watch.idle));
     tokio::pin!(timer);
