@@ -179,3 +179,69 @@ async fn forwarding_headers_are_rewritten() {
     assert!(!got.headers.contains_key("keep-alive"), "hop-by-hop response headers are stripped");
     proxy.drain().await;
 }
+
+/// Reads one HTTP/1.1 response with a `content-length` from `s`, keeping what follows it in
+/// `buf`; returns its status line and body.
+async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse().ok())
+                .expect("a content-length");
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                buf.drain(..end + 4 + len);
+                return (head.lines().next().unwrap_or("").to_string(), body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk)).await.expect("a response in time").expect("read");
+        assert!(n > 0, "the connection closed mid-response: {}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A keep-alive connection gives back its buffers whenever it waits for the next request
+/// (see `vendor/README.md`): requests after such a wait, a head that arrives in pieces and
+/// outgrows the first buffer, and pipelined requests are all still read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_reads_every_request_after_waiting_between_them() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        let big = req.headers().get("x-big").map_or(0, |v| v.len());
+        Response::new(full(format!("{} {big}", req.uri().path())))
+    })
+    .await;
+    let cfg = ConfigFile::new(&route(up.addr, None, ""));
+    let proxy = Proxy::start(&cfg.path).await.expect("start");
+    let mut s = tokio::net::TcpStream::connect(proxy.http_addr()).await.expect("connect");
+    let mut buf = Vec::new();
+    for i in 0..3 {
+        s.write_all(format!("GET /plain{i} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes()).await.expect("write");
+        let (status, body) = read_response(&mut s, &mut buf).await;
+        assert_eq!((status.as_str(), body), ("HTTP/1.1 200 OK", format!("/plain{i} 0")));
+    }
+    // A 12 KiB head, sent in two pieces: more than the 8 KiB a released buffer starts with.
+    let big = "b".repeat(12 * 1024);
+    let head = format!("GET /big HTTP/1.1\r\nHost: app\r\nx-big: {big}\r\n\r\n");
+    let (first, rest) = head.as_bytes().split_at(5000);
+    s.write_all(first).await.expect("write");
+    s.flush().await.expect("flush");
+    tokio::task::yield_now().await;
+    s.write_all(rest).await.expect("write");
+    let (status, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status.as_str(), body), ("HTTP/1.1 200 OK", format!("/big {}", big.len())));
+    // Two pipelined requests in one write.
+    s.write_all(b"GET /p1 HTTP/1.1\r\nHost: app\r\n\r\nGET /p2 HTTP/1.1\r\nHost: app\r\n\r\n").await.expect("write");
+    for path in ["/p1", "/p2"] {
+        let (status, body) = read_response(&mut s, &mut buf).await;
+        assert_eq!((status.as_str(), body), ("HTTP/1.1 200 OK", format!("{path} 0")));
+    }
+    drop(s);
+    proxy.drain().await;
+}
