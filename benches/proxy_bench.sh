@@ -13,7 +13,8 @@
 # - for each repetition, starts in turn direct (no proxy: the load goes straight to the stable
 #   upstream), veer, nginx and HAProxy, each with one worker/thread, a 90/10 split with upstream
 #   keep-alive and no access log, pinned to PROXY_CPU; the load generators run on LOAD_CPU;
-# - measures for each: closed-loop throughput (wrk, 64 and 256 connections), the proxy's CPU
+# - measures for each: closed-loop throughput (wrk, 64 and 256 connections; h2load over
+#   cleartext HTTP/2, 64 connections x 10 streams), the proxy's CPU
 #   time per request (utime+stime of the proxy's processes from /proc, before/after each wrk
 #   run, divided by the requests wrk reports), open-loop latency at 2k and 5k req/s with
 #   coordinated-omission correction (benches/openloop.rs), RSS idle and RSS with IDLE_CONNS
@@ -23,7 +24,9 @@
 # Environment:
 #   REPS (3), DURATION (10s; whole seconds, per measurement), IDLE_CONNS (10000),
 #   RATES ("2000 5000"), CONNS ("64 256"), PEERS ("direct veer nginx haproxy"),
-#   PROXY_CPU (0), LOAD_CPU (1), BASE_PORT (27100; ports BASE_PORT+1 .. +11 are used),
+#   PROXY_CPU (0), LOAD_CPU (1), BASE_PORT (27100; ports BASE_PORT+1 .. +12 are used),
+#   H2 (1): also measure cleartext HTTP/2 with h2load (H2_CONNS 64 connections, H2_STREAMS 10
+#     streams each) against every proxy; nginx and HAProxy get a second, HTTP/2-only listener;
 #   NICE (-20): priority of every process it starts, so that other work on a shared machine
 #     takes less of the proxy's CPU; 0 turns it off;
 #   RT (1): during the open-loop latency runs the proxy, the upstreams and the generator run
@@ -51,6 +54,9 @@ LOAD_CPU=${LOAD_CPU:-1}
 BASE_PORT=${BASE_PORT:-27100}
 OUT_DIR=${OUT_DIR:-$ROOT/target/proxy-bench}
 OPENLOOP_CONNS=${OPENLOOP_CONNS:-64}
+H2=${H2:-1}
+H2_CONNS=${H2_CONNS:-64}
+H2_STREAMS=${H2_STREAMS:-10}
 NICE=${NICE:--20}
 RT=${RT:-1}
 
@@ -64,6 +70,9 @@ UP_STABLE=$((BASE_PORT + 1))
 UP_CANARY=$((BASE_PORT + 2))
 PROXY_PORT=$((BASE_PORT + 10))
 ADMIN_PORT=$((BASE_PORT + 11))
+# Cleartext HTTP/2 (prior knowledge) for the peers that need a listener of its own for it;
+# veer tells HTTP/2 from HTTP/1.1 by the first bytes on its one port.
+H2_PORT=$((BASE_PORT + 12))
 CLK_TCK=$(getconf CLK_TCK)
 
 # shellcheck source=benches/lib.sh
@@ -167,6 +176,7 @@ http {
     }
     server {
         listen 127.0.0.1:$PROXY_PORT backlog=4096;
+        listen 127.0.0.1:$H2_PORT http2 backlog=4096;
         location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -202,6 +212,7 @@ defaults
 
 frontend bench
     bind 127.0.0.1:$PROXY_PORT
+    bind 127.0.0.1:$H2_PORT proto h2
     default_backend app
 
 backend app
@@ -218,6 +229,7 @@ EOF
 start_direct() {
     PEER_PID=0
     TARGET=$UP_STABLE
+    H2_TARGET=
 }
 
 start_veer() {
@@ -229,6 +241,7 @@ max_connections = $((IDLE_CONNS + 2000))"
     start "$PROXY_CPU" "$LOGS/veer-$1.log" "$VEER_BIN" run -c "$conf"
     PEER_PID=$PID
     TARGET=$PROXY_PORT
+    H2_TARGET=$PROXY_PORT
 }
 
 start_nginx() {
@@ -237,6 +250,7 @@ start_nginx() {
     start "$PROXY_CPU" "$LOGS/nginx-$1.log" nginx -p "$WORK/nginx-$1" -c "$conf" -e "$WORK/nginx-$1/error.log" -g 'daemon off;'
     PEER_PID=$PID
     TARGET=$PROXY_PORT
+    H2_TARGET=$H2_PORT
 }
 
 start_haproxy() {
@@ -246,6 +260,7 @@ start_haproxy() {
     start "$PROXY_CPU" "$LOGS/haproxy-$1.log" haproxy -db -f "$conf"
     PEER_PID=$PID
     TARGET=$PROXY_PORT
+    H2_TARGET=$H2_PORT
 }
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +320,30 @@ wrk_run() {
     else
         log "  wrk -c$conns: $rps req/s; $busy; errors $errs"
     fi
+}
+
+# h2load_run PEER: closed-loop cleartext HTTP/2 (prior knowledge), H2_CONNS connections with
+# H2_STREAMS concurrent streams each, and the proxy's CPU per request.
+h2load_run() {
+    local peer=$1 out before after reqs rps us
+    [[ -n $H2_TARGET && $PEER_PID != 0 ]] || return 0
+    pin "$LOAD_CPU" timeout 30 h2load -c"$H2_CONNS" -m"$H2_STREAMS" -D 1 "http://127.0.0.1:$H2_TARGET/" >/dev/null 2>&1 || true
+    before=$(cpu_ticks "$PEER_PID")
+    out=$(pin "$LOAD_CPU" timeout $((DUR_S + 30)) h2load -c"$H2_CONNS" -m"$H2_STREAMS" -D "$DUR_S" "http://127.0.0.1:$H2_TARGET/" 2>&1) || true
+    after=$(cpu_ticks "$PEER_PID")
+    printf '%s\n' "$out" >>"$LOGS/h2load-$peer.log"
+    # "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+    reqs=$(sed -n 's/^requests: .* \([0-9]\+\) succeeded.*/\1/p' <<<"$out")
+    rps=$(sed -n 's/^finished in .*, \([0-9.]\+\) req\/s.*/\1/p' <<<"$out")
+    if [[ -z $reqs || -z $rps || $reqs -eq 0 ]]; then
+        log "  h2load: no result (see $LOGS/h2load-$peer.log)"
+        return 0
+    fi
+    us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+    record "$peer" rps_h2 "$rps"
+    record "$peer" cpu_h2 "$us"
+    record "$peer" errors "$(sed -n 's/^requests: .* \([0-9]\+\) failed.*/\1/p' <<<"$out")"
+    log "  h2load -c$H2_CONNS -m$H2_STREAMS: $rps req/s, $us µs CPU/req"
 }
 
 # realtime on|off PID...: SCHED_FIFO (priority 1) for every thread of these processes and
@@ -388,6 +427,7 @@ measure() {
         split_check "$peer"
     fi
     for c in $CONNS; do wrk_run "$peer" "$c"; done
+    [[ $H2 == 1 ]] && h2load_run "$peer"
     realtime on "$PEER_PID" "$UPSTREAM_PID"
     for r in $RATES; do open_loop "$peer" "$r"; done
     realtime off "$PEER_PID" "$UPSTREAM_PID"
@@ -467,6 +507,10 @@ summary() {
         for c in $CONNS; do rows+=("rps_$c|throughput, $c conns (req/s)|0"); done
         for c in $CONNS; do rows+=("cpu_$c|**CPU per request**, $c conns (µs)|2"); done
         for c in $CONNS; do rows+=("own_$c|proxy's use of its CPU, $c conns (%)|0"); done
+        if [[ $H2 == 1 ]]; then
+            rows+=("rps_h2|HTTP/2 cleartext throughput, h2load c$H2_CONNS m$H2_STREAMS (req/s)|0"
+                "cpu_h2|**CPU per request**, HTTP/2 cleartext (µs)|2")
+        fi
         for r in $RATES; do
             rows+=("p50_$r|p50 at $r req/s (µs)|0" "p99_$r|p99 at $r req/s (µs)|0" "p999_$r|p99.9 at $r req/s (µs)|0"
                 "sched_lag_p99_$r|(generator's own timer lag p99 at $r req/s, µs)|0")
@@ -503,7 +547,7 @@ summary() {
 # --------------------------------------------------------------------------------------------
 main() {
     [[ $(nproc) -ge 2 ]] || log "warning: fewer than 2 CPUs; proxy and load share a CPU"
-    ensure_packages nginx:nginx-light haproxy:haproxy wrk:wrk taskset:util-linux chrt:util-linux curl:curl jq:jq \
+    ensure_packages nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client taskset:util-linux chrt:util-linux curl:curl jq:jq \
         ss:iproute2 pgrep:procps
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     if [[ -n $(nice -n "$NICE" true 2>&1) ]]; then
@@ -522,7 +566,7 @@ main() {
     [[ $NOFILE == unlimited ]] && NOFILE=1048576
     build
 
-    for p in $UP_STABLE $UP_CANARY $PROXY_PORT $ADMIN_PORT; do
+    for p in $UP_STABLE $UP_CANARY $PROXY_PORT $ADMIN_PORT $H2_PORT; do
         port_free "$p" || die "127.0.0.1:$p is in use; set BASE_PORT to a free range"
     done
 
