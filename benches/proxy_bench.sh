@@ -14,7 +14,8 @@
 #   upstream), veer, nginx and HAProxy, each with one worker/thread, a 90/10 split with upstream
 #   keep-alive and no access log, pinned to PROXY_CPU; the load generators run on LOAD_CPU;
 # - measures for each: closed-loop throughput (wrk, 64 and 256 connections; h2load over
-#   cleartext HTTP/2, 64 connections x 10 streams), the proxy's CPU
+#   cleartext HTTP/2, 64 connections x 10 streams; wrk over HTTPS, 64 connections, the same
+#   self-signed certificate for every proxy), the proxy's CPU
 #   time per request (utime+stime of the proxy's processes from /proc, before/after each wrk
 #   run, divided by the requests wrk reports), open-loop latency at 2k and 5k req/s with
 #   coordinated-omission correction (benches/openloop.rs), RSS idle and RSS with IDLE_CONNS
@@ -24,9 +25,14 @@
 # Environment:
 #   REPS (3), DURATION (10s; whole seconds, per measurement), IDLE_CONNS (10000),
 #   RATES ("2000 5000"), CONNS ("64 256"), PEERS ("direct veer nginx haproxy"),
-#   PROXY_CPU (0), LOAD_CPU (1), BASE_PORT (27100; ports BASE_PORT+1 .. +12 are used),
+#   PROXY_CPU (0), LOAD_CPU (1), BASE_PORT (27100; ports BASE_PORT+1 .. +13 are used),
+#   WORKERS (1): workers of veer, nginx worker processes, HAProxy threads; with more than one,
+#     PROXY_CPU and LOAD_CPU default to CPUs 0..WORKERS-1 for both (proxy and load share the
+#     cores: compare throughput) and wrk runs WORKERS threads;
 #   H2 (1): also measure cleartext HTTP/2 with h2load (H2_CONNS 64 connections, H2_STREAMS 10
 #     streams each) against every proxy; nginx and HAProxy get a second, HTTP/2-only listener;
+#   TLS (1): also measure HTTPS clients (wrk, TLS_CONNS 64 keep-alive connections) against
+#     every proxy, on a third listener with a certificate made by openssl for the run;
 #   NICE (-20): priority of every process it starts, so that other work on a shared machine
 #     takes less of the proxy's CPU; 0 turns it off;
 #   RT (1): during the open-loop latency runs the proxy, the upstreams and the generator run
@@ -49,6 +55,11 @@ IDLE_CONNS=${IDLE_CONNS:-10000}
 RATES=${RATES:-"2000 5000"}
 CONNS=${CONNS:-"64 256"}
 PEERS=${PEERS:-"direct veer nginx haproxy"}
+WORKERS=${WORKERS:-1}
+if [[ $WORKERS -gt 1 ]]; then
+    PROXY_CPU=${PROXY_CPU:-0-$((WORKERS - 1))}
+    LOAD_CPU=${LOAD_CPU:-0-$((WORKERS - 1))}
+fi
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 BASE_PORT=${BASE_PORT:-27100}
@@ -57,12 +68,14 @@ OPENLOOP_CONNS=${OPENLOOP_CONNS:-64}
 H2=${H2:-1}
 H2_CONNS=${H2_CONNS:-64}
 H2_STREAMS=${H2_STREAMS:-10}
+TLS=${TLS:-1}
+TLS_CONNS=${TLS_CONNS:-64}
 NICE=${NICE:--20}
 RT=${RT:-1}
 
 DUR_S=${DURATION%s}
-if ! [[ $DUR_S =~ ^[0-9]+$ && $DUR_S -ge 1 && $REPS =~ ^[0-9]+$ && $REPS -ge 1 ]]; then
-    echo "proxy_bench: DURATION must be whole seconds (e.g. 10s) and REPS a positive integer" >&2
+if ! [[ $DUR_S =~ ^[0-9]+$ && $DUR_S -ge 1 && $REPS =~ ^[0-9]+$ && $REPS -ge 1 && $WORKERS =~ ^[1-9][0-9]*$ ]]; then
+    echo "proxy_bench: DURATION must be whole seconds (e.g. 10s), REPS and WORKERS positive integers" >&2
     exit 2
 fi
 
@@ -73,6 +86,8 @@ ADMIN_PORT=$((BASE_PORT + 11))
 # Cleartext HTTP/2 (prior knowledge) for the peers that need a listener of its own for it;
 # veer tells HTTP/2 from HTTP/1.1 by the first bytes on its one port.
 H2_PORT=$((BASE_PORT + 12))
+# HTTPS for every proxy (HTTP/1.1 keep-alive clients).
+TLS_PORT=$((BASE_PORT + 13))
 CLK_TCK=$(getconf CLK_TCK)
 
 # shellcheck source=benches/lib.sh
@@ -155,7 +170,7 @@ write_nginx_conf() {
     local dir=$WORK/nginx-$1
     mkdir -p "$dir/tmp"
     cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes $WORKERS;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
 worker_rlimit_nofile $NOFILE;
@@ -177,6 +192,9 @@ http {
     server {
         listen 127.0.0.1:$PROXY_PORT backlog=4096;
         listen 127.0.0.1:$H2_PORT http2 backlog=4096;
+        listen 127.0.0.1:$TLS_PORT ssl backlog=4096;
+        ssl_certificate $WORK/tls/cert.pem;
+        ssl_certificate_key $WORK/tls/key.pem;
         location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -196,7 +214,7 @@ write_haproxy_conf() {
     # connections need only one).
     cat >"$dir/haproxy.cfg" <<EOF
 global
-    nbthread 1
+    nbthread $WORKERS
     no strict-limits
     maxconn $((IDLE_CONNS + 2000))
 
@@ -213,6 +231,7 @@ defaults
 frontend bench
     bind 127.0.0.1:$PROXY_PORT
     bind 127.0.0.1:$H2_PORT proto h2
+    bind 127.0.0.1:$TLS_PORT ssl crt $WORK/tls/combined.pem alpn http/1.1
     default_backend app
 
 backend app
@@ -230,18 +249,23 @@ start_direct() {
     PEER_PID=0
     TARGET=$UP_STABLE
     H2_TARGET=
+    TLS_TARGET=
 }
 
 start_veer() {
     local conf
     conf=$WORK/veer-$1/veer.toml
-    write_veer_conf "$conf" bench "workers = 1
-max_connections = $((IDLE_CONNS + 2000))"
+    write_veer_conf "$conf" bench "workers = $WORKERS
+max_connections = $((IDLE_CONNS + 2000))
+tls_listen = \"127.0.0.1:$TLS_PORT\"
+tls_cert = \"$WORK/tls/cert.pem\"
+tls_key = \"$WORK/tls/key.pem\""
     "$VEER_BIN" check "$conf" >"$WORK/veer-$1/check.log" 2>&1 || die "veer check failed: $(cat "$WORK/veer-$1/check.log")"
     start "$PROXY_CPU" "$LOGS/veer-$1.log" "$VEER_BIN" run -c "$conf"
     PEER_PID=$PID
     TARGET=$PROXY_PORT
     H2_TARGET=$PROXY_PORT
+    TLS_TARGET=$TLS_PORT
 }
 
 start_nginx() {
@@ -251,6 +275,7 @@ start_nginx() {
     PEER_PID=$PID
     TARGET=$PROXY_PORT
     H2_TARGET=$H2_PORT
+    TLS_TARGET=$TLS_PORT
 }
 
 start_haproxy() {
@@ -261,6 +286,7 @@ start_haproxy() {
     PEER_PID=$PID
     TARGET=$PROXY_PORT
     H2_TARGET=$H2_PORT
+    TLS_TARGET=$TLS_PORT
 }
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +303,19 @@ split_check() {
 }
 
 # Busy and total jiffies of one CPU, from /proc/stat.
+# CPUS is a taskset list: "1", "0,1" or "0-1".
 cpu_jiffies() {
-    awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+    local cpus=() part i
+    for part in ${1//,/ }; do
+        if [[ $part == *-* ]]; then
+            for ((i = ${part%-*}; i <= ${part#*-}; i++)); do cpus+=("cpu$i"); done
+        else
+            cpus+=("cpu$part")
+        fi
+    done
+    awk -v list="${cpus[*]}" 'BEGIN { n = split(list, l, " "); for (i = 1; i <= n; i++) want[l[i]] = 1 }
+        $1 in want { for (i = 2; i <= 9; i++) { t += $i; if (i == 5 || i == 6) idle += $i } }
+        END { print t - idle, t }' /proc/stat
 }
 
 # busy_pct BEFORE AFTER: share of the CPU's time spent busy between two cpu_jiffies readings.
@@ -287,14 +324,15 @@ busy_pct() {
         d = y[2] - x[2]; printf "%.0f", (d > 0 ? (y[1] - x[1]) / d * 100 : 0) }'
 }
 
-# wrk_run PEER CONNS: closed-loop throughput and, for a proxy, its CPU per request.
+# wrk_run PEER CONNS [URL KEY]: closed-loop throughput and, for a proxy, its CPU per request,
+# recorded as rps_KEY, cpu_KEY and own_KEY (KEY is CONNS for the plain HTTP runs).
 wrk_run() {
-    local peer=$1 conns=$2 out before=0 after=0 reqs rps errs c0 c1 l0 l1
-    pin "$LOAD_CPU" timeout 30 wrk -t1 -c"$conns" -d1s "http://127.0.0.1:$TARGET/" >/dev/null 2>&1 || true
+    local peer=$1 conns=$2 url=${3:-http://127.0.0.1:$TARGET/} key=${4:-$2} out before=0 after=0 reqs rps errs c0 c1 l0 l1
+    pin "$LOAD_CPU" timeout 30 wrk -t"$WORKERS" -c"$conns" -d1s "$url" >/dev/null 2>&1 || true
     if [[ $PEER_PID != 0 ]]; then before=$(cpu_ticks "$PEER_PID"); fi
     c0=$(cpu_jiffies "$PROXY_CPU")
     l0=$(cpu_jiffies "$LOAD_CPU")
-    out=$(pin "$LOAD_CPU" timeout $((DUR_S + 30)) wrk -t1 -c"$conns" -d"${DUR_S}s" "http://127.0.0.1:$TARGET/" 2>&1) || true
+    out=$(pin "$LOAD_CPU" timeout $((DUR_S + 30)) wrk -t"$WORKERS" -c"$conns" -d"${DUR_S}s" "$url" 2>&1) || true
     if [[ $PEER_PID != 0 ]]; then after=$(cpu_ticks "$PEER_PID"); fi
     c1=$(cpu_jiffies "$PROXY_CPU")
     l1=$(cpu_jiffies "$LOAD_CPU")
@@ -303,10 +341,10 @@ wrk_run() {
     rps=$(sed -n 's/^Requests\/sec: *\([0-9.]\+\).*/\1/p' <<<"$out")
     errs=$(awk '/Non-2xx/ {n += $NF} /Socket errors/ {gsub(",", ""); n += $4 + $6 + $8 + $10} END {print n + 0}' <<<"$out")
     if [[ -z $reqs || -z $rps || $reqs -eq 0 ]]; then
-        log "  wrk -c$conns: no result (see $LOGS/wrk-$peer.log)"
+        log "  wrk -c$conns $url: no result (see $LOGS/wrk-$peer.log)"
         return 0
     fi
-    record "$peer" "rps_$conns" "$rps"
+    record "$peer" "rps_$key" "$rps"
     record "$peer" errors "$errs"
     local busy
     busy="CPU $PROXY_CPU busy $(busy_pct "$c0" "$c1")%, CPU $LOAD_CPU busy $(busy_pct "$l0" "$l1")%"
@@ -314,11 +352,11 @@ wrk_run() {
         local us own
         us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
         own=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v d="$DUR_S" 'BEGIN { printf "%.0f", t / hz / d * 100 }')
-        record "$peer" "cpu_$conns" "$us"
-        record "$peer" "own_$conns" "$own"
-        log "  wrk -c$conns: $rps req/s, $us µs CPU/req; $peer $own% of a CPU; $busy; errors $errs"
+        record "$peer" "cpu_$key" "$us"
+        record "$peer" "own_$key" "$own"
+        log "  wrk -c$conns $url: $rps req/s, $us µs CPU/req; $peer $own% of a CPU; $busy; errors $errs"
     else
-        log "  wrk -c$conns: $rps req/s; $busy; errors $errs"
+        log "  wrk -c$conns $url: $rps req/s; $busy; errors $errs"
     fi
 }
 
@@ -428,6 +466,7 @@ measure() {
     fi
     for c in $CONNS; do wrk_run "$peer" "$c"; done
     [[ $H2 == 1 ]] && h2load_run "$peer"
+    if [[ $TLS == 1 && -n $TLS_TARGET ]]; then wrk_run "$peer" "$TLS_CONNS" "https://127.0.0.1:$TLS_TARGET/" tls; fi
     realtime on "$PEER_PID" "$UPSTREAM_PID"
     for r in $RATES; do open_loop "$peer" "$r"; done
     realtime off "$PEER_PID" "$UPSTREAM_PID"
@@ -492,7 +531,7 @@ summary() {
     read -r -a peers <<<"$PEERS"
     for p in "${peers[@]}"; do [[ $p == nginx ]] || others+=("$p"); done
     {
-        echo "Proxy benchmark, $(date -u +%Y-%m-%d), REPS=$REPS DURATION=${DUR_S}s; proxy on CPU $PROXY_CPU, wrk/open-loop/upstreams on CPU $LOAD_CPU."
+        echo "Proxy benchmark, $(date -u +%Y-%m-%d), REPS=$REPS DURATION=${DUR_S}s WORKERS=$WORKERS; proxy on CPU $PROXY_CPU, wrk/open-loop/upstreams on CPU $LOAD_CPU."
         echo "Medians (min–max) over $REPS repetition(s); ratios are median ÷ nginx median. Load average (1, 5, 15 min) at start $LOAD_START, at end $LOAD_END."
         echo
         row="| metric |"
@@ -510,6 +549,10 @@ summary() {
         if [[ $H2 == 1 ]]; then
             rows+=("rps_h2|HTTP/2 cleartext throughput, h2load c$H2_CONNS m$H2_STREAMS (req/s)|0"
                 "cpu_h2|**CPU per request**, HTTP/2 cleartext (µs)|2")
+        fi
+        if [[ $TLS == 1 ]]; then
+            rows+=("rps_tls|HTTPS throughput, $TLS_CONNS conns (req/s)|0"
+                "cpu_tls|**CPU per request**, HTTPS, $TLS_CONNS conns (µs)|2")
         fi
         for r in $RATES; do
             rows+=("p50_$r|p50 at $r req/s (µs)|0" "p99_$r|p99 at $r req/s (µs)|0" "p999_$r|p99.9 at $r req/s (µs)|0"
@@ -548,7 +591,7 @@ summary() {
 main() {
     [[ $(nproc) -ge 2 ]] || log "warning: fewer than 2 CPUs; proxy and load share a CPU"
     ensure_packages nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client taskset:util-linux chrt:util-linux curl:curl jq:jq \
-        ss:iproute2 pgrep:procps
+        ss:iproute2 pgrep:procps openssl:openssl
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     if [[ -n $(nice -n "$NICE" true 2>&1) ]]; then
         log "warning: cannot run at nice $NICE; using 0"
@@ -566,7 +609,7 @@ main() {
     [[ $NOFILE == unlimited ]] && NOFILE=1048576
     build
 
-    for p in $UP_STABLE $UP_CANARY $PROXY_PORT $ADMIN_PORT $H2_PORT; do
+    for p in $UP_STABLE $UP_CANARY $PROXY_PORT $ADMIN_PORT $H2_PORT $TLS_PORT; do
         port_free "$p" || die "127.0.0.1:$p is in use; set BASE_PORT to a free range"
     done
 
@@ -577,6 +620,13 @@ main() {
     mkdir -p "$LOGS"
     RESULTS=$OUT_DIR/results.tsv
     : >"$RESULTS"
+    # One certificate for every proxy's HTTPS listener (the clients do not verify it).
+    mkdir -p "$WORK/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+        -addext subjectAltName=IP:127.0.0.1,DNS:localhost \
+        -keyout "$WORK/tls/key.pem" -out "$WORK/tls/cert.pem" >"$LOGS/openssl.log" 2>&1 ||
+        die "openssl could not make a certificate: $(cat "$LOGS/openssl.log")"
+    cat "$WORK/tls/cert.pem" "$WORK/tls/key.pem" >"$WORK/tls/combined.pem"
 
     log "versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -n 1 | cut -d' ' -f1-3), $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2), $("$VEER_BIN" --version) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'))"
     LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -11,7 +11,7 @@
 //! judge reads during a blue-green preview (the candidate's) and bake (stable's).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -142,18 +142,16 @@ async fn send(route: &Route, clients: &Clients, copy: &Copy, compare_body: bool,
     let mut headers = copy.headers.clone();
     // As for the primary request: an HTTP/2 upstream gets the Host as `:authority`.
     let host = if pool.h2 { crate::headers::take_authority(&mut headers) } else { None };
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(host.unwrap_or_else(|| pool.get(i).authority.clone()));
-    parts.path_and_query = Some(copy.path.clone().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-    let Ok(uri) = Uri::from_parts(parts) else { return failed };
+    let uri =
+        crate::upstream::request_target(pool.h2, host.as_ref().unwrap_or(&pool.get(i).authority), copy.path.as_ref());
     let mut req = Request::new(Either::Right(Full::<Bytes>::default()));
     *req.method_mut() = copy.method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     *req.version_mut() = if pool.h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let exchange = async {
-        let resp = pool.get(i).link(clients).client(pool.h2).request(req).await.ok()?;
+        let connected = AtomicBool::new(false);
+        let resp = pool.get(i).link(clients).send(req, pool.h2, &connected).await.ok()?;
         let class = Class::of_status(resp.status());
         let mut body = resp.into_body();
         let mut crc = crc32fast::Hasher::new();

@@ -9,16 +9,15 @@ use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::body::{self, Exchange, ProxyBody, RecordingBody, Tap, Upload};
 use super::error::{self, Refusal};
 use super::{ConnInfo, headers};
 use crate::stats::Class;
-use crate::upstream::{Clients, UpstreamBody, is_cap_full};
-use hyper_util::client::legacy::connect::capture_connection;
+use crate::upstream::{Clients, PooledBody, UpstreamBody, request_target};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How long an attempt may take.
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +43,7 @@ pub async fn send(
     mut parts: Parts,
     body: UpstreamBody,
     limits: Timeouts,
-) -> Result<Response<Incoming>, Refusal> {
+) -> Result<Response<PooledBody>, Refusal> {
     let pool = ex.route().pool(ex.role());
     let h2 = pool.h2;
     parts.version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
@@ -58,16 +57,15 @@ pub async fn send(
     }
     let replay = (pool.endpoints().len() > 1 && empty).then(|| (parts.method.clone(), parts.headers.clone()));
     let ep = pool.get(ex.endpoint());
-    parts.uri = upstream_uri(host.as_ref().unwrap_or(&ep.authority), path.as_ref());
-    let link = ep.link(clients);
+    parts.uri = request_target(h2, host.as_ref().unwrap_or(&ep.authority), path.as_ref());
     let upload = ex.upload().cloned();
-    let mut req = Request::from_parts(parts, body);
-    let mut captured = capture_connection(&mut req);
-    let mut result = head(link.client(h2).request(req), upload.as_deref(), limits).await;
+    let req = Request::from_parts(parts, body);
+    let connected = AtomicBool::new(false);
+    let mut result = head(ep.link(clients).send(req, h2, &connected), upload.as_deref(), limits).await;
 
     if let (Waited::Done(Err(e)), Some((method, headers))) = (&result, replay)
         && e.is_connect()
-        && !is_cap_full(e)
+        && !e.is_cap_full()
         && !error::local_exhaustion(e)
     {
         let failed = ex.endpoint();
@@ -81,10 +79,10 @@ pub async fn send(
             let pool = ex.route().pool(ex.role());
             let ep = pool.get(next);
             debug!(route = %ex.route().config.name, failed = %pool.get(failed).addr, next = %ep.addr, "connect failed; trying another endpoint");
-            let uri = upstream_uri(host.as_ref().unwrap_or(&ep.authority), path.as_ref());
-            let mut retry = bodyless(method, headers, h2, uri);
-            captured = capture_connection(&mut retry);
-            result = head(ep.link(clients).client(h2).request(retry), None, limits).await;
+            let uri = request_target(h2, host.as_ref().unwrap_or(&ep.authority), path.as_ref());
+            let retry = bodyless(method, headers, h2, uri);
+            connected.store(false, Ordering::Relaxed);
+            result = head(ep.link(clients).send(retry, h2, &connected), None, limits).await;
         }
     }
 
@@ -102,7 +100,7 @@ pub async fn send(
             ep.succeeded();
             Ok(resp)
         }
-        Waited::Done(Err(e)) if is_cap_full(&e) => {
+        Waited::Done(Err(e)) if e.is_cap_full() => {
             let (addr, open) = (ep.addr.clone(), link.open_connections());
             Err(cap_full(ex, addr, open))
         }
@@ -120,14 +118,14 @@ pub async fn send(
             if e.is_connect() {
                 ep.connect_failed();
             }
-            if too_large(&e) {
+            if e.is_too_large() {
                 warn!(%route, role, endpoint = %ep.addr, error = %error_chain(&e), "upstream response head is larger than server.max_upstream_headers fields or server.max_upstream_header_bytes bytes");
             } else {
                 warn!(%route, role, endpoint = %ep.addr, error = %error_chain(&e), "upstream request failed");
             }
             Err(ex.settle_refusal(Refusal::UpstreamFailed))
         }
-        Waited::TimedOut if captured.connection_metadata().is_none() && link.saturated() => {
+        Waited::TimedOut if !connected.load(Ordering::Relaxed) && link.saturated() => {
             let (addr, open) = (ep.addr.clone(), link.open_connections());
             Err(cap_full(ex, addr, open))
         }
@@ -192,20 +190,6 @@ fn cap_full(ex: &mut Exchange, addr: String, open: usize) -> Refusal {
     ex.settle_refusal(Refusal::EndpointFull)
 }
 
-/// True when hyper refused the upstream's response head for its size.
-fn too_large(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>()
-            && h.is_parse_too_large()
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// A request with no body (a replay of a bodyless request).
 pub fn bodyless(method: Method, headers: HeaderMap, h2: bool, uri: Uri) -> Request<UpstreamBody> {
     let mut r = Request::new(Either::Right(Full::default()));
@@ -222,7 +206,7 @@ pub fn bodyless(method: Method, headers: HeaderMap, h2: bool, uri: Uri) -> Reque
 /// it ends.
 pub fn respond(
     mut ex: Exchange,
-    mut resp: Response<Incoming>,
+    mut resp: Response<PooledBody>,
     client_version: Version,
     client_upgrade: Option<(hyper::upgrade::OnUpgrade, Arc<ConnInfo>)>,
     tap: Option<Tap>,
@@ -252,15 +236,6 @@ pub fn respond(
     }
     let body = RecordingBody::new(incoming, ex, (class, fault, grpc), body_idle, tap);
     Response::from_parts(parts, Either::Left(body))
-}
-
-/// `http://authority/path`.
-pub fn upstream_uri(authority: &http::uri::Authority, path: Option<&http::uri::PathAndQuery>) -> Uri {
-    let mut p = http::uri::Parts::default();
-    p.scheme = Some(http::uri::Scheme::HTTP);
-    p.authority = Some(authority.clone());
-    p.path_and_query = Some(path.cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-    Uri::from_parts(p).expect("scheme, authority and path are set")
 }
 
 /// Joins the two halves of an upgraded connection until either side closes, or a drain runs

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use crate::upstream::PooledBody;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -309,7 +310,7 @@ pin_project_lite::pin_project! {
     /// on an upstream that stalls for `body_idle_timeout`.
     pub struct RecordingBody {
         #[pin]
-        inner: Incoming,
+        inner: PooledBody,
         #[pin]
         idle: Sleep,
         idle_for: Duration,
@@ -327,7 +328,7 @@ impl RecordingBody {
     /// head already says (5xx, gRPC failure in headers); `grpc` means trailers are checked;
     /// the upstream may keep the client waiting for a byte for at most `idle_for`.
     pub fn new(
-        inner: Incoming,
+        inner: PooledBody,
         mut exchange: Exchange,
         (class, fault, grpc): (Class, bool, bool),
         idle_for: Duration,

@@ -269,6 +269,8 @@ async fn te_is_reduced_to_trailers() {
 struct Counting {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// Connections that have ended (closed by veer or broken).
+    closed: Arc<AtomicUsize>,
     release: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
 }
 
@@ -276,12 +278,13 @@ async fn counting_upstream() -> Counting {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
     let release: Arc<Mutex<Vec<oneshot::Sender<()>>>> = Arc::default();
-    let (a, r) = (accepted.clone(), release.clone());
+    let (a, r, cl) = (accepted.clone(), release.clone(), closed.clone());
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             a.fetch_add(1, Ordering::SeqCst);
-            let r = r.clone();
+            let (r, cl) = (r.clone(), cl.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let r = r.clone();
@@ -307,10 +310,11 @@ async fn counting_upstream() -> Counting {
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                cl.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    Counting { addr, accepted, release }
+    Counting { addr, accepted, closed, release }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,5 +368,131 @@ async fn a_full_cap_is_a_503_of_veer_not_the_versions_error() {
     assert_eq!(held.into_body().collect().await.expect("held body").to_bytes(), "held");
     assert_eq!(get(&client(), addr, "/").await.status, StatusCode::OK);
     assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
+    proxy.drain().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection reuse.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_share_one_upstream_connection() {
+    let up = counting_upstream().await;
+    let (_cfg, proxy) = proxy_for(up.addr, "", "").await;
+    let (c, addr) = (client(), proxy.http_addr());
+    for i in 0..30 {
+        // Bodyless answers (HEAD) give the connection back at the head, the others at the
+        // body's end.
+        let method = if i % 3 == 0 { http::Method::HEAD } else { http::Method::GET };
+        let req =
+            Request::builder().method(method).uri(format!("http://{addr}/")).body(Full::default()).expect("request");
+        assert_eq!(send(&c, req).await.status, StatusCode::OK);
+    }
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "every request reused the first upstream connection");
+    assert_eq!(faults_after(&proxy, 30).await, 0);
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_client_abandons_never_lends_its_connection_to_the_next_request() {
+    let up = counting_upstream().await;
+    let (_cfg, proxy) = proxy_for(up.addr, "", "").await;
+    let addr = proxy.http_addr();
+    let held =
+        client().get(format!("http://{addr}/hold").parse().expect("uri")).await.expect("head of the held response");
+    assert_eq!(held.status(), StatusCode::OK);
+    // The client goes away with the body unread and unfinished: veer closes the upstream
+    // connection rather than pool one with half a response left on it.
+    drop(held);
+    let closed = up.closed.clone();
+    eventually(Duration::from_secs(10), "veer closes the abandoned upstream connection", || {
+        let closed = closed.clone();
+        async move { closed.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    for _ in 0..5 {
+        let got = get(&client(), addr, "/").await;
+        assert_eq!((got.status, got.text().as_str()), (StatusCode::OK, "ok"));
+    }
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        2,
+        "the abandoned connection was closed, one new one serves the rest"
+    );
+    proxy.drain().await;
+}
+
+/// A raw upstream that answers one request per connection and then closes it, without
+/// saying so (no `Connection: close`): what an upstream with a short keep-alive timeout
+/// does to an idle pooled connection. Returns its address and the connections it accepted.
+async fn one_answer_per_connection() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_closing_idle_connections_fails_no_request() {
+    let (up, accepted) = one_answer_per_connection().await;
+    let (_cfg, proxy) = proxy_for(up, "", "").await;
+    let c = client();
+    for i in 0..40 {
+        let got = get(&c, proxy.http_addr(), "/").await;
+        assert_eq!((got.status, got.text().as_str()), (StatusCode::OK, "ok"), "request {i}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 40, "each request needed a connection of its own");
+    assert_eq!(faults_after(&proxy, 40).await, 0, "a closed pooled connection is never the version's error");
+    proxy.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_http2_requests_share_one_upstream_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                    // Simulated work, not synchronisation: the requests must overlap.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok::<_, Infallible>(Response::new(full("h2")))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let (_cfg, proxy) = proxy_for(up, "", "h2 = true").await;
+    let addr = proxy.http_addr();
+    let tasks: Vec<_> = (0..16).map(|_| tokio::spawn(async move { get(&client(), addr, "/").await })).collect();
+    for t in tasks {
+        let got = t.await.expect("task");
+        assert_eq!((got.status, got.text().as_str()), (StatusCode::OK, "h2"));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "sixteen concurrent requests, one multiplexed connection");
+    assert_eq!(faults_after(&proxy, 16).await, 0);
     proxy.drain().await;
 }

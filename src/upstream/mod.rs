@@ -1,5 +1,5 @@
 //! Upstream endpoints: choosing one, skipping the ones that refuse connections, and the
-//! pooled HTTP clients that talk to them.
+//! connection pools that talk to them ([`Link`]).
 //!
 //! Within a version, load is spread by power of two choices on in-flight requests: pick two
 //! endpoints at random and use the less busy one. That keeps a slow endpoint from gathering
@@ -8,27 +8,24 @@
 //! up to 10 s); after it, one request probes it again. An endpoint whose active health check
 //! fails ([`crate::health`]) is skipped until a later check passes.
 
+mod connect;
+mod link;
+
+pub use connect::{ConnectionCapFull, UpstreamError};
+pub use link::{Link, PooledBody};
+
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::proxy::body::ClientBody;
 use bytes::Bytes;
-use http::Uri;
 use http::uri::Authority;
 use http_body_util::{Either, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::Service;
 
 use crate::config::ServerConfig;
+use connect::Settings;
 
 /// One upstream `host:port`.
 #[derive(Debug)]
@@ -42,7 +39,7 @@ pub struct Endpoint {
     failures: AtomicU32,
     /// Set while the active health check fails; only the checker writes it.
     check_failed: AtomicBool,
-    /// The clients towards this address, attached on first use.
+    /// The connections towards this address, attached on first use.
     link: OnceLock<Arc<Link>>,
 }
 
@@ -65,11 +62,11 @@ impl Endpoint {
         })
     }
 
-    /// The clients towards this endpoint. The first call of a generation looks the address up
-    /// in `clients` (taking its lock once); [`crate::snapshot::Snapshot::attach`] makes that
-    /// call before the generation serves.
+    /// The connections towards this endpoint. The first call of a generation looks the
+    /// address up in `clients` (taking its lock once); [`crate::snapshot::Snapshot::attach`]
+    /// makes that call before the generation serves.
     #[inline]
-    pub fn link(&self, clients: &Clients) -> &Link {
+    pub fn link(&self, clients: &Clients) -> &Arc<Link> {
         self.link.get_or_init(|| clients.link(&self.addr))
     }
 
@@ -184,12 +181,22 @@ impl Pool {
 /// (an empty one when a bodyless request is re-sent to another endpoint).
 pub type UpstreamBody = Either<ClientBody, Full<Bytes>>;
 
-/// A pooled client whose connections all go to one endpoint.
-pub type EndpointClient = Client<EndpointConnector, UpstreamBody>;
+/// The request target as the upstream gets it: `/path?query` over HTTP/1.1 (origin-form,
+/// RFC 9112 §3.2.1), `http://authority/path?query` over HTTP/2 (hyper turns scheme and
+/// authority into `:scheme` and `:authority`).
+pub fn request_target(h2: bool, authority: &http::uri::Authority, path: Option<&http::uri::PathAndQuery>) -> http::Uri {
+    let mut p = http::uri::Parts::default();
+    if h2 {
+        p.scheme = Some(http::uri::Scheme::HTTP);
+        p.authority = Some(authority.clone());
+    }
+    p.path_and_query = Some(path.cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+    http::Uri::from_parts(p).expect("a path alone, or scheme, authority and path, form a URI")
+}
 
-/// The per-endpoint clients, shared by every configuration generation (so that a reload
-/// keeps warm connections) and by every route and version that names the same address (so
-/// that [`Link`]'s connection cap holds for the endpoint as a whole).
+/// The per-endpoint links, shared by every configuration generation (so that a reload keeps
+/// warm connections) and by every route and version that names the same address (so that
+/// [`Link`]'s connection cap holds for the endpoint as a whole).
 #[derive(Debug, Clone)]
 pub struct Clients {
     registry: Arc<Registry>,
@@ -201,18 +208,8 @@ struct Registry {
     links: Mutex<HashMap<String, Weak<Link>>>,
 }
 
-/// What every upstream connection is built with; read from `[server]` at start.
-#[derive(Debug, Clone, Copy)]
-struct Settings {
-    connect_timeout: Duration,
-    queue_timeout: Duration,
-    max_connections: usize,
-    max_headers: usize,
-    max_header_bytes: usize,
-}
-
 impl Clients {
-    /// Clients built from the `[server]` limits: connection attempts give up after
+    /// Links built from the `[server]` limits: connection attempts give up after
     /// `request_timeout` (at most 5 s), a request waits at most `request_timeout` for a
     /// connection when its endpoint is at `max_connections_per_endpoint`.
     pub fn new(server: &ServerConfig) -> Self {
@@ -222,6 +219,7 @@ impl Clients {
             max_connections: server.max_connections_per_endpoint,
             max_headers: server.max_upstream_headers,
             max_header_bytes: server.max_upstream_header_bytes,
+            idle_timeout: link::IDLE_TIMEOUT,
         };
         Clients { registry: Arc::new(Registry { settings, links: Mutex::new(HashMap::new()) }) }
     }
@@ -238,173 +236,6 @@ impl Clients {
         links.insert(addr.to_string(), Arc::downgrade(&link));
         link
     }
-}
-
-/// Everything veer holds towards one upstream address: its pooled clients and the permits
-/// that bound how many connections are open to it at once.
-#[derive(Debug)]
-pub struct Link {
-    h1: EndpointClient,
-    h2: EndpointClient,
-    permits: Arc<Semaphore>,
-    cap: usize,
-}
-
-impl Link {
-    fn new(addr: &str, s: &Settings) -> Link {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(s.connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let permits = Arc::new(Semaphore::new(s.max_connections));
-        let connector = EndpointConnector {
-            http,
-            dst: format!("http://{addr}").parse().ok(),
-            permits: permits.clone(),
-            cap: s.max_connections,
-            queue_timeout: s.queue_timeout,
-        };
-        let build = |h2: bool| {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .set_host(false)
-                .http1_max_headers(s.max_headers)
-                .http1_max_buf_size(s.max_header_bytes.max(8192))
-                .http2_max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
-                .http2_only(h2);
-            b.build(connector.clone())
-        };
-        Link { h1: build(false), h2: build(true), permits, cap: s.max_connections }
-    }
-
-    /// The HTTP/1.1 or the cleartext HTTP/2 client.
-    #[inline]
-    pub fn client(&self, h2: bool) -> &EndpointClient {
-        if h2 { &self.h2 } else { &self.h1 }
-    }
-
-    /// True while every connection permit is taken: a request that has no connection yet
-    /// is waiting for veer's own cap, not for the upstream.
-    pub fn saturated(&self) -> bool {
-        self.permits.available_permits() == 0
-    }
-
-    /// Connections open to the endpoint right now (or being opened).
-    pub fn open_connections(&self) -> usize {
-        self.cap - self.permits.available_permits()
-    }
-}
-
-/// A connection attempt waited the whole request timeout for a free connection slot.
-#[derive(Debug, thiserror::Error)]
-#[error("{cap} connections to this endpoint are open already (server.max_connections_per_endpoint)")]
-pub struct ConnectionCapFull {
-    cap: usize,
-}
-
-/// The endpoint's address does not form a URI (validation normally prevents it).
-#[derive(Debug, thiserror::Error)]
-#[error("endpoint address does not form a URI")]
-struct BadAddress;
-
-/// Connects to one endpoint's address whatever the request URI says (an HTTP/2 request's URI
-/// carries the client's Host as its authority), holding one of the endpoint's connection
-/// permits for the connection's whole life.
-#[derive(Debug, Clone)]
-pub struct EndpointConnector {
-    http: HttpConnector,
-    dst: Option<Uri>,
-    permits: Arc<Semaphore>,
-    cap: usize,
-    queue_timeout: Duration,
-}
-
-impl Service<Uri> for EndpointConnector {
-    type Response = Capped;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn Future<Output = Result<Capped, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let mut http = self.http.clone();
-        let (dst, permits, cap, wait) = (self.dst.clone(), self.permits.clone(), self.cap, self.queue_timeout);
-        Box::pin(async move {
-            let dst = dst.ok_or(BadAddress)?;
-            let permit = match tokio::time::timeout(wait, permits.acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => return Err(ConnectionCapFull { cap }.into()),
-            };
-            let io = http.call(dst).await?;
-            Ok(Capped { io, _permit: permit })
-        })
-    }
-}
-
-/// A TCP connection to an endpoint together with the permit it holds; dropping it (the
-/// pool closes it) frees the permit.
-#[derive(Debug)]
-pub struct Capped {
-    io: TokioIo<TcpStream>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Connection for Capped {
-    fn connected(&self) -> Connected {
-        self.io.connected()
-    }
-}
-
-impl hyper::rt::Read for Capped {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for Capped {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-}
-
-/// True when `e` (or what caused it) is veer's own connection cap being full.
-pub fn is_cap_full(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<ConnectionCapFull>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 #[cfg(test)]
