@@ -212,7 +212,10 @@ async fn run<I, H, F, B>(
         // with (or dropped): while any is held, the connection is not idle.
         let busy = Busy::enter(&seen);
         let fut = handler(req);
-        async move { Ok::<_, Infallible>(fut.await.map(|body| Tracked { body, _busy: busy })) }
+        // Boxed: hyper's HTTP/1.1 connection keeps a slot the size of this future allocated
+        // for the connection's whole life, idle or not; boxed, the slot is one pointer and the
+        // request's state lives only while the request does (one allocation per request).
+        Box::pin(async move { Ok::<_, Infallible>(fut.await.map(|body| Tracked { body, _busy: busy })) })
     });
     let grace = settings.header_read_timeout.min(FIRST_REQUEST_GRACE);
     let watch = Watch { activity: &activity, idle: settings.idle_timeout, head: settings.header_read_timeout, grace };

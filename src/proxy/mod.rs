@@ -99,10 +99,9 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
         return Ok(refuse(&route, Role::Stable, Refusal::NoEndpoint, grpc));
     };
     let ex = Exchange::begin(admission, role, lane, endpoint, start);
-    // Boxed: hyper keeps the allocation of one request future per connection for the
-    // connection's life, idle or not; the forwarding state (a few KiB) only lives while a
-    // request does. One allocation per request buys about 2.5 KiB per idle connection.
-    let mut resp = Box::pin(forward(&conn, ex, req, limits, grpc)).await;
+    // Not boxed here: the connection boxes each request's whole future (see
+    // `connection::run`), so the forwarding state already lives only while a request does.
+    let mut resp = forward(&conn, ex, req, limits, grpc).await;
     if expose_role && let Some(role) = resp.extensions().get::<Role>().copied() {
         resp.headers_mut().insert(ROLE_HEADER, HeaderValue::from_static(role.label()));
     }

@@ -472,4 +472,29 @@ mod tests {
         assert_eq!(get(&link).await, "ok");
         assert_eq!(link.open_connections(), 1);
     }
+
+    #[tokio::test]
+    async fn a_body_cut_short_yields_its_bytes_then_the_error() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            // Head, part of the body, and the end of the connection, all at once.
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial").await;
+        });
+        let link = Arc::new(Link::new(&addr, &settings(Duration::from_secs(5))));
+        let req = Request::get("/").body(Either::Right(Full::default())).expect("request");
+        let resp = link.send(req, false, &AtomicBool::new(false)).await.expect("response head");
+        let mut body = resp.into_body();
+        let within = Duration::from_secs(10);
+        let first = tokio::time::timeout(within, body.frame()).await.expect("a frame in time").expect("a frame");
+        let first = first.expect("data");
+        assert_eq!(first.into_data().expect("data"), "partial");
+        let second = tokio::time::timeout(within, body.frame()).await.expect("a frame in time");
+        assert!(second.expect("the failure").is_err(), "the cut is an error");
+        assert_eq!(link.open_connections(), 0, "the broken connection is gone, not pooled");
+    }
 }
