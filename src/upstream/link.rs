@@ -251,7 +251,8 @@ impl Link {
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.returned.notify_one();
         }
-        if !self.sweeping.swap(true, Ordering::Relaxed) {
+        // Read first: the swap would write the shared line on every request.
+        if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(self)));
         }
     }
