@@ -210,13 +210,11 @@ impl Link {
             }
             tokio::select! {
                 permit = self.permits.clone().acquire_owned() => {
-                    let permit = permit.map_err(|_| ConnectionCapFull { cap: self.settings.max_connections })?;
+                    let permit = permit.map_err(|_| self.cap_full())?;
                     return Ok((self.open_h1(permit).await?, false));
                 }
                 () = &mut returned => {}
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(ConnectionCapFull { cap: self.settings.max_connections }.into());
-                }
+                () = tokio::time::sleep_until(deadline) => return Err(self.cap_full()),
             }
         }
     }
@@ -268,6 +266,11 @@ impl Link {
         Ok(tx)
     }
 
+    /// veer's own cap stayed full for the whole wait.
+    fn cap_full(&self) -> UpstreamError {
+        ConnectionCapFull { cap: self.settings.max_connections }.into()
+    }
+
     /// The shared HTTP/2 connection and its number, unless it has closed.
     fn shared_h2(&self) -> Option<(u64, H2)> {
         let shared = self.h2.lock().unwrap_or_else(|p| p.into_inner());
@@ -291,7 +294,7 @@ impl Link {
         let permit = match tokio::time::timeout(self.settings.queue_timeout, self.permits.clone().acquire_owned()).await
         {
             Ok(Ok(p)) => p,
-            _ => return Err(ConnectionCapFull { cap: self.settings.max_connections }.into()),
+            _ => return Err(self.cap_full()),
         };
         let io = connect::open(&self.addr, &self.settings, permit).await?;
         let handshake = self.h2_builder.handshake(io);
